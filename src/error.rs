@@ -1,0 +1,240 @@
+//! The crate's one error type.
+
+use std::fmt;
+
+/// Which dimension of a matrix an error message talks about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Axis {
+    /// The number of rows (tokens, for Q, K and V).
+    Rows,
+    /// The number of columns (features).
+    Cols,
+}
+
+impl fmt::Display for Axis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Axis::Rows => "rows",
+            Axis::Cols => "columns",
+        })
+    }
+}
+
+/// Everything that can go wrong at the crate's boundary.
+///
+/// Each variant names the argument at fault and, where it applies, the shapes involved, so
+/// that the message alone says what to fix. Bad input is always reported as an `Err`, never
+/// as a panic.
+///
+/// # Examples
+///
+/// ```
+/// use attention_math::{scaled_attention, Error, Mask};
+/// use nalgebra::DMatrix;
+///
+/// let q = DMatrix::<f64>::zeros(3, 8);
+/// let k = DMatrix::<f64>::zeros(4, 7);
+/// let v = DMatrix::<f64>::zeros(4, 2);
+/// let err = scaled_attention(&q, &k, &v, &Mask::none()).unwrap_err();
+/// assert!(matches!(err, Error::DimensionMismatch { .. }));
+/// assert_eq!(err.to_string(), "k has 7 columns but q has 8");
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum Error {
+    /// One dimension of `arg` disagrees with a dimension of `other`
+    /// (for example, K must have as many columns as Q).
+    DimensionMismatch {
+        /// The argument at fault.
+        arg: &'static str,
+        /// Which of its dimensions.
+        axis: Axis,
+        /// Its size along that dimension.
+        found: usize,
+        /// The argument it must agree with.
+        other: &'static str,
+        /// Which dimension of `other`.
+        other_axis: Axis,
+        /// The size it must have.
+        expected: usize,
+    },
+    /// A matrix argument has the wrong shape altogether (for example an additive bias that
+    /// is not n x m).
+    ShapeMismatch {
+        /// The argument at fault.
+        arg: &'static str,
+        /// Its shape, (rows, columns).
+        found: (usize, usize),
+        /// The shape it must have.
+        expected: (usize, usize),
+    },
+    /// A slice argument has the wrong length.
+    LengthMismatch {
+        /// The argument at fault.
+        arg: &'static str,
+        /// Its length.
+        found: usize,
+        /// The length it must have.
+        expected: usize,
+    },
+    /// An input holds NaN or an infinity where only finite values make sense.
+    NonFinite {
+        /// The argument at fault.
+        arg: &'static str,
+        /// Row of the first offending entry (0 for slices).
+        row: usize,
+        /// Column of the first offending entry (the index, for slices).
+        col: usize,
+    },
+    /// A scalar parameter is outside its domain (a softcap or temperature <= 0, a NaN scale).
+    InvalidParameter {
+        /// The parameter's name.
+        name: &'static str,
+        /// The value given, as `f64`.
+        value: f64,
+        /// What the parameter must satisfy, e.g. `"must be finite and > 0"`.
+        requirement: &'static str,
+    },
+    /// An index argument is out of range (for example a target token id >= the vocabulary size).
+    IndexOutOfRange {
+        /// The argument at fault.
+        arg: &'static str,
+        /// Position of the offending entry within the argument.
+        position: usize,
+        /// The offending index.
+        index: usize,
+        /// The exclusive upper bound it must respect.
+        bound: usize,
+    },
+    /// A reduction has nothing to reduce over (for example a mean loss with no scored position).
+    Empty {
+        /// What was empty.
+        what: &'static str,
+    },
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::DimensionMismatch {
+                arg,
+                axis,
+                found,
+                other,
+                other_axis,
+                expected,
+            } => write!(
+                f,
+                "{arg} has {found} {axis} but {other} has {expected}{}",
+                if axis == other_axis {
+                    String::new()
+                } else {
+                    format!(" {other_axis}")
+                }
+            ),
+            Error::ShapeMismatch {
+                arg,
+                found,
+                expected,
+            } => write!(
+                f,
+                "{arg} is {} x {} but must be {} x {}",
+                found.0, found.1, expected.0, expected.1
+            ),
+            Error::LengthMismatch {
+                arg,
+                found,
+                expected,
+            } => write!(
+                f,
+                "{arg} has length {found} but must have length {expected}"
+            ),
+            Error::NonFinite { arg, row, col } => {
+                write!(f, "{arg} has a non-finite entry at ({row}, {col})")
+            }
+            Error::InvalidParameter {
+                name,
+                value,
+                requirement,
+            } => write!(f, "{name} = {value} is invalid: it {requirement}"),
+            Error::IndexOutOfRange {
+                arg,
+                position,
+                index,
+                bound,
+            } => write!(
+                f,
+                "{arg}[{position}] = {index} is out of range: it must be < {bound}"
+            ),
+            Error::Empty { what } => write!(f, "{what} is empty"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Shorthand for `std::result::Result<T, attention_math::Error>`.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Checks that a scalar parameter is finite and strictly positive.
+pub(crate) fn check_positive<T: crate::Float>(name: &'static str, value: T) -> Result<()> {
+    if value.is_finite() && value > T::zero() {
+        Ok(())
+    } else {
+        Err(Error::InvalidParameter {
+            name,
+            value: value.as_f64(),
+            requirement: "must be finite and > 0",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_argument_and_shapes() {
+        let e = Error::DimensionMismatch {
+            arg: "v",
+            axis: Axis::Rows,
+            found: 5,
+            other: "k",
+            other_axis: Axis::Rows,
+            expected: 4,
+        };
+        assert_eq!(e.to_string(), "v has 5 rows but k has 4");
+        let e = Error::DimensionMismatch {
+            arg: "weights",
+            axis: Axis::Cols,
+            found: 5,
+            other: "v",
+            other_axis: Axis::Rows,
+            expected: 4,
+        };
+        assert_eq!(e.to_string(), "weights has 5 columns but v has 4 rows");
+        let e = Error::ShapeMismatch {
+            arg: "bias",
+            found: (2, 3),
+            expected: (2, 4),
+        };
+        assert_eq!(e.to_string(), "bias is 2 x 3 but must be 2 x 4");
+        let e = Error::InvalidParameter {
+            name: "softcap",
+            value: -1.0,
+            requirement: "must be finite and > 0",
+        };
+        assert_eq!(
+            e.to_string(),
+            "softcap = -1 is invalid: it must be finite and > 0"
+        );
+    }
+
+    #[test]
+    fn check_positive_rejects_zero_negative_nan_inf() {
+        assert!(check_positive("t", 1.0_f64).is_ok());
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert!(check_positive("t", bad).is_err());
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! The scalar trait: what the crate needs of a float, implemented for `f32` and `f64` only.
+
+use nalgebra::RealField;
+use std::fmt::{Debug, Display};
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for f64 {}
+}
+
+/// A floating-point scalar the crate computes in: `f32` or `f64`.
+///
+/// It extends [`nalgebra::RealField`] (which supplies `exp`, `ln`, `sqrt`, `tanh`, `max`, ...)
+/// with the few constants and conversions attention needs. The trait is sealed: like
+/// ndarray's `NdFloat`, it exists to write code once for both precisions, not to be
+/// implemented for other types.
+///
+/// # Examples
+///
+/// ```
+/// use attention_math::Float;
+///
+/// fn half<T: Float>(x: T) -> T {
+///     x * T::of_f64(0.5)
+/// }
+/// assert_eq!(half(3.0_f32), 1.5);
+/// assert_eq!(half(3.0_f64), 1.5);
+/// assert_eq!(f32::NEG_INFINITY, <f32 as Float>::NEG_INFINITY);
+/// ```
+pub trait Float:
+    RealField + Copy + Default + Debug + Display + Send + Sync + sealed::Sealed + 'static
+{
+    /// Negative infinity: the score of a masked-out key.
+    const NEG_INFINITY: Self;
+    /// Positive infinity.
+    const INFINITY: Self;
+    /// Machine epsilon: the gap between 1 and the next representable value.
+    const EPSILON: Self;
+    /// Not a number.
+    const NAN: Self;
+    /// Name of the type, `"f32"` or `"f64"`, for messages and reports.
+    const NAME: &'static str;
+
+    /// Converts from `f64`, rounding to nearest for `f32`.
+    fn of_f64(x: f64) -> Self;
+    /// Converts to `f64` exactly.
+    fn as_f64(self) -> f64;
+    /// Converts a count (a dimension, a length) to this type.
+    fn of_usize(n: usize) -> Self {
+        Self::of_f64(n as f64)
+    }
+    /// `true` if the value is NaN.
+    fn is_nan_value(self) -> bool;
+}
+
+macro_rules! impl_float {
+    ($t:ty) => {
+        impl Float for $t {
+            const NEG_INFINITY: Self = <$t>::NEG_INFINITY;
+            const INFINITY: Self = <$t>::INFINITY;
+            const EPSILON: Self = <$t>::EPSILON;
+            const NAN: Self = <$t>::NAN;
+            const NAME: &'static str = stringify!($t);
+
+            #[inline(always)]
+            fn of_f64(x: f64) -> Self {
+                x as $t
+            }
+            #[inline(always)]
+            fn as_f64(self) -> f64 {
+                self as f64
+            }
+            #[inline(always)]
+            fn is_nan_value(self) -> bool {
+                self.is_nan()
+            }
+        }
+    };
+}
+
+impl_float!(f32);
+impl_float!(f64);

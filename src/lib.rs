@@ -1,0 +1,26 @@
+#![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![warn(missing_docs)]
+
+pub mod attention;
+pub mod entropy;
+pub mod error;
+pub mod float;
+pub mod mask;
+pub mod softmax;
+
+pub use attention::{
+    AttentionOptions, AttentionOutput, scaled_attention, scaled_attention_reference,
+    scaled_attention_with,
+};
+pub use entropy::{
+    entropy, entropy_bits, entropy_from_logits, entropy_from_logits_rows, entropy_rows,
+    kl_divergence,
+};
+pub use error::{Axis, Error, Result};
+pub use float::Float;
+pub use mask::{Block, Mask, MaskGrid};
+pub use softmax::{
+    log_softmax, log_softmax_in_place, log_softmax_rows, logsumexp, logsumexp_rows, softmax,
+    softmax_in_place, softmax_rows, softmax_with_temperature,
+};

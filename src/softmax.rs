@@ -1,0 +1,377 @@
+//! Softmax, log-softmax and log-sum-exp, on slices and on matrix rows.
+//!
+//! All three subtract the maximum before exponentiating, so every finite input works,
+//! including logits of ±1e30:
+//!
+//! ```text
+//! lse(x)          = max(x) + ln Σ_j exp(x_j − max(x))
+//! softmax(x)_i    = exp(x_i − lse(x))
+//! log_softmax(x)_i = x_i − lse(x)
+//! ```
+//!
+//! Edge cases follow the limits of these formulas, never NaN where the math has an answer:
+//!
+//! | input | `logsumexp` | `softmax` | `log_softmax` |
+//! |---|---|---|---|
+//! | empty | `-inf` (ln of an empty sum) | empty | empty |
+//! | some `-inf` entries | ignores them | `0` there | `-inf` there |
+//! | all entries `-inf` (a fully masked row) | `-inf` | all `0` | all `-inf` |
+//! | `c` entries `+inf` | `+inf` | `1/c` on them, `0` elsewhere | `-ln c` on them, `-inf` elsewhere |
+//! | any NaN | NaN | all NaN | all NaN |
+//!
+//! The all-`-inf` row giving zeros (not `1/m`) is what attention needs: a query that may
+//! attend to nothing receives nothing.
+
+use crate::Float;
+use crate::error::{Result, check_positive};
+use nalgebra::{DMatrix, DMatrixView, DVector};
+
+/// What a row reduces to before normalising.
+enum Peak<T> {
+    /// A NaN entry: the result is NaN everywhere.
+    Nan,
+    /// Empty, or every entry is `-inf`: no mass anywhere.
+    Nothing,
+    /// `count` entries are `+inf` and share the mass.
+    Infinite { count: usize },
+    /// The maximum is finite.
+    Finite(T),
+}
+
+fn peak<T: Float>(x: &[T]) -> Peak<T> {
+    let mut max = T::NEG_INFINITY;
+    for &xi in x {
+        if xi.is_nan_value() {
+            return Peak::Nan;
+        }
+        if xi > max {
+            max = xi;
+        }
+    }
+    if max == T::NEG_INFINITY {
+        Peak::Nothing
+    } else if max == T::INFINITY {
+        Peak::Infinite {
+            count: x.iter().filter(|&&xi| xi == T::INFINITY).count(),
+        }
+    } else {
+        Peak::Finite(max)
+    }
+}
+
+/// `Σ_j exp(x_j − max)`, at least 1 because the maximum contributes exp(0).
+fn shifted_sum<T: Float>(x: &[T], max: T) -> T {
+    x.iter().fold(T::zero(), |acc, &xi| acc + (xi - max).exp())
+}
+
+/// Log-sum-exp, `ln Σ_j exp(x_j)`, computed as `max + ln Σ_j exp(x_j − max)`.
+///
+/// Returns `-inf` for an empty slice or one whose entries are all `-inf`, `+inf` if any
+/// entry is `+inf`, NaN if any entry is NaN.
+///
+/// # Examples
+///
+/// ```
+/// use attention_math::logsumexp;
+///
+/// let x = [1.0_f64, 2.0, 3.0];
+/// let direct = (1.0_f64.exp() + 2.0_f64.exp() + 3.0_f64.exp()).ln();
+/// assert!((logsumexp(&x) - direct).abs() < 1e-14);
+/// // Stable where the direct formula overflows:
+/// assert_eq!(logsumexp(&[1e30_f32, 1e30]), 1e30);
+/// assert_eq!(logsumexp::<f64>(&[]), f64::NEG_INFINITY);
+/// ```
+pub fn logsumexp<T: Float>(x: &[T]) -> T {
+    match peak(x) {
+        Peak::Nan => T::NAN,
+        Peak::Nothing => T::NEG_INFINITY,
+        Peak::Infinite { .. } => T::INFINITY,
+        Peak::Finite(max) => max + shifted_sum(x, max).ln(),
+    }
+}
+
+/// Softmax in place: `x_i <- exp(x_i − lse(x))`.
+///
+/// See [`softmax`] for the formula and the edge cases.
+///
+/// # Examples
+///
+/// ```
+/// use attention_math::softmax_in_place;
+///
+/// let mut x = [0.0_f32, f32::NEG_INFINITY, 0.0];
+/// softmax_in_place(&mut x);
+/// assert_eq!(x, [0.5, 0.0, 0.5]);
+/// ```
+pub fn softmax_in_place<T: Float>(x: &mut [T]) {
+    match peak(x) {
+        Peak::Nan => x.fill(T::NAN),
+        Peak::Nothing => x.fill(T::zero()),
+        Peak::Infinite { count } => {
+            let share = T::one() / T::of_usize(count);
+            for xi in x.iter_mut() {
+                *xi = if *xi == T::INFINITY { share } else { T::zero() };
+            }
+        }
+        Peak::Finite(max) => {
+            let mut sum = T::zero();
+            for xi in x.iter_mut() {
+                *xi = (*xi - max).exp();
+                sum += *xi;
+            }
+            let inv = T::one() / sum;
+            for xi in x.iter_mut() {
+                *xi *= inv;
+            }
+        }
+    }
+}
+
+/// Softmax: `softmax(x)_i = exp(x_i − max) / Σ_j exp(x_j − max)`.
+///
+/// The result sums to 1 unless the input is empty or all `-inf` (then it is all zeros,
+/// the convention for a fully masked attention row). Subtracting the maximum makes it
+/// exact for huge finite logits and invariant to adding a constant to every entry.
+///
+/// # Examples
+///
+/// ```
+/// use attention_math::softmax;
+///
+/// // softmax(ln x) = x / Σx exactly (up to rounding).
+/// let x = [1.0_f64, 2.0, 3.0, 4.0];
+/// let logits: Vec<f64> = x.iter().map(|v| v.ln()).collect();
+/// let p = softmax(&logits);
+/// for (pi, xi) in p.iter().zip(x) {
+///     assert!((pi - xi / 10.0).abs() < 1e-15);
+/// }
+/// // A fully masked row gives zeros, not NaN.
+/// assert_eq!(softmax(&[f32::NEG_INFINITY; 3]), vec![0.0; 3]);
+/// // Huge logits are fine.
+/// assert_eq!(softmax(&[1e30_f32, 0.0]), vec![1.0, 0.0]);
+/// ```
+pub fn softmax<T: Float>(x: &[T]) -> Vec<T> {
+    let mut out = x.to_vec();
+    softmax_in_place(&mut out);
+    out
+}
+
+/// Log-softmax in place: `x_i <- x_i − lse(x)`.
+///
+/// See [`log_softmax`] for the edge cases.
+///
+/// # Examples
+///
+/// ```
+/// use attention_math::log_softmax_in_place;
+///
+/// let mut x = [0.0_f64, 0.0];
+/// log_softmax_in_place(&mut x);
+/// assert_eq!(x, [-(2.0_f64.ln()), -(2.0_f64.ln())]);
+/// ```
+pub fn log_softmax_in_place<T: Float>(x: &mut [T]) {
+    match peak(x) {
+        Peak::Nan => x.fill(T::NAN),
+        // ln 0 = -inf everywhere (entries are already -inf).
+        Peak::Nothing => x.fill(T::NEG_INFINITY),
+        Peak::Infinite { count } => {
+            let log_share = -T::of_usize(count).ln();
+            for xi in x.iter_mut() {
+                *xi = if *xi == T::INFINITY {
+                    log_share
+                } else {
+                    T::NEG_INFINITY
+                };
+            }
+        }
+        Peak::Finite(max) => {
+            // (x_i − max) − ln Σ exp(x_j − max): subtracting the large max first keeps the
+            // small differences exact.
+            let log_sum = shifted_sum(x, max).ln();
+            for xi in x.iter_mut() {
+                *xi = (*xi - max) - log_sum;
+            }
+        }
+    }
+}
+
+/// Log-softmax: `log_softmax(x)_i = x_i − lse(x)`, the logarithm of [`softmax`] computed
+/// without ever forming a probability, so it stays finite where softmax underflows to 0.
+///
+/// Empty in, empty out; all `-inf` in, all `-inf` out (ln 0).
+///
+/// # Examples
+///
+/// ```
+/// use attention_math::log_softmax;
+///
+/// let lp = log_softmax(&[0.0_f64, -1000.0]);
+/// assert_eq!(lp[0], 0.0);
+/// assert_eq!(lp[1], -1000.0); // softmax would give exactly 0 here
+/// ```
+pub fn log_softmax<T: Float>(x: &[T]) -> Vec<T> {
+    let mut out = x.to_vec();
+    log_softmax_in_place(&mut out);
+    out
+}
+
+/// Softmax at temperature `t`: `softmax(x / t)`.
+///
+/// `t < 1` sharpens the distribution, `t > 1` flattens it; `t = 1` is [`softmax`].
+///
+/// # Errors
+///
+/// [`Error::InvalidParameter`](crate::Error::InvalidParameter) unless `t` is finite and > 0.
+///
+/// # Examples
+///
+/// ```
+/// use attention_math::{softmax, softmax_with_temperature};
+///
+/// let x = [1.0_f64, 2.0, 3.0];
+/// let hot = softmax_with_temperature(&x, 2.0).unwrap();
+/// let direct = softmax(&[0.5, 1.0, 1.5]);
+/// for (a, b) in hot.iter().zip(&direct) {
+///     assert!((a - b).abs() < 1e-15);
+/// }
+/// assert!(softmax_with_temperature(&x, 0.0).is_err());
+/// ```
+pub fn softmax_with_temperature<T: Float>(x: &[T], t: T) -> Result<Vec<T>> {
+    check_positive("temperature", t)?;
+    let mut out: Vec<T> = x.iter().map(|&xi| xi / t).collect();
+    softmax_in_place(&mut out);
+    Ok(out)
+}
+
+/// Applies a slice operation to every row of a column-major matrix through one row buffer.
+pub(crate) fn map_rows_in_place<T: Float>(m: &mut DMatrix<T>, mut f: impl FnMut(&mut [T])) {
+    let mut row = vec![T::zero(); m.ncols()];
+    for i in 0..m.nrows() {
+        for (j, r) in row.iter_mut().enumerate() {
+            *r = m[(i, j)];
+        }
+        f(&mut row);
+        for (j, r) in row.iter().enumerate() {
+            m[(i, j)] = *r;
+        }
+    }
+}
+
+/// Row-wise softmax of an n x m matrix: row `i` of the result is `softmax(x.row(i))`.
+///
+/// Rows are the convention throughout the crate (a row of scores belongs to one query).
+/// An n x 0 input gives an n x 0 output.
+///
+/// # Examples
+///
+/// ```
+/// use attention_math::softmax_rows;
+/// use nalgebra::dmatrix;
+///
+/// let s = dmatrix![0.0_f64, 0.0; 0.0, f64::NEG_INFINITY];
+/// let p = softmax_rows(&s);
+/// assert_eq!(p, dmatrix![0.5, 0.5; 1.0, 0.0]);
+/// ```
+pub fn softmax_rows<'a, T: Float>(x: impl Into<DMatrixView<'a, T>>) -> DMatrix<T> {
+    let mut out = x.into().into_owned();
+    map_rows_in_place(&mut out, softmax_in_place);
+    out
+}
+
+/// Row-wise log-softmax of an n x m matrix.
+///
+/// # Examples
+///
+/// ```
+/// use attention_math::log_softmax_rows;
+/// use nalgebra::dmatrix;
+///
+/// let lp = log_softmax_rows(&dmatrix![1.0_f64, 1.0]);
+/// assert_eq!(lp, dmatrix![-(2.0_f64.ln()), -(2.0_f64.ln())]);
+/// ```
+pub fn log_softmax_rows<'a, T: Float>(x: impl Into<DMatrixView<'a, T>>) -> DMatrix<T> {
+    let mut out = x.into().into_owned();
+    map_rows_in_place(&mut out, log_softmax_in_place);
+    out
+}
+
+/// Row-wise log-sum-exp: a vector of length n with `lse(x.row(i))`.
+///
+/// # Examples
+///
+/// ```
+/// use attention_math::logsumexp_rows;
+/// use nalgebra::dmatrix;
+///
+/// let lse = logsumexp_rows(&dmatrix![0.0_f64, 0.0; f64::NEG_INFINITY, f64::NEG_INFINITY]);
+/// assert_eq!(lse[0], 2.0_f64.ln());
+/// assert_eq!(lse[1], f64::NEG_INFINITY);
+/// ```
+pub fn logsumexp_rows<'a, T: Float>(x: impl Into<DMatrixView<'a, T>>) -> DVector<T> {
+    let x = x.into();
+    let mut row = vec![T::zero(); x.ncols()];
+    DVector::from_fn(x.nrows(), |i, _| {
+        for (j, r) in row.iter_mut().enumerate() {
+            *r = x[(i, j)];
+        }
+        logsumexp(&row)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn softmax_of_log_is_normalised_input() {
+        let x = [0.5_f64, 1.5, 3.0, 5.0];
+        let total: f64 = x.iter().sum();
+        let p = softmax(&x.map(f64::ln));
+        for (pi, xi) in p.iter().zip(x) {
+            assert!((pi - xi / total).abs() < 1e-15);
+        }
+    }
+
+    #[test]
+    fn edge_cases_follow_the_table() {
+        let ninf = f64::NEG_INFINITY;
+        assert!(softmax::<f64>(&[]).is_empty());
+        assert_eq!(logsumexp::<f64>(&[]), ninf);
+        assert_eq!(softmax(&[ninf, ninf]), vec![0.0, 0.0]);
+        assert_eq!(log_softmax(&[ninf, ninf]), vec![ninf, ninf]);
+        assert_eq!(logsumexp(&[ninf, ninf]), ninf);
+        let inf = f64::INFINITY;
+        assert_eq!(softmax(&[inf, 0.0, inf]), vec![0.5, 0.0, 0.5]);
+        assert_eq!(log_softmax(&[inf, 0.0]), vec![0.0, ninf]);
+        assert_eq!(logsumexp(&[inf, 0.0]), inf);
+        assert!(softmax(&[f64::NAN, 0.0]).iter().all(|p| p.is_nan()));
+        assert!(logsumexp(&[0.0, f64::NAN]).is_nan());
+        assert_eq!(softmax(&[1e30_f64, 1e30]), vec![0.5, 0.5]);
+        assert_eq!(softmax(&[-1e30_f32, 0.0]), vec![0.0, 1.0]);
+        assert_eq!(logsumexp(&[-1e30_f32]), -1e30);
+    }
+
+    #[test]
+    fn log_softmax_keeps_precision_where_softmax_underflows() {
+        let lp = log_softmax(&[0.0_f32, -200.0]);
+        assert_eq!(lp, vec![0.0, -200.0]);
+        assert_eq!(softmax(&[0.0_f32, -200.0])[1], 0.0);
+    }
+
+    #[test]
+    fn rows_match_slices() {
+        let m = DMatrix::from_fn(3, 5, |i, j| (i as f64 - 2.0 * j as f64).sin() * 3.0);
+        let p = softmax_rows(&m);
+        let lp = log_softmax_rows(&m);
+        let lse = logsumexp_rows(&m);
+        for i in 0..3 {
+            let row: Vec<f64> = m.row(i).iter().copied().collect();
+            assert_eq!(p.row(i).iter().copied().collect::<Vec<_>>(), softmax(&row));
+            assert_eq!(
+                lp.row(i).iter().copied().collect::<Vec<_>>(),
+                log_softmax(&row)
+            );
+            assert_eq!(lse[i], logsumexp(&row));
+        }
+    }
+}
