@@ -106,6 +106,15 @@ pub enum Error {
         /// The exclusive upper bound it must respect.
         bound: usize,
     },
+    /// A matrix's columns do not split evenly into attention heads.
+    HeadSplit {
+        /// The argument at fault (`"q"`, `"k"` or `"v"`).
+        arg: &'static str,
+        /// How many columns it has.
+        len: usize,
+        /// Into how many heads it must split.
+        heads: usize,
+    },
     /// A reduction has nothing to reduce over (for example a mean loss with no scored position).
     Empty {
         /// What was empty.
@@ -165,6 +174,10 @@ impl fmt::Display for Error {
             } => write!(
                 f,
                 "{arg}[{position}] = {index} is out of range: it must be < {bound}"
+            ),
+            Error::HeadSplit { arg, len, heads } => write!(
+                f,
+                "{arg} has {len} columns, which do not split evenly into {heads} heads"
             ),
             Error::Empty { what } => write!(f, "{what} is empty"),
         }

@@ -7,6 +7,7 @@ pub mod entropy;
 pub mod error;
 pub mod float;
 pub mod mask;
+pub mod multihead;
 pub mod softmax;
 
 pub use attention::{
@@ -20,6 +21,7 @@ pub use entropy::{
 pub use error::{Axis, Error, Result};
 pub use float::Float;
 pub use mask::{Block, Mask, MaskGrid};
+pub use multihead::{Heads, multi_head_attention};
 pub use softmax::{
     log_softmax, log_softmax_in_place, log_softmax_rows, logsumexp, logsumexp_rows, softmax,
     softmax_in_place, softmax_rows, softmax_with_temperature,

@@ -1,0 +1,246 @@
+//! Multi-head, grouped-query and multi-query attention (seed question 1).
+//!
+//! The heads are stored side by side in the columns, as a projection `X W_Q` produces them:
+//! with H query heads and G key-value heads,
+//!
+//! ```text
+//! Q: n x (H·d)      K: m x (G·d)      V: m x (G·d_v)      output: n x (H·d_v)
+//! head h reads Q[:, h·d .. (h+1)·d] and the K, V columns of group g = h / (H/G)
+//! O[:, h·d_v .. (h+1)·d_v] = attention(Q_h, K_g, V_g)
+//! ```
+//!
+//! G = H is multi-head attention (Vaswani et al.), G = 1 multi-query attention (Shazeer),
+//! 1 < G < H grouped-query attention (Ainslie et al., Llama 2/3): the key-value cache shrinks
+//! by H/G while every query head keeps its own projection.
+//!
+//! Each head is one call of [`scaled_attention_with`] on column views (no copies of Q, K, V);
+//! mask and options (scale, softcap, bias) are shared by every head.
+
+use crate::Float;
+use crate::attention::{AttentionOptions, scaled_attention_with};
+use crate::error::{Error, Result};
+use crate::mask::Mask;
+use nalgebra::{DMatrix, DMatrixView};
+
+/// How many query heads and key-value heads an attention layer has.
+///
+/// # Examples
+///
+/// ```
+/// use attention_math::Heads;
+///
+/// let gqa = Heads::grouped(8, 2); // 4 query heads share each key-value head
+/// assert_eq!(gqa.group_size(), 4);
+/// assert_eq!(Heads::multi_head(8), Heads::grouped(8, 8));
+/// assert_eq!(Heads::multi_query(8), Heads::grouped(8, 1));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heads {
+    /// Number of query heads H.
+    pub query: usize,
+    /// Number of key-value heads G; must divide H.
+    pub kv: usize,
+}
+
+impl Heads {
+    /// Multi-head attention: H query heads, each with its own key-value head.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(attention_math::Heads::multi_head(4).kv, 4);
+    /// ```
+    pub fn multi_head(heads: usize) -> Self {
+        Heads {
+            query: heads,
+            kv: heads,
+        }
+    }
+
+    /// Multi-query attention: H query heads sharing one key-value head.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(attention_math::Heads::multi_query(4).kv, 1);
+    /// ```
+    pub fn multi_query(heads: usize) -> Self {
+        Heads {
+            query: heads,
+            kv: 1,
+        }
+    }
+
+    /// Grouped-query attention: `query` heads in `kv` groups.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let h = attention_math::Heads::grouped(6, 3);
+    /// assert_eq!((h.query, h.kv), (6, 3));
+    /// ```
+    pub fn grouped(query: usize, kv: usize) -> Self {
+        Heads { query, kv }
+    }
+
+    /// Query heads per key-value head, H / G (0 if G is 0).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(attention_math::Heads::grouped(6, 3).group_size(), 2);
+    /// ```
+    pub fn group_size(&self) -> usize {
+        self.query.checked_div(self.kv).unwrap_or(0)
+    }
+
+    /// The key-value head that query head `h` reads: `h / (H/G)`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let h = attention_math::Heads::grouped(8, 2);
+    /// assert_eq!((h.kv_head(3), h.kv_head(4)), (0, 1));
+    /// ```
+    pub fn kv_head(&self, h: usize) -> usize {
+        h / self.group_size().max(1)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.query == 0 {
+            return Err(Error::InvalidParameter {
+                name: "query heads",
+                value: 0.0,
+                requirement: "must be >= 1",
+            });
+        }
+        if self.kv == 0 || self.query % self.kv != 0 {
+            return Err(Error::InvalidParameter {
+                name: "kv heads",
+                value: self.kv as f64,
+                requirement: "must be >= 1 and divide the number of query heads",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Width of one head: `cols / heads`, or an error naming the argument.
+fn head_width(arg: &'static str, cols: usize, heads: usize) -> Result<usize> {
+    if cols % heads == 0 {
+        Ok(cols / heads)
+    } else {
+        Err(Error::HeadSplit {
+            arg,
+            len: cols,
+            heads,
+        })
+    }
+}
+
+/// Multi-head / grouped-query attention: every query head attends with its group's keys and
+/// values; the head outputs are concatenated in the columns. See the [module docs](self).
+///
+/// Shapes: `q` n x (H·d), `k` m x (G·d), `v` m x (G·d_v); result n x (H·d_v).
+///
+/// # Errors
+///
+/// - [`Error::InvalidParameter`] if H = 0, G = 0 or G does not divide H;
+/// - [`Error::HeadSplit`] if the columns of `q` (by H), `k` or `v` (by G) do not split evenly;
+/// - [`Error::ShapeMismatch`] if `k`'s head width differs from `q`'s;
+/// - every error of [`scaled_attention_with`].
+///
+/// # Examples
+///
+/// ```
+/// use attention_math::{multi_head_attention, scaled_attention, AttentionOptions, Heads, Mask};
+/// use nalgebra::DMatrix;
+///
+/// // 4 query heads of width 2 sharing 2 key-value heads (GQA).
+/// let q = DMatrix::<f64>::from_fn(3, 8, |i, j| ((i * 8 + j) as f64).sin());
+/// let k = DMatrix::<f64>::from_fn(3, 4, |i, j| ((i * 4 + j) as f64).cos());
+/// let v = DMatrix::<f64>::from_fn(3, 4, |i, j| (i + j) as f64);
+/// let out = multi_head_attention(&q, &k, &v, Heads::grouped(4, 2), &Mask::causal(), &AttentionOptions::new())?;
+/// assert_eq!(out.shape(), (3, 8));
+/// // Head 3 uses key-value group 1.
+/// let head3 = scaled_attention(q.columns(6, 2), k.columns(2, 2), v.columns(2, 2), &Mask::causal())?;
+/// assert_eq!(out.columns(6, 2), head3);
+/// # Ok::<(), attention_math::Error>(())
+/// ```
+pub fn multi_head_attention<'q, 'k, 'v, T: Float>(
+    q: impl Into<DMatrixView<'q, T>>,
+    k: impl Into<DMatrixView<'k, T>>,
+    v: impl Into<DMatrixView<'v, T>>,
+    heads: Heads,
+    mask: &Mask,
+    opts: &AttentionOptions<'_, T>,
+) -> Result<DMatrix<T>> {
+    let (q, k, v) = (q.into(), k.into(), v.into());
+    heads.validate()?;
+    let d = head_width("q", q.ncols(), heads.query)?;
+    let dk = head_width("k", k.ncols(), heads.kv)?;
+    let dv = head_width("v", v.ncols(), heads.kv)?;
+    if dk != d {
+        return Err(Error::ShapeMismatch {
+            arg: "k",
+            found: k.shape(),
+            expected: (k.nrows(), heads.kv * d),
+        });
+    }
+    let mut out = DMatrix::zeros(q.nrows(), heads.query * dv);
+    for h in 0..heads.query {
+        let g = heads.kv_head(h);
+        let o = scaled_attention_with(
+            q.columns(h * d, d),
+            k.columns(g * d, d),
+            v.columns(g * dv, dv),
+            mask,
+            opts,
+        )?;
+        out.columns_mut(h * dv, dv).copy_from(&o.output);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_head_counts_are_errors() {
+        let q = DMatrix::<f32>::zeros(2, 8);
+        let k = DMatrix::<f32>::zeros(3, 4);
+        let opts = AttentionOptions::new();
+        let m = Mask::none();
+        let e = multi_head_attention(&q, &k, &k, Heads::grouped(4, 3), &m, &opts).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "kv heads = 3 is invalid: it must be >= 1 and divide the number of query heads"
+        );
+        let e = multi_head_attention(&q, &k, &k, Heads::grouped(3, 1), &m, &opts).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "q has 8 columns, which do not split evenly into 3 heads"
+        );
+        let e = multi_head_attention(&q, &k, &k, Heads::multi_head(4), &m, &opts).unwrap_err();
+        assert_eq!(e.to_string(), "k is 3 x 4 but must be 3 x 8");
+        assert!(multi_head_attention(&q, &k, &k, Heads::grouped(0, 1), &m, &opts).is_err());
+        assert!(multi_head_attention(&q, &k, &k, Heads::grouped(4, 0), &m, &opts).is_err());
+    }
+
+    #[test]
+    fn multi_query_equals_repeating_the_kv_head() {
+        let q = DMatrix::<f64>::from_fn(5, 6, |i, j| ((3 * i + j) as f64 * 0.37).sin());
+        let k = DMatrix::<f64>::from_fn(4, 2, |i, j| ((i + 5 * j) as f64 * 0.21).cos());
+        let v = DMatrix::<f64>::from_fn(4, 3, |i, j| (i as f64) - (j as f64));
+        let opts = AttentionOptions::new();
+        let mqa =
+            multi_head_attention(&q, &k, &v, Heads::multi_query(3), &Mask::none(), &opts).unwrap();
+        // The same layer as MHA with the one key-value head copied three times.
+        let k3 = DMatrix::from_fn(4, 6, |i, j| k[(i, j % 2)]);
+        let v3 = DMatrix::from_fn(4, 9, |i, j| v[(i, j % 3)]);
+        let mha =
+            multi_head_attention(&q, &k3, &v3, Heads::multi_head(3), &Mask::none(), &opts).unwrap();
+        assert!((mqa - mha).amax() < 1e-15);
+    }
+}
