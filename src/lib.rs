@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 pub mod attention;
+pub mod diagnostics;
 pub mod entropy;
 pub mod error;
 pub mod float;
