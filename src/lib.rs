@@ -7,7 +7,9 @@ pub mod diagnostics;
 pub mod entropy;
 pub mod error;
 pub mod float;
+pub mod lora;
 pub mod mask;
+pub mod moe;
 pub mod multihead;
 pub mod softmax;
 
