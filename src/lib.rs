@@ -11,6 +11,7 @@ pub mod lora;
 pub mod mask;
 pub mod moe;
 pub mod multihead;
+pub mod preference;
 pub mod softmax;
 
 pub use attention::{
