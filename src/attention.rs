@@ -46,6 +46,7 @@ pub struct AttentionOptions<'a, T: Float> {
     softcap: Option<T>,
     bias: Option<DMatrixView<'a, T>>,
     weights: bool,
+    threads: Option<usize>,
 }
 
 impl<'a, T: Float> AttentionOptions<'a, T> {
@@ -147,6 +148,28 @@ impl<'a, T: Float> AttentionOptions<'a, T> {
     /// ```
     pub fn return_weights(mut self, yes: bool) -> Self {
         self.weights = yes;
+        self
+    }
+
+    /// Runs the call on `threads` worker threads of a pool private to the call (1 = on the
+    /// calling thread), without touching rayon's global pool. By default the call uses the
+    /// current rayon pool. The result is bit-identical for every thread count; 0 is treated
+    /// as 1. The reference implementation is always single-threaded.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attention_math::{scaled_attention_with, AttentionOptions, Mask};
+    /// use nalgebra::DMatrix;
+    ///
+    /// let x = DMatrix::<f32>::from_fn(300, 16, |i, j| ((i * 16 + j) as f32 * 0.01).sin());
+    /// let one = scaled_attention_with(&x, &x, &x, &Mask::causal(), &AttentionOptions::new().threads(1))?;
+    /// let two = scaled_attention_with(&x, &x, &x, &Mask::causal(), &AttentionOptions::new().threads(2))?;
+    /// assert_eq!(one, two);
+    /// # Ok::<(), attention_math::Error>(())
+    /// ```
+    pub fn threads(mut self, threads: usize) -> Self {
+        self.threads = Some(threads.max(1));
         self
     }
 }
