@@ -548,6 +548,19 @@ impl fmt::Display for MaskGrid<'_> {
 mod tests {
     use super::*;
 
+    /// The mask's value at every pair of the block, row by row.
+    fn block_values(
+        mask: &Mask,
+        rows: Range<usize>,
+        cols: Range<usize>,
+        n: usize,
+        m: usize,
+    ) -> Vec<bool> {
+        rows.flat_map(|i| cols.clone().map(move |j| (i, j)))
+            .map(|(i, j)| mask.allows_in(n, m, i, j))
+            .collect()
+    }
+
     fn all_masks() -> Vec<Mask> {
         vec![
             Mask::none(),
@@ -573,12 +586,8 @@ mod tests {
                     for r1 in r0 + 1..=n {
                         for c0 in 0..m {
                             for c1 in c0 + 1..=m {
-                                let block = mask.classify(r0..r1, c0..c1, n, m);
-                                let vals: Vec<bool> = (r0..r1)
-                                    .flat_map(|i| (c0..c1).map(move |j| (i, j)))
-                                    .map(|(i, j)| mask.allows_in(n, m, i, j))
-                                    .collect();
-                                match block {
+                                let vals = block_values(&mask, r0..r1, c0..c1, n, m);
+                                match mask.classify(r0..r1, c0..c1, n, m) {
                                     Block::Empty => assert!(vals.iter().all(|v| !v), "{mask}"),
                                     Block::Full => assert!(vals.iter().all(|v| *v), "{mask}"),
                                     Block::Partial => {}
@@ -607,10 +616,7 @@ mod tests {
             for r0 in 0..n {
                 for c0 in 0..m {
                     let (r1, c1) = ((r0 + 3).min(n), (c0 + 4).min(m));
-                    let vals: Vec<bool> = (r0..r1)
-                        .flat_map(|i| (c0..c1).map(move |j| (i, j)))
-                        .map(|(i, j)| mask.allows_in(n, m, i, j))
-                        .collect();
+                    let vals = block_values(&mask, r0..r1, c0..c1, n, m);
                     let exact = if vals.iter().all(|v| *v) {
                         Block::Full
                     } else if vals.iter().all(|v| !v) {
