@@ -7,6 +7,7 @@ pub mod diagnostics;
 pub mod entropy;
 pub mod error;
 pub mod float;
+pub mod lm;
 pub mod lora;
 pub mod mask;
 pub mod moe;
@@ -24,6 +25,7 @@ pub use entropy::{
 };
 pub use error::{Axis, Error, Result};
 pub use float::Float;
+pub use lm::{CrossEntropy, Objective, Packed, Reduction, cross_entropy, cross_entropy_grad};
 pub use mask::{Block, Mask, MaskGrid};
 pub use multihead::{Heads, multi_head_attention};
 pub use softmax::{
