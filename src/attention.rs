@@ -172,6 +172,11 @@ impl<'a, T: Float> AttentionOptions<'a, T> {
         self.threads = Some(threads.max(1));
         self
     }
+
+    /// The additive bias, if one was given (for the backward pass).
+    pub(crate) fn bias_view(&self) -> Option<&DMatrixView<'a, T>> {
+        self.bias.as_ref()
+    }
 }
 
 /// What an attention call returns beyond the output: the per-row log-sum-exp (what a
@@ -214,7 +219,7 @@ pub(crate) struct Plan<T> {
     pub softcap: Option<T>,
 }
 
-fn check_finite<T: Float>(arg: &'static str, x: &DMatrixView<'_, T>) -> Result<()> {
+pub(crate) fn check_finite<T: Float>(arg: &'static str, x: &DMatrixView<'_, T>) -> Result<()> {
     for j in 0..x.ncols() {
         for i in 0..x.nrows() {
             if !x[(i, j)].is_finite() {
@@ -318,6 +323,21 @@ impl<T: Float> Plan<T> {
         match bias {
             Some(b) => s + b,
             None => s,
+        }
+    }
+
+    /// The derivative of [`Plan::score`] with respect to the raw dot product:
+    /// `scale` without a softcap, `scale · (1 − tanh²(scale · dot / c))` with one (the bias
+    /// is additive and does not enter). Computed as `scale / cosh²(·)`, which keeps its
+    /// relative accuracy where `tanh` saturates and tends to 0, never NaN, as `|dot|` grows.
+    #[inline]
+    pub(crate) fn score_grad(&self, dot: T) -> T {
+        match self.softcap {
+            None => self.scale,
+            Some(c) => {
+                let ch = (self.scale * dot / c).cosh();
+                self.scale / (ch * ch)
+            }
         }
     }
 }

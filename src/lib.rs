@@ -7,6 +7,7 @@ pub mod diagnostics;
 pub mod entropy;
 pub mod error;
 pub mod float;
+pub mod grad;
 pub mod lm;
 pub mod lora;
 pub mod mask;
@@ -25,6 +26,10 @@ pub use entropy::{
 };
 pub use error::{Axis, Error, Result};
 pub use float::Float;
+pub use grad::{
+    AttentionGrads, attention_backward, attention_backward_reference, entropy_from_logits_grad,
+    log_softmax_vjp, softmax_jacobian, softmax_jvp, softmax_vjp,
+};
 pub use lm::{CrossEntropy, Objective, Packed, Reduction, cross_entropy, cross_entropy_grad};
 pub use mask::{Block, Mask, MaskGrid};
 pub use multihead::{Heads, multi_head_attention};

@@ -1,0 +1,650 @@
+//! The backward pass of scaled dot-product attention: a reference version from the
+//! materialised weights and a tiled FlashAttention-2 style version that recomputes them.
+
+use super::gemm::{Mat, MatMut, gemm};
+use super::softmax::softmax_vjp_from_probs;
+use crate::Float;
+use crate::attention::{
+    AttentionOptions, AttentionOutput, Plan, check_finite, plan, scaled_attention_reference,
+};
+use crate::error::{Error, Result};
+use crate::mask::{Block, Mask};
+use nalgebra::{DMatrix, DMatrixView};
+use rayon::prelude::*;
+
+/// Query rows per tile of the tiled backward pass.
+const TILE_Q: usize = 64;
+/// Key rows per tile of the tiled backward pass.
+const TILE_K: usize = 64;
+
+/// The gradients of a scalar loss `L` with respect to the inputs of an attention call,
+/// given the upstream gradient `dO = ∂L/∂O`; returned by [`attention_backward`] and
+/// [`attention_backward_reference`]. Each has the shape of the input it belongs to.
+///
+/// # Examples
+///
+/// ```
+/// use attention_math::{attention_backward_reference, AttentionOptions, Mask};
+/// use nalgebra::{dmatrix, DMatrix};
+///
+/// // One query, one key: the weight is 1 whatever the scores, so O = v and only V learns.
+/// let (q, k, v) = (dmatrix![0.5_f64, -1.0], dmatrix![2.0_f64, 1.0], dmatrix![3.0_f64]);
+/// let g = attention_backward_reference(&q, &k, &v, &Mask::none(), &AttentionOptions::new(), &dmatrix![1.5])?;
+/// assert_eq!(g.dv, dmatrix![1.5]);
+/// assert_eq!(g.dq, DMatrix::zeros(1, 2));
+/// assert_eq!(g.dk, DMatrix::zeros(1, 2));
+/// assert!(g.dbias.is_none()); // no bias was given
+/// # Ok::<(), attention_math::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttentionGrads<T: Float> {
+    /// `∂L/∂Q`, n x d.
+    pub dq: DMatrix<T>,
+    /// `∂L/∂K`, m x d.
+    pub dk: DMatrix<T>,
+    /// `∂L/∂V`, m x d_v.
+    pub dv: DMatrix<T>,
+    /// `∂L/∂B`, n x m, if an additive bias `B` was given in the options; it equals `dS`
+    /// (0 wherever the mask or the bias forbids).
+    pub dbias: Option<DMatrix<T>>,
+}
+
+/// Checks the upstream gradient: n x d_v and finite.
+fn check_d_out<T: Float>(d_out: &DMatrixView<'_, T>, n: usize, dv: usize) -> Result<()> {
+    if d_out.shape() != (n, dv) {
+        return Err(Error::ShapeMismatch {
+            arg: "d_out",
+            found: d_out.shape(),
+            expected: (n, dv),
+        });
+    }
+    check_finite("d_out", d_out)
+}
+
+/// The reference backward pass: recomputes the forward pass with
+/// [`scaled_attention_reference`](crate::scaled_attention_reference), materialising the
+/// n x m weights P, and applies the formulas of the [module docs](crate::grad) matrix by
+/// matrix (`dS` row by row with the softmax VJP, `⟨dP_i, P_i⟩` as the row correction).
+///
+/// O(n·m) memory; deliberately plain, the oracle [`attention_backward`] is tested against.
+/// Arguments as for [`scaled_attention_with`](crate::scaled_attention_with), plus the
+/// upstream gradient `d_out = ∂L/∂O` (n x d_v).
+///
+/// # Errors
+///
+/// Those of [`scaled_attention_with`](crate::scaled_attention_with), and:
+/// - [`Error::ShapeMismatch`] naming `d_out` if it is not n x d_v;
+/// - [`Error::NonFinite`] naming `d_out` if it holds NaN or an infinity.
+///
+/// # Examples
+///
+/// ```
+/// use attention_math::{attention_backward_reference, scaled_attention_with, AttentionOptions, Mask};
+/// use nalgebra::DMatrix;
+///
+/// let q = DMatrix::<f64>::from_fn(3, 2, |i, j| (i as f64 + 2.0 * j as f64).sin());
+/// let k = DMatrix::<f64>::from_fn(4, 2, |i, j| (i as f64 - j as f64).cos());
+/// let v = DMatrix::<f64>::from_fn(4, 2, |i, j| (i * j) as f64);
+/// let d_out = DMatrix::<f64>::from_element(3, 2, 1.0); // L = sum of all outputs
+/// let opts = AttentionOptions::new();
+/// let g = attention_backward_reference(&q, &k, &v, &Mask::none(), &opts, &d_out)?;
+/// // Check ∂L/∂q_00 by a central difference.
+/// let loss = |q: &DMatrix<f64>| scaled_attention_with(q, &k, &v, &Mask::none(), &opts).unwrap().output.sum();
+/// let h = 1e-6;
+/// let (mut qp, mut qm) = (q.clone(), q.clone());
+/// qp[(0, 0)] += h;
+/// qm[(0, 0)] -= h;
+/// assert!((g.dq[(0, 0)] - (loss(&qp) - loss(&qm)) / (2.0 * h)).abs() < 1e-8);
+/// // Each row of weights sums to 1, so dV's column sums equal dO's.
+/// assert!((g.dv.column(0).sum() - 3.0).abs() < 1e-12);
+/// # Ok::<(), attention_math::Error>(())
+/// ```
+pub fn attention_backward_reference<'q, 'k, 'v, 'g, T: Float>(
+    q: impl Into<DMatrixView<'q, T>>,
+    k: impl Into<DMatrixView<'k, T>>,
+    v: impl Into<DMatrixView<'v, T>>,
+    mask: &Mask,
+    opts: &AttentionOptions<'_, T>,
+    d_out: impl Into<DMatrixView<'g, T>>,
+) -> Result<AttentionGrads<T>> {
+    let (q, k, v, d_out) = (q.into(), k.into(), v.into(), d_out.into());
+    let plan = plan(&q, &k, &v, opts)?;
+    check_d_out(&d_out, plan.n, plan.dv)?;
+    let forward = scaled_attention_reference(q, k, v, mask, &opts.clone().return_weights(true))?;
+    let Some(p) = forward.weights else {
+        unreachable!("return_weights(true) returns the weights")
+    };
+    let (n, m) = (plan.n, plan.m);
+    let grad_v = p.transpose() * d_out;
+    let dp = d_out * v.transpose();
+    // dS_i = P_i ⊙ (dP_i − ⟨dP_i, P_i⟩), the softmax VJP of each row.
+    let mut ds = DMatrix::<T>::zeros(n, m);
+    let (mut p_row, mut g_row, mut out) =
+        (vec![T::zero(); m], vec![T::zero(); m], vec![T::zero(); m]);
+    for i in 0..n {
+        for j in 0..m {
+            p_row[j] = p[(i, j)];
+            g_row[j] = dp[(i, j)];
+        }
+        softmax_vjp_from_probs(&p_row, &g_row, &mut out);
+        for (j, o) in out.iter().enumerate() {
+            ds[(i, j)] = *o;
+        }
+    }
+    let dots = q * k.transpose();
+    let d_dot = ds.zip_map(&dots, |g, x| g * plan.score_grad(x));
+    Ok(AttentionGrads {
+        dq: &d_dot * k,
+        dk: d_dot.transpose() * q,
+        dv: grad_v,
+        dbias: opts.bias_view().map(|_| ds),
+    })
+}
+
+/// The backward pass of attention, tiled in the FlashAttention-2 style: gradients of a loss
+/// `L` with respect to Q, K, V (and the bias, if one was given), from the upstream gradient
+/// `d_out = ∂L/∂O` (n x d_v) and the saved forward result `forward` (its output O and
+/// log-sum-exp; the weights are not needed).
+///
+/// The weights are recomputed block by block as `P_ij = exp(S_ij − lse_i)` from Q, K and the
+/// saved log-sum-exp, so the extra memory is O(tile) (plus O(n) for the row corrections
+/// `D_i = ⟨dO_i, O_i⟩`), never n x m. Blocks that the mask rules out entirely (see
+/// [`Mask::classify`]) are skipped, and the mask is evaluated only in blocks it cuts. The
+/// formulas are in the [module docs](crate::grad). Fully masked rows get zero gradients,
+/// never NaN.
+///
+/// Work is spread over rayon's thread pool in two passes (dK, dV and d bias over key
+/// blocks, then dQ over query blocks); every entry of the result is computed by one task in
+/// a fixed order, so the result is bit-identical for any number of threads.
+///
+/// `forward` must come from a forward call with the same Q, K, V, mask and options
+/// ([`scaled_attention_with`](crate::scaled_attention_with) or the reference); that is not
+/// checked beyond its shapes.
+///
+/// # Errors
+///
+/// Those of [`scaled_attention_with`](crate::scaled_attention_with), and:
+/// - [`Error::ShapeMismatch`] naming `d_out` (or `forward.output`) if it is not n x d_v;
+/// - [`Error::NonFinite`] naming `d_out` if it holds NaN or an infinity (likewise
+///   `forward.output`, and `forward.lse` if it holds NaN or `+inf`);
+/// - [`Error::LengthMismatch`] naming `forward.lse` if its length is not n.
+///
+/// # Examples
+///
+/// ```
+/// use attention_math::{attention_backward, attention_backward_reference, scaled_attention_with,
+///     AttentionOptions, Mask};
+/// use nalgebra::DMatrix;
+///
+/// let q = DMatrix::<f32>::from_fn(5, 4, |i, j| ((i * 4 + j) as f32 * 0.37).sin());
+/// let k = DMatrix::<f32>::from_fn(5, 4, |i, j| ((i * 4 + j) as f32 * 0.11).cos());
+/// let v = DMatrix::<f32>::from_fn(5, 3, |i, j| (i as f32) - (j as f32));
+/// let d_out = DMatrix::<f32>::from_fn(5, 3, |i, j| 0.1 * (i + j) as f32);
+/// let opts = AttentionOptions::new().softcap(5.0);
+/// let forward = scaled_attention_with(&q, &k, &v, &Mask::causal(), &opts)?;
+/// let g = attention_backward(&q, &k, &v, &Mask::causal(), &opts, &forward, &d_out)?;
+/// let r = attention_backward_reference(&q, &k, &v, &Mask::causal(), &opts, &d_out)?;
+/// assert!((&g.dq - &r.dq).amax() < 1e-5 && (&g.dk - &r.dk).amax() < 1e-5);
+/// assert!((&g.dv - &r.dv).amax() < 1e-5);
+/// // The first query sees only the first key: its weight is 1 and its dQ row is 0.
+/// assert_eq!(g.dq.row(0).amax(), 0.0);
+/// # Ok::<(), attention_math::Error>(())
+/// ```
+pub fn attention_backward<'q, 'k, 'v, 'g, T: Float>(
+    q: impl Into<DMatrixView<'q, T>>,
+    k: impl Into<DMatrixView<'k, T>>,
+    v: impl Into<DMatrixView<'v, T>>,
+    mask: &Mask,
+    opts: &AttentionOptions<'_, T>,
+    forward: &AttentionOutput<T>,
+    d_out: impl Into<DMatrixView<'g, T>>,
+) -> Result<AttentionGrads<T>> {
+    backward_tiled(
+        q.into(),
+        k.into(),
+        v.into(),
+        mask,
+        opts,
+        forward,
+        d_out.into(),
+        (TILE_Q, TILE_K),
+    )
+}
+
+/// Checks the saved forward result against the shapes of the call.
+fn check_forward<T: Float>(forward: &AttentionOutput<T>, n: usize, dv: usize) -> Result<()> {
+    let o = &forward.output;
+    if o.shape() != (n, dv) {
+        return Err(Error::ShapeMismatch {
+            arg: "forward.output",
+            found: o.shape(),
+            expected: (n, dv),
+        });
+    }
+    check_finite("forward.output", &o.as_view())?;
+    if forward.lse.len() != n {
+        return Err(Error::LengthMismatch {
+            arg: "forward.lse",
+            found: forward.lse.len(),
+            expected: n,
+        });
+    }
+    match forward
+        .lse
+        .iter()
+        .position(|l| l.is_nan_value() || *l == T::INFINITY)
+    {
+        Some(row) => Err(Error::NonFinite {
+            arg: "forward.lse",
+            row,
+            col: 0,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// `x ← exp(x)` over a tile of exponent arguments `S_ij − lse_i`, which are at most about 0,
+/// or `-inf` for pairs that carry no weight (these must give exactly 0).
+///
+/// The one place the backward pass exponentiates: the forward kernel's vectorised exp
+/// plugs in here.
+#[inline]
+fn exp_in_place<T: Float>(x: &mut [T]) {
+    for xi in x {
+        *xi = xi.exp();
+    }
+}
+
+/// The half-open ranges `[start, end)` of `len` positions cut into tiles of `tile`.
+fn tiles(len: usize, tile: usize) -> Vec<(usize, usize)> {
+    (0..len)
+        .step_by(tile)
+        .map(|s| (s, (s + tile).min(len)))
+        .collect()
+}
+
+/// Splits `data` into consecutive pieces of `per · (end − start)` elements, one per tile.
+fn split_by_tiles<'a, T>(
+    mut data: &'a mut [T],
+    per: usize,
+    tiles: &[(usize, usize)],
+) -> Vec<&'a mut [T]> {
+    let mut pieces = Vec::with_capacity(tiles.len());
+    for &(a, b) in tiles {
+        let (head, tail) = std::mem::take(&mut data).split_at_mut(per * (b - a));
+        pieces.push(head);
+        data = tail;
+    }
+    pieces
+}
+
+/// Scratch for one block: raw dot products (overwritten by dDot), weights, and dP.
+struct Scratch<T> {
+    dot: Vec<T>,
+    p: Vec<T>,
+    dp: Vec<T>,
+}
+
+impl<T: Float> Scratch<T> {
+    fn new(len: usize) -> Self {
+        Scratch {
+            dot: vec![T::zero(); len],
+            p: vec![T::zero(); len],
+            dp: vec![T::zero(); len],
+        }
+    }
+}
+
+/// Everything a block of the tiled backward pass reads.
+struct Backward<'a, T: Float> {
+    plan: Plan<T>,
+    q: DMatrixView<'a, T>,
+    k: DMatrixView<'a, T>,
+    v: DMatrixView<'a, T>,
+    d_out: DMatrixView<'a, T>,
+    bias: Option<DMatrixView<'a, T>>,
+    mask: &'a Mask,
+    lse: &'a [T],
+    /// `D_i = ⟨dO_i, O_i⟩ = Σ_j P_ij dP_ij`, the softmax VJP's row correction.
+    delta: &'a [T],
+}
+
+impl<T: Float> Backward<'_, T> {
+    /// Recomputes block (queries `i0..i1`) x (keys `j0..j1`): leaves `P` in `scratch.p` and
+    /// `dDot = dS ⊙ ∂S/∂dot` in `scratch.dot`, both column-major with leading dimension
+    /// `i1 − i0`, and writes `dS` into `dbias` (the columns `j0..j1` of the n x m d bias,
+    /// column-major) if given. Returns `false`, touching nothing, if the mask rules the block
+    /// out.
+    fn block(
+        &self,
+        (i0, i1): (usize, usize),
+        (j0, j1): (usize, usize),
+        scratch: &mut Scratch<T>,
+        dbias: Option<&mut [T]>,
+    ) -> bool {
+        let (n, m) = (self.plan.n, self.plan.m);
+        let class = self.mask.classify(i0..i1, j0..j1, n, m);
+        if class == Block::Empty {
+            return false;
+        }
+        let (br, bc) = (i1 - i0, j1 - j0);
+        let len = br * bc;
+        let (dot, p, dp) = (
+            &mut scratch.dot[..len],
+            &mut scratch.p[..len],
+            &mut scratch.dp[..len],
+        );
+        let one = T::one();
+        // dot = Q_I K_Jᵀ, dP = dO_I V_Jᵀ (br x bc).
+        gemm(
+            one,
+            Mat::view(&self.q.rows(i0, br)),
+            Mat::view(&self.k.rows(j0, bc)).t(),
+            T::zero(),
+            MatMut::slice(dot, br, bc, 1, br),
+        );
+        gemm(
+            one,
+            Mat::view(&self.d_out.rows(i0, br)),
+            Mat::view(&self.v.rows(j0, bc)).t(),
+            T::zero(),
+            MatMut::slice(dp, br, bc, 1, br),
+        );
+        // Exponent arguments S_ij − lse_i; -inf where the pair carries no weight (masked, or a
+        // fully masked row whose lse is -inf: S − lse would be NaN there).
+        for jj in 0..bc {
+            let j = j0 + jj;
+            for ii in 0..br {
+                let i = i0 + ii;
+                let idx = ii + jj * br;
+                let lse = self.lse[i];
+                let allowed = lse != T::NEG_INFINITY
+                    && (class == Block::Full || self.mask.allows_in(n, m, i, j));
+                p[idx] = if allowed {
+                    self.plan
+                        .score(dot[idx], self.bias.as_ref().map(|b| b[(i, j)]))
+                        - lse
+                } else {
+                    T::NEG_INFINITY
+                };
+            }
+        }
+        exp_in_place(p);
+        // dS = P ⊙ (dP − D), then through the scale and softcap to the raw dot product.
+        let mut dbias = dbias;
+        for jj in 0..bc {
+            for ii in 0..br {
+                let i = i0 + ii;
+                let idx = ii + jj * br;
+                let ds = if p[idx] == T::zero() {
+                    T::zero()
+                } else {
+                    p[idx] * (dp[idx] - self.delta[i])
+                };
+                if let Some(db) = dbias.as_deref_mut() {
+                    db[i + jj * n] = ds;
+                }
+                dot[idx] = ds * self.plan.score_grad(dot[idx]);
+            }
+        }
+        true
+    }
+
+    /// Pass 1, one key block: `dV_J = Σ_I P_IJᵀ dO_I`, `dK_J = Σ_I dDot_IJᵀ Q_I`, and the
+    /// columns `J` of d bias. `dk` is d x |J| and `dv` d_v x |J|, column-major (Kᵀ layout).
+    fn key_block(
+        &self,
+        queries: &[(usize, usize)],
+        (j0, j1): (usize, usize),
+        dk: &mut [T],
+        dv: &mut [T],
+        mut dbias: Option<&mut [T]>,
+    ) {
+        let bc = j1 - j0;
+        let (d, d_v) = (self.plan.d, self.plan.dv);
+        let mut scratch = Scratch::new(queries.first().map_or(0, |&(a, b)| b - a) * bc);
+        for &(i0, i1) in queries {
+            if !self.block((i0, i1), (j0, j1), &mut scratch, dbias.as_deref_mut()) {
+                continue;
+            }
+            let br = i1 - i0;
+            let len = br * bc;
+            gemm(
+                T::one(),
+                Mat::slice(&scratch.p[..len], br, bc, 1, br).t(),
+                Mat::view(&self.d_out.rows(i0, br)),
+                T::one(),
+                MatMut::slice(dv, bc, d_v, d_v, 1),
+            );
+            gemm(
+                T::one(),
+                Mat::slice(&scratch.dot[..len], br, bc, 1, br).t(),
+                Mat::view(&self.q.rows(i0, br)),
+                T::one(),
+                MatMut::slice(dk, bc, d, d, 1),
+            );
+        }
+    }
+
+    /// Pass 2, one query block: `dQ_I = Σ_J dDot_IJ K_J`; `dq` is d x |I`, column-major.
+    fn query_block(&self, keys: &[(usize, usize)], (i0, i1): (usize, usize), dq: &mut [T]) {
+        let br = i1 - i0;
+        let d = self.plan.d;
+        let mut scratch = Scratch::new(keys.first().map_or(0, |&(a, b)| b - a) * br);
+        for &(j0, j1) in keys {
+            if !self.block((i0, i1), (j0, j1), &mut scratch, None) {
+                continue;
+            }
+            let bc = j1 - j0;
+            gemm(
+                T::one(),
+                Mat::slice(&scratch.dot[..br * bc], br, bc, 1, br),
+                Mat::view(&self.k.rows(j0, bc)),
+                T::one(),
+                MatMut::slice(dq, br, d, d, 1),
+            );
+        }
+    }
+}
+
+/// The tiled backward pass with tiles of `tile_q` queries and `tile_k` keys (both > 0).
+#[allow(clippy::too_many_arguments)]
+fn backward_tiled<T: Float>(
+    q: DMatrixView<'_, T>,
+    k: DMatrixView<'_, T>,
+    v: DMatrixView<'_, T>,
+    mask: &Mask,
+    opts: &AttentionOptions<'_, T>,
+    forward: &AttentionOutput<T>,
+    d_out: DMatrixView<'_, T>,
+    (tile_q, tile_k): (usize, usize),
+) -> Result<AttentionGrads<T>> {
+    let plan = plan(&q, &k, &v, opts)?;
+    let (n, m, d, dv) = (plan.n, plan.m, plan.d, plan.dv);
+    check_d_out(&d_out, n, dv)?;
+    check_forward(forward, n, dv)?;
+    let o = &forward.output;
+    let delta: Vec<T> = (0..n)
+        .map(|i| (0..dv).fold(T::zero(), |acc, c| acc + d_out[(i, c)] * o[(i, c)]))
+        .collect();
+    let bias = opts.bias_view().copied();
+    let ctx = Backward {
+        plan,
+        q,
+        k,
+        v,
+        d_out,
+        bias,
+        mask,
+        lse: forward.lse.as_slice(),
+        delta: &delta,
+    };
+    let queries = tiles(n, tile_q);
+    let keys = tiles(m, tile_k);
+
+    // Pass 1: dK, dV (stored transposed, so that a key block is contiguous) and d bias
+    // (column-major, so a key block is a run of columns), over key blocks.
+    let mut dkt = vec![T::zero(); d * m];
+    let mut dvt = vec![T::zero(); dv * m];
+    let mut dbias = bias.map(|_| vec![T::zero(); n * m]);
+    let dbias_parts: Vec<Option<&mut [T]>> = match dbias.as_deref_mut() {
+        Some(data) => split_by_tiles(data, n, &keys)
+            .into_iter()
+            .map(Some)
+            .collect(),
+        None => keys.iter().map(|_| None).collect(),
+    };
+    keys.par_iter()
+        .zip(split_by_tiles(&mut dkt, d, &keys))
+        .zip(split_by_tiles(&mut dvt, dv, &keys))
+        .zip(dbias_parts)
+        .for_each(|(((&key, dk), dv), db)| ctx.key_block(&queries, key, dk, dv, db));
+
+    // Pass 2: dQ (stored transposed), over query blocks.
+    let mut dqt = vec![T::zero(); d * n];
+    queries
+        .par_iter()
+        .zip(split_by_tiles(&mut dqt, d, &queries))
+        .for_each(|(&query, dq)| ctx.query_block(&keys, query, dq));
+
+    Ok(AttentionGrads {
+        dq: DMatrix::from_row_slice(n, d, &dqt),
+        dk: DMatrix::from_row_slice(m, d, &dkt),
+        dv: DMatrix::from_row_slice(m, dv, &dvt),
+        dbias: dbias.map(|data| DMatrix::from_vec(n, m, data)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attention::scaled_attention_with;
+
+    fn matrix(rows: usize, cols: usize, seed: f64) -> DMatrix<f64> {
+        DMatrix::from_fn(rows, cols, |i, j| {
+            ((i * cols + j) as f64 * 0.731 + seed).sin() * 1.5
+        })
+    }
+
+    fn max_rel(a: &DMatrix<f64>, b: &DMatrix<f64>) -> f64 {
+        (a - b).amax() / b.amax().max(1.0)
+    }
+
+    /// Small tiles so that every test shape spans several blocks, ragged at the edges.
+    #[test]
+    fn small_tiles_agree_with_the_reference_for_every_mask() {
+        let (n, m, d, dv) = (11, 13, 3, 2);
+        let (q, k, v) = (matrix(n, d, 0.1), matrix(m, d, 0.7), matrix(m, dv, 1.3));
+        let g = matrix(n, dv, 2.9);
+        let mut bias = matrix(n, m, 4.2);
+        bias[(2, 5)] = f64::NEG_INFINITY;
+        let masks = [
+            Mask::none(),
+            Mask::causal(),
+            Mask::causal_bottom_right(),
+            Mask::prefix_lm(4),
+            Mask::sliding_window(3),
+            Mask::key_padding(6),
+            Mask::documents(vec![0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3]),
+            Mask::from_fn(|i, j| (i * 7 + j) % 3 != 0),
+            Mask::documents(vec![0, 0, 1, 1, 1, 1, 2, 2]).and(Mask::causal()),
+        ];
+        for mask in &masks {
+            for opts in [
+                AttentionOptions::new(),
+                AttentionOptions::new().softcap(2.0).bias(&bias).scale(0.8),
+            ] {
+                let fwd = scaled_attention_with(&q, &k, &v, mask, &opts).unwrap();
+                let r = attention_backward_reference(&q, &k, &v, mask, &opts, &g).unwrap();
+                for tile in [(1, 1), (3, 4), (5, 2), (64, 64)] {
+                    let t = backward_tiled(
+                        q.as_view(),
+                        k.as_view(),
+                        v.as_view(),
+                        mask,
+                        &opts,
+                        &fwd,
+                        g.as_view(),
+                        tile,
+                    )
+                    .unwrap();
+                    assert!(max_rel(&t.dq, &r.dq) < 1e-13, "{mask} {tile:?}");
+                    assert!(max_rel(&t.dk, &r.dk) < 1e-13, "{mask} {tile:?}");
+                    assert!(max_rel(&t.dv, &r.dv) < 1e-13, "{mask} {tile:?}");
+                    match (&t.dbias, &r.dbias) {
+                        (Some(a), Some(b)) => assert!(max_rel(a, b) < 1e-13, "{mask}"),
+                        (None, None) => {}
+                        _ => panic!("d bias present in one version only"),
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn any_thread_count_gives_identical_bits() {
+        let (n, m, d) = (37, 29, 4);
+        let (q, k, v) = (matrix(n, d, 0.3), matrix(m, d, 0.2), matrix(m, 3, 0.9));
+        let g = matrix(n, 3, 1.1);
+        let mask = Mask::causal_bottom_right().or(Mask::key_padding(3));
+        let opts = AttentionOptions::new().softcap(3.0);
+        let fwd = scaled_attention_with(&q, &k, &v, &mask, &opts).unwrap();
+        let run = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| {
+                    backward_tiled(
+                        q.as_view(),
+                        k.as_view(),
+                        v.as_view(),
+                        &mask,
+                        &opts,
+                        &fwd,
+                        g.as_view(),
+                        (4, 5),
+                    )
+                    .unwrap()
+                })
+        };
+        let one = run(1);
+        assert_eq!(one, run(2));
+        assert_eq!(one, run(3));
+    }
+
+    #[test]
+    fn bad_forward_results_are_errors() {
+        let x = matrix(3, 2, 0.0);
+        let opts = AttentionOptions::new();
+        let mut fwd = scaled_attention_with(&x, &x, &x, &Mask::none(), &opts).unwrap();
+        let ok = attention_backward(&x, &x, &x, &Mask::none(), &opts, &fwd, &x);
+        assert!(ok.is_ok());
+        fwd.lse[1] = f64::NAN;
+        let e = attention_backward(&x, &x, &x, &Mask::none(), &opts, &fwd, &x).unwrap_err();
+        assert_eq!(
+            e,
+            Error::NonFinite {
+                arg: "forward.lse",
+                row: 1,
+                col: 0
+            }
+        );
+        let short = AttentionOutput {
+            output: fwd.output.clone(),
+            lse: nalgebra::DVector::zeros(2),
+            weights: None,
+        };
+        let e = attention_backward(&x, &x, &x, &Mask::none(), &opts, &short, &x).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "forward.lse has length 2 but must have length 3"
+        );
+        let wrong = AttentionOutput {
+            output: DMatrix::zeros(3, 1),
+            ..short
+        };
+        let e = attention_backward(&x, &x, &x, &Mask::none(), &opts, &wrong, &x).unwrap_err();
+        assert_eq!(e.to_string(), "forward.output is 3 x 1 but must be 3 x 2");
+    }
+}
