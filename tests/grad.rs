@@ -101,11 +101,11 @@ fn finite_differences_for_every_mask_softcap_and_bias() {
     let mut rng = StdRng::seed_from_u64(6);
     let mut checked = 0;
     for trial in 0..3 {
-        let n = rng.random_range(1..=7);
+        let n: usize = rng.random_range(1..=7);
         // Make n != m at least once, both ways round.
         let m = match trial {
             0 => n + 2,
-            1 => (n + 1) / 2,
+            1 => n.div_ceil(2),
             _ => rng.random_range(1..=7),
         };
         let d = rng.random_range(1..=4);
