@@ -155,7 +155,9 @@ pub fn attention_backward_reference<'q, 'k, 'v, 'g, T: Float>(
 ///
 /// Work is spread over rayon's thread pool in two passes (dK, dV and d bias over key
 /// blocks, then dQ over query blocks); every entry of the result is computed by one task in
-/// a fixed order, so the result is bit-identical for any number of threads.
+/// a fixed order, so the result is bit-identical for any number of threads. In a pool of
+/// one thread the two passes fuse into one (each block recomputed once, not twice), again
+/// with the same bits.
 ///
 /// `forward` must come from a forward call with the same Q, K, V, mask and options
 /// ([`scaled_attention_with`](crate::scaled_attention_with) or the reference); that is not
@@ -392,6 +394,11 @@ impl<T: Float> Backward<'_, T> {
 
     /// Pass 1, one key block: `dV_J = Σ_I P_IJᵀ dO_I`, `dK_J = Σ_I dDot_IJᵀ Q_I`, and the
     /// columns `J` of d bias. `dk` is d x |J| and `dv` d_v x |J|, column-major (Kᵀ layout).
+    ///
+    /// With `dq` (one piece per query block, laid out as in [`Backward::query_block`]) it
+    /// also adds `dDot_IJ K_J` to `dQ_I`: called for every key block in order, that is the
+    /// one-pass loop of FlashAttention-2, and it makes the very same `dQ_I` updates in the
+    /// same order as pass 2, so the result is bit-identical.
     fn key_block(
         &self,
         queries: &[(usize, usize)],
@@ -399,11 +406,12 @@ impl<T: Float> Backward<'_, T> {
         dk: &mut [T],
         dv: &mut [T],
         mut dbias: Option<&mut [T]>,
+        mut dq: Option<&mut [&mut [T]]>,
     ) {
         let bc = j1 - j0;
         let (d, d_v) = (self.plan.d, self.plan.dv);
         let mut scratch = Scratch::new(queries.first().map_or(0, |&(a, b)| b - a) * bc);
-        for &(i0, i1) in queries {
+        for (ib, &(i0, i1)) in queries.iter().enumerate() {
             if !self.block((i0, i1), (j0, j1), &mut scratch, dbias.as_deref_mut()) {
                 continue;
             }
@@ -423,26 +431,33 @@ impl<T: Float> Backward<'_, T> {
                 T::one(),
                 MatMut::slice(dk, bc, d, d, 1),
             );
+            if let Some(dq) = dq.as_deref_mut() {
+                self.add_dq(&scratch.dot[..len], (br, bc), j0, dq[ib]);
+            }
         }
+    }
+
+    /// `dQ_I += dDot_IJ K_J`, with `dDot_IJ` br x bc column-major and `dq` d x br.
+    fn add_dq(&self, d_dot: &[T], (br, bc): (usize, usize), j0: usize, dq: &mut [T]) {
+        gemm(
+            T::one(),
+            Mat::slice(d_dot, br, bc, 1, br),
+            Mat::view(&self.k.rows(j0, bc)),
+            T::one(),
+            MatMut::slice(dq, br, self.plan.d, self.plan.d, 1),
+        );
     }
 
     /// Pass 2, one query block: `dQ_I = Σ_J dDot_IJ K_J`; `dq` is d x |I`, column-major.
     fn query_block(&self, keys: &[(usize, usize)], (i0, i1): (usize, usize), dq: &mut [T]) {
         let br = i1 - i0;
-        let d = self.plan.d;
         let mut scratch = Scratch::new(keys.first().map_or(0, |&(a, b)| b - a) * br);
         for &(j0, j1) in keys {
             if !self.block((i0, i1), (j0, j1), &mut scratch, None) {
                 continue;
             }
             let bc = j1 - j0;
-            gemm(
-                T::one(),
-                Mat::slice(&scratch.dot[..br * bc], br, bc, 1, br),
-                Mat::view(&self.k.rows(j0, bc)),
-                T::one(),
-                MatMut::slice(dq, br, d, d, 1),
-            );
+            self.add_dq(&scratch.dot[..br * bc], (br, bc), j0, dq);
         }
     }
 }
@@ -494,18 +509,29 @@ fn backward_tiled<T: Float>(
             .collect(),
         None => keys.iter().map(|_| None).collect(),
     };
-    keys.par_iter()
-        .zip(split_by_tiles(&mut dkt, d, &keys))
-        .zip(split_by_tiles(&mut dvt, dv, &keys))
-        .zip(dbias_parts)
-        .for_each(|(((&key, dk), dv), db)| ctx.key_block(&queries, key, dk, dv, db));
-
-    // Pass 2: dQ (stored transposed), over query blocks.
+    let dk_parts = split_by_tiles(&mut dkt, d, &keys);
+    let dv_parts = split_by_tiles(&mut dvt, dv, &keys);
+    // dQ, stored transposed so that a query block is contiguous.
     let mut dqt = vec![T::zero(); d * n];
-    queries
-        .par_iter()
-        .zip(split_by_tiles(&mut dqt, d, &queries))
-        .for_each(|(&query, dq)| ctx.query_block(&keys, query, dq));
+    if rayon::current_num_threads() == 1 {
+        // One thread: one pass over key blocks, dQ updated along the way (FlashAttention-2's
+        // loop order), which recomputes each block once instead of twice. Same bits.
+        let mut dq_parts = split_by_tiles(&mut dqt, d, &queries);
+        for (((&key, dk), dv), db) in keys.iter().zip(dk_parts).zip(dv_parts).zip(dbias_parts) {
+            ctx.key_block(&queries, key, dk, dv, db, Some(&mut dq_parts));
+        }
+    } else {
+        // Threads: pass 1 over key blocks, then pass 2 for dQ over query blocks.
+        keys.par_iter()
+            .zip(dk_parts)
+            .zip(dv_parts)
+            .zip(dbias_parts)
+            .for_each(|(((&key, dk), dv), db)| ctx.key_block(&queries, key, dk, dv, db, None));
+        queries
+            .par_iter()
+            .zip(split_by_tiles(&mut dqt, d, &queries))
+            .for_each(|(&query, dq)| ctx.query_block(&keys, query, dq));
+    }
 
     Ok(AttentionGrads {
         dq: DMatrix::from_row_slice(n, d, &dqt),
