@@ -177,6 +177,11 @@ impl<'a, T: Float> AttentionOptions<'a, T> {
     pub(crate) fn bias_view(&self) -> Option<&DMatrixView<'a, T>> {
         self.bias.as_ref()
     }
+
+    /// The thread count set with [`AttentionOptions::threads`], if any (for the backward pass).
+    pub(crate) fn thread_count(&self) -> Option<usize> {
+        self.threads
+    }
 }
 
 /// What an attention call returns beyond the output: the per-row log-sum-exp (what a

@@ -157,7 +157,8 @@ pub fn attention_backward_reference<'q, 'k, 'v, 'g, T: Float>(
 /// blocks, then dQ over query blocks); every entry of the result is computed by one task in
 /// a fixed order, so the result is bit-identical for any number of threads. In a pool of
 /// one thread the two passes fuse into one (each block recomputed once, not twice), again
-/// with the same bits.
+/// with the same bits. [`AttentionOptions::threads`] runs the call on a pool of its own, as
+/// for the forward pass.
 ///
 /// `forward` must come from a forward call with the same Q, K, V, mask and options
 /// ([`scaled_attention_with`](crate::scaled_attention_with) or the reference); that is not
@@ -513,24 +514,35 @@ fn backward_tiled<T: Float>(
     let dv_parts = split_by_tiles(&mut dvt, dv, &keys);
     // dQ, stored transposed so that a query block is contiguous.
     let mut dqt = vec![T::zero(); d * n];
-    if rayon::current_num_threads() == 1 {
-        // One thread: one pass over key blocks, dQ updated along the way (FlashAttention-2's
-        // loop order), which recomputes each block once instead of twice. Same bits.
-        let mut dq_parts = split_by_tiles(&mut dqt, d, &queries);
-        for (((&key, dk), dv), db) in keys.iter().zip(dk_parts).zip(dv_parts).zip(dbias_parts) {
-            ctx.key_block(&queries, key, dk, dv, db, Some(&mut dq_parts));
+    let run = |parallel: bool| {
+        if parallel {
+            // Pass 1 over key blocks, then pass 2 for dQ over query blocks.
+            keys.par_iter()
+                .zip(dk_parts)
+                .zip(dv_parts)
+                .zip(dbias_parts)
+                .for_each(|(((&key, dk), dv), db)| ctx.key_block(&queries, key, dk, dv, db, None));
+            queries
+                .par_iter()
+                .zip(split_by_tiles(&mut dqt, d, &queries))
+                .for_each(|(&query, dq)| ctx.query_block(&keys, query, dq));
+        } else {
+            // One thread: one pass over key blocks, dQ updated along the way
+            // (FlashAttention-2's loop order), recomputing each block once, not twice.
+            let mut dq_parts = split_by_tiles(&mut dqt, d, &queries);
+            for (((&key, dk), dv), db) in keys.iter().zip(dk_parts).zip(dv_parts).zip(dbias_parts) {
+                ctx.key_block(&queries, key, dk, dv, db, Some(&mut dq_parts));
+            }
         }
-    } else {
-        // Threads: pass 1 over key blocks, then pass 2 for dQ over query blocks.
-        keys.par_iter()
-            .zip(dk_parts)
-            .zip(dv_parts)
-            .zip(dbias_parts)
-            .for_each(|(((&key, dk), dv), db)| ctx.key_block(&queries, key, dk, dv, db, None));
-        queries
-            .par_iter()
-            .zip(split_by_tiles(&mut dqt, d, &queries))
-            .for_each(|(&query, dq)| ctx.query_block(&keys, query, dq));
+    };
+    match opts.thread_count() {
+        None => run(rayon::current_num_threads() > 1),
+        Some(1) => run(false),
+        Some(threads) => match rayon::ThreadPoolBuilder::new().num_threads(threads).build() {
+            Ok(pool) => pool.install(|| run(true)),
+            // No pool to be had: the calling thread computes the same bits.
+            Err(_) => run(false),
+        },
     }
 
     Ok(AttentionGrads {
@@ -637,6 +649,15 @@ mod tests {
         let one = run(1);
         assert_eq!(one, run(2));
         assert_eq!(one, run(3));
+        // The same through the option, with the default tiles.
+        let with = |threads: usize| {
+            let opts = opts.clone().threads(threads);
+            attention_backward(&q, &k, &v, &mask, &opts, &fwd, &g).unwrap()
+        };
+        let default = attention_backward(&q, &k, &v, &mask, &opts, &fwd, &g).unwrap();
+        assert_eq!(default, with(1));
+        assert_eq!(default, with(2));
+        assert_eq!(default, with(3));
     }
 
     #[test]
