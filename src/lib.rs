@@ -14,6 +14,7 @@ pub mod mask;
 pub mod moe;
 pub mod multihead;
 pub mod preference;
+pub mod scaling;
 pub mod softmax;
 
 pub use attention::{
@@ -33,6 +34,7 @@ pub use grad::{
 pub use lm::{CrossEntropy, Objective, Packed, Reduction, cross_entropy, cross_entropy_grad};
 pub use mask::{Block, Mask, MaskGrid};
 pub use multihead::{Heads, multi_head_attention};
+pub use scaling::ScalingStudy;
 pub use softmax::{
     log_softmax, log_softmax_in_place, log_softmax_rows, logsumexp, logsumexp_rows, softmax,
     softmax_in_place, softmax_rows, softmax_with_temperature,
