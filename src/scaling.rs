@@ -200,9 +200,9 @@ impl ScalingStudy {
                         (2.0 * rng.random::<f64>() - 1.0) * half_width
                     })
                 }
-                Components::Rademacher => self.run_one(d_k, |rng| {
-                    if rng.random::<bool>() { 1.0 } else { -1.0 }
-                }),
+                Components::Rademacher => {
+                    self.run_one(d_k, |rng| if rng.random::<bool>() { 1.0 } else { -1.0 })
+                }
             };
             rows.push(row);
             samples = Some(s);
@@ -585,7 +585,10 @@ impl fmt::Display for ScalingReport {
         let mut columns: Vec<Vec<String>> = Vec::with_capacity(14);
         for (c, header) in Self::COLUMNS.iter().enumerate() {
             let cells: Vec<String> = if c < 2 {
-                values.iter().map(|v| format!(" {}", v[c] as usize)).collect()
+                values
+                    .iter()
+                    .map(|v| format!(" {}", v[c] as usize))
+                    .collect()
             } else {
                 let rounded: Vec<f64> = values.iter().map(|v| round4(v[c])).collect();
                 let decimals = rounded
@@ -721,7 +724,9 @@ mod tests {
             vec![1.0; 7],
             vec![5.0, -3.0],
             vec![0.0],
-            (0..64).map(|i| ((i * 37 % 11) as f64).sin() * 3.0).collect(),
+            (0..64)
+                .map(|i| ((i * 37 % 11) as f64).sin() * 3.0)
+                .collect(),
         ] {
             let p = softmax(&logits);
             let explicit = explicit_fro(&p);
@@ -828,7 +833,13 @@ mod tests {
                 stats(0.9973, 0.1069, 3.6870, 0.0, 0.0),
             ),
         ];
-        let samples = ScalingStudy::new().d_k([1]).keys(2).trials(1).run().unwrap().samples;
+        let samples = ScalingStudy::new()
+            .d_k([1])
+            .keys(2)
+            .trials(1)
+            .run()
+            .unwrap()
+            .samples;
         let report = ScalingReport { rows, samples };
         let table = report.to_string();
         // pandas 3.1 / numpy 2.4 running the seed's script print exactly these lines
@@ -852,17 +863,38 @@ mod tests {
 
     #[test]
     fn rows_do_not_depend_on_the_rest_of_the_list() {
-        let a = ScalingStudy::new().d_k([8, 32]).keys(5).trials(30).run().unwrap();
-        let b = ScalingStudy::new().d_k([32]).keys(5).trials(30).run().unwrap();
+        let a = ScalingStudy::new()
+            .d_k([8, 32])
+            .keys(5)
+            .trials(30)
+            .run()
+            .unwrap();
+        let b = ScalingStudy::new()
+            .d_k([32])
+            .keys(5)
+            .trials(30)
+            .run()
+            .unwrap();
         assert_eq!(a.rows[1], b.rows[0]);
         assert_eq!(a.samples, b.samples);
-        let c = ScalingStudy::new().d_k([32]).keys(5).trials(30).seed(43).run().unwrap();
+        let c = ScalingStudy::new()
+            .d_k([32])
+            .keys(5)
+            .trials(30)
+            .seed(43)
+            .run()
+            .unwrap();
         assert_ne!(b.rows[0], c.rows[0]);
     }
 
     #[test]
     fn stats_agree_with_the_samples() {
-        let r = ScalingStudy::new().d_k([16]).keys(10).trials(40).run().unwrap();
+        let r = ScalingStudy::new()
+            .d_k([16])
+            .keys(10)
+            .trials(40)
+            .run()
+            .unwrap();
         let (row, s) = (&r.rows[0], &r.samples);
         // Recompute the unscaled side from the raw logits with the crate's public functions.
         let mut maxp = 0.0;
