@@ -438,16 +438,3 @@ fn draw_sweep_to(
     root.present()?;
     Ok(())
 }
-
-#[cfg(test)]
-mod tests {
-    use super::histogram;
-
-    #[test]
-    fn histogram_matches_numpy() {
-        // numpy.histogram([0, 1, 1, 2, 4], bins=4) -> counts [1, 2, 1, 1], edges 0..4 by 1.
-        let (lo, w, c) = histogram([0.0, 1.0, 1.0, 2.0, 4.0].into_iter(), 4);
-        assert_eq!((lo, w), (0.0, 1.0));
-        assert_eq!(c, vec![1, 2, 1, 1]);
-    }
-}
