@@ -55,6 +55,9 @@ fn parse_args() -> Result<Args, String> {
             println!("{USAGE}");
             std::process::exit(0);
         }
+        if !["--out", "--dk", "--keys", "--trials", "--seed"].contains(&flag.as_str()) {
+            return Err(format!("unknown argument {arg}\n{USAGE}"));
+        }
         let value = match inline {
             Some(v) => v,
             None => it
@@ -74,7 +77,7 @@ fn parse_args() -> Result<Args, String> {
             "--keys" => args.keys = value.parse().map_err(|_| bad("a positive integer"))?,
             "--trials" => args.trials = value.parse().map_err(|_| bad("a positive integer"))?,
             "--seed" => args.seed = value.parse().map_err(|_| bad("an unsigned integer"))?,
-            _ => return Err(format!("unknown argument {flag}\n{USAGE}")),
+            _ => unreachable!("flags are checked above"),
         }
     }
     Ok(args)

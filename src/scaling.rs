@@ -430,7 +430,8 @@ impl RowSamples {
 /// let s = &r.samples;
 /// assert_eq!((s.d_k, s.keys), (16, 8));
 /// assert_eq!(s.logits().len(), 10 * 8);
-/// assert_eq!(s.logit_row(2), &s.logits()[16..24]);
+/// assert_eq!(s.logit_row(2), Some(&s.logits()[16..24]));
+/// assert_eq!(s.logit_row(10), None);
 /// let scaled: Vec<f64> = s.scaled_logits().collect();
 /// assert_eq!(scaled[5], s.logits()[5] / 4.0);
 /// assert_eq!(s.unscaled.max_prob.len(), 10);
@@ -455,9 +456,9 @@ impl Samples {
         &self.logits
     }
 
-    /// The `m` raw logits of query `t` (panics if `t >= trials`, like slice indexing).
-    pub fn logit_row(&self, t: usize) -> &[f64] {
-        &self.logits[t * self.keys..(t + 1) * self.keys]
+    /// The `m` raw logits of query `t`, or `None` if `t >= trials`.
+    pub fn logit_row(&self, t: usize) -> Option<&[f64]> {
+        self.logits.chunks_exact(self.keys).nth(t)
     }
 
     /// The scaled logits `q · k / √d_k`, in the order of [`logits`](Samples::logits).
@@ -900,7 +901,7 @@ mod tests {
         let mut maxp = 0.0;
         let mut h = 0.0;
         for t in 0..40 {
-            let p = softmax(s.logit_row(t));
+            let p = softmax(s.logit_row(t).unwrap());
             maxp += p.iter().copied().fold(0.0, f64::max);
             h += crate::entropy(&p);
         }
