@@ -642,7 +642,8 @@ fn decimals_needed(x: f64) -> usize {
 /// ‖J‖_F² = Σ_i p_i² − 2 Σ_i p_i³ + (Σ_i p_i²)²
 /// ```
 ///
-/// The backward pass of a softmax maps an upstream gradient `g` to `Jᵀ g`, so `‖J‖_F`
+/// This is `softmax_jacobian(s).norm()` (see [`crate::grad`]) without forming the m x m
+/// matrix. The backward pass of a softmax maps an upstream gradient `g` to `Jᵀ g`, so `‖J‖_F`
 /// measures how much gradient survives the softmax: about `1/√m` for a uniform `p`, at most
 /// 1/2 (two outcomes at 1/2 each) and 0 for a one-hot `p`.
 ///
@@ -703,20 +704,8 @@ pub fn softmax_jacobian_fro<T: Float>(p: &[T]) -> T {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::grad::softmax_jacobian;
     use crate::softmax::softmax;
-    use nalgebra::DMatrix;
-
-    fn explicit_fro(p: &[f64]) -> f64 {
-        let m = p.len();
-        let j = DMatrix::from_fn(m, m, |a, b| {
-            if a == b {
-                p[a] - p[a] * p[b]
-            } else {
-                -p[a] * p[b]
-            }
-        });
-        j.norm()
-    }
 
     #[test]
     fn jacobian_matches_explicit_matrix_and_closed_form() {
@@ -730,7 +719,7 @@ mod tests {
                 .collect(),
         ] {
             let p = softmax(&logits);
-            let explicit = explicit_fro(&p);
+            let explicit = softmax_jacobian(&logits).norm();
             let s2: f64 = p.iter().map(|x| x * x).sum();
             let s3: f64 = p.iter().map(|x| x * x * x).sum();
             let closed = (s2 - 2.0 * s3 + s2 * s2).max(0.0).sqrt();
@@ -744,17 +733,32 @@ mod tests {
 
     #[test]
     fn jacobian_stays_accurate_where_the_closed_form_cancels() {
-        // p = (1 − ε, ε/2, ε/2): ‖J‖_F² = 2ε²(1 − ε)² + 2(ε/2)²(1 − ε/2)² + 2(ε/2)⁴ + ...
-        // computed exactly through the explicit matrix with p built directly.
-        let eps = 1e-12_f64;
-        let p = [1.0 - eps, eps / 2.0, eps / 2.0];
-        let explicit = explicit_fro(&p);
-        let ours = softmax_jacobian_fro(&p);
-        assert!((ours / explicit - 1.0).abs() < 1e-3, "{ours} vs {explicit}");
-        let s2: f64 = p.iter().map(|x| x * x).sum();
-        let s3: f64 = p.iter().map(|x| x * x * x).sum();
-        let naive = s2 - 2.0 * s3 + s2 * s2;
-        assert!((naive.max(0.0).sqrt() / explicit - 1.0).abs() > 0.5); // the naive form fails
+        // s = (0, ln a, ln a): p = (1, a, a) / (1 + 2a). Entry by entry, without cancellation:
+        // J00 = p0 (1 − p0) = 2 p0 p1, J01 = J02 = −p0 p1, J11 = J22 = p1 (p0 + p1), J12 = −p1².
+        for a in [1e-3_f64, 1e-9, 1e-13, 1e-30] {
+            let p = softmax(&[0.0, a.ln(), a.ln()]);
+            let (p0, p1) = (p[0], p[1]);
+            let exact = ((2.0 * p0 * p1).powi(2)
+                + 4.0 * (p0 * p1).powi(2)
+                + 2.0 * (p1 * (p0 + p1)).powi(2)
+                + 2.0 * p1.powi(4))
+            .sqrt();
+            let ours = softmax_jacobian_fro(&p);
+            assert!(
+                (ours / exact - 1.0).abs() < 1e-14,
+                "a = {a}: {ours} vs {exact}"
+            );
+            if a <= 1e-9 {
+                // Σp² − 2Σp³ + (Σp²)² loses everything here.
+                let s2: f64 = p.iter().map(|x| x * x).sum();
+                let s3: f64 = p.iter().map(|x| x * x * x).sum();
+                let naive = (s2 - 2.0 * s3 + s2 * s2).max(0.0).sqrt();
+                assert!(
+                    (naive / exact - 1.0).abs() > 0.5,
+                    "a = {a}: {naive} vs {exact}"
+                );
+            }
+        }
     }
 
     #[test]

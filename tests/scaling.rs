@@ -6,11 +6,10 @@
 //! deviation of the per-row values for the means), so a correct implementation fails one
 //! case with probability around 1e-9; and the proptest runner itself uses a fixed seed, so
 //! every run checks the same cases. The exact-arithmetic properties (the Jacobian against
-//! its explicit matrix) have tolerances derived from rounding.
+//! the crate's explicit `softmax_jacobian` matrix) have tolerances derived from rounding.
 
 use attention_math::scaling::{Components, ScalingReport, ScalingStudy, softmax_jacobian_fro};
-use attention_math::softmax;
-use nalgebra::DMatrix;
+use attention_math::{softmax, softmax_jacobian};
 use proptest::prelude::*;
 use proptest::test_runner::RngSeed;
 
@@ -168,19 +167,6 @@ proptest! {
     }
 }
 
-/// `‖diag(p) − p pᵀ‖_F` from the explicit m x m matrix, in f64.
-fn explicit_jacobian_fro(p: &[f64]) -> f64 {
-    let m = p.len();
-    DMatrix::from_fn(m, m, |i, j| {
-        if i == j {
-            p[i] * (1.0 - p[i])
-        } else {
-            -p[i] * p[j]
-        }
-    })
-    .norm()
-}
-
 proptest! {
     #![proptest_config(config(256))]
 
@@ -191,7 +177,7 @@ proptest! {
         logits in prop::collection::vec(-30.0f64..30.0, 1..40),
     ) {
         let p = softmax(&logits);
-        let explicit = explicit_jacobian_fro(&p);
+        let explicit = softmax_jacobian(&logits).norm();
         let ours = softmax_jacobian_fro(&p);
         prop_assert!((ours - explicit).abs() <= 1e-14 + 1e-12 * explicit, "{ours} vs {explicit}");
         let s2: f64 = p.iter().map(|x| x * x).sum();
@@ -204,15 +190,14 @@ proptest! {
         prop_assert!((softmax_jacobian_fro(&rev) - ours).abs() <= 1e-15);
     }
 
-    /// The same in f32, against the f64 explicit matrix of the f32 probabilities.
+    /// The same in f32, against the f64 explicit matrix of the same logits.
     #[test]
     fn jacobian_norm_matches_explicit_matrix_f32(
         logits in prop::collection::vec(-15.0f32..15.0, 1..40),
     ) {
-        let p = softmax(&logits);
-        let p64: Vec<f64> = p.iter().map(|&x| f64::from(x)).collect();
-        let explicit = explicit_jacobian_fro(&p64);
-        let ours = f64::from(softmax_jacobian_fro(&p));
+        let logits64: Vec<f64> = logits.iter().map(|&x| f64::from(x)).collect();
+        let explicit = softmax_jacobian(&logits64).norm();
+        let ours = f64::from(softmax_jacobian_fro(&softmax(&logits)));
         prop_assert!((ours - explicit).abs() <= 1e-6 + 1e-5 * explicit, "{ours} vs {explicit}");
     }
 }
