@@ -45,6 +45,7 @@
 use crate::Float;
 use crate::entropy::entropy;
 use crate::error::{Error, Result};
+use crate::grad::softmax_vjp;
 use crate::softmax::softmax_in_place;
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
@@ -248,19 +249,35 @@ impl ScalingStudy {
     ) -> (ScalingRow, Samples) {
         let (m, trials) = (self.keys, self.trials);
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(stream_seed(self.seed, d_k));
+        // Upstream gradients come from a stream of their own, so adding them left every
+        // draw of the seed's columns unchanged.
+        let mut grad_rng =
+            Xoshiro256PlusPlus::seed_from_u64(stream_seed(self.seed, d_k) ^ GRADIENT_STREAM);
+        let sqrt_d = (d_k as f64).sqrt();
         let mut q = vec![0.0_f64; d_k];
+        let mut keys = vec![0.0_f64; m * d_k];
+        let mut upstream = vec![0.0_f64; m];
         let mut logits = Vec::with_capacity(trials * m);
+        let (mut grad_unscaled, mut grad_scaled) =
+            (Vec::with_capacity(trials), Vec::with_capacity(trials));
         for _ in 0..trials {
             q.iter_mut().for_each(|x| *x = draw(&mut rng));
-            for _ in 0..m {
-                // One key at a time: the trials x m x d_k key tensor is never stored.
-                let s = q.iter().fold(0.0, |acc, &qi| acc + qi * draw(&mut rng));
-                logits.push(s);
+            // This trial's keys only: the trials x m x d_k key tensor is never stored.
+            for key in keys.chunks_exact_mut(d_k.max(1)).take(m) {
+                key.iter_mut().for_each(|x| *x = draw(&mut rng));
+                logits.push(q.iter().zip(key.iter()).map(|(a, b)| a * b).sum());
             }
+            upstream
+                .iter_mut()
+                .for_each(|u| *u = grad_rng.sample(StandardNormal));
+            let row = &logits[logits.len() - m..];
+            grad_unscaled.push(query_gradient_norm(row, &keys, &upstream, 1.0));
+            grad_scaled.push(query_gradient_norm(row, &keys, &upstream, 1.0 / sqrt_d));
         }
-        let sqrt_d = (d_k as f64).sqrt();
-        let unscaled = RowSamples::of(&logits, m, 1.0);
-        let scaled = RowSamples::of(&logits, m, sqrt_d);
+        let mut unscaled = RowSamples::of(&logits, m, 1.0);
+        let mut scaled = RowSamples::of(&logits, m, sqrt_d);
+        unscaled.grad_q_norm = grad_unscaled;
+        scaled.grad_q_norm = grad_scaled;
         let row = ScalingRow {
             d_k,
             keys: m,
@@ -279,10 +296,42 @@ impl ScalingStudy {
     }
 }
 
+/// Separates the upstream-gradient stream from the query/key stream of the same `d_k`.
+const GRADIENT_STREAM: u64 = 0xD1B5_4A32_D192_ED03;
+
+/// `‖∂L/∂q‖` for one query whose raw logits against `keys` (m x d_k, row-major) are `raw`,
+/// with scores `s = scale · raw` and upstream gradient `∂L/∂p_j = upstream_j`:
+/// `∂L/∂q = scale · Σ_j (∂L/∂s_j) k_j`, where `∂L/∂s` is the crate's [`softmax_vjp`].
+fn query_gradient_norm(raw: &[f64], keys: &[f64], upstream: &[f64], scale: f64) -> f64 {
+    let scores: Vec<f64> = raw.iter().map(|&r| scale * r).collect();
+    let ds = softmax_vjp(&scores, upstream).expect("scores and upstream have length m");
+    let d_k = keys.len() / raw.len().max(1);
+    let mut dq = vec![0.0_f64; d_k];
+    for (key, &dsj) in keys.chunks_exact(d_k.max(1)).zip(&ds) {
+        dq.iter_mut().zip(key).for_each(|(g, &kt)| *g += dsj * kt);
+    }
+    scale * dq.iter().map(|g| g * g).sum::<f64>().sqrt()
+}
+
 /// The generator's seed for one `d_k` (`seed_from_u64` expands it with PCG32, so nearby
 /// inputs give unrelated streams).
 fn stream_seed(seed: u64, d_k: usize) -> u64 {
     seed.rotate_left(32) ^ (d_k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// The median (mean of the middle two for an even count); NaN for no values.
+fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut sorted = v.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    if sorted.len() % 2 == 1 {
+        sorted[mid]
+    } else {
+        0.5 * (sorted[mid - 1] + sorted[mid])
+    }
 }
 
 /// Unbiased sample variance (`ddof = 1`), two passes. Needs at least two values.
@@ -325,6 +374,13 @@ pub struct Stats {
     /// Mean over rows of `‖∂p/∂s‖_F`, the Frobenius norm of the softmax Jacobian with respect
     /// to the softmax's own input (the raw or the scaled logits): see [`softmax_jacobian_fro`].
     pub mean_jacobian_fro: f64,
+    /// Median over rows of `‖∂L/∂q‖` for a loss whose gradient at the weights is standard
+    /// normal (random values `v_j` and a unit upstream gradient `g` give `∂L/∂p_j = v_j · g`),
+    /// through the softmax and the scale: `∂L/∂q = scale · Σ_j (∂L/∂s_j) k_j`.
+    pub median_grad_q_norm: f64,
+    /// Mean over rows of `‖∂L/∂q‖`. Unscaled it is dominated by the rare rows whose top two
+    /// logits nearly tie (their gradient carries `‖k‖ ≈ √d_k`); the median shows the typical row.
+    pub mean_grad_q_norm: f64,
 }
 
 /// One row of the study's table: a `d_k`, unscaled and scaled.
@@ -344,7 +400,7 @@ pub struct ScalingRow {
 
 impl ScalingRow {
     /// The row's values in the order of [`ScalingReport::COLUMNS`].
-    fn values(&self) -> [f64; 14] {
+    fn values(&self) -> [f64; 18] {
         let (u, s) = (&self.unscaled, &self.scaled);
         [
             self.d_k as f64,
@@ -361,6 +417,10 @@ impl ScalingRow {
             s.frac_max_over_0_99,
             u.mean_jacobian_fro,
             s.mean_jacobian_fro,
+            u.median_grad_q_norm,
+            s.median_grad_q_norm,
+            u.mean_grad_q_norm,
+            s.mean_grad_q_norm,
         ]
     }
 }
@@ -375,6 +435,8 @@ pub struct RowSamples {
     pub entropy: Vec<f64>,
     /// `‖diag(p) − p pᵀ‖_F` of each row.
     pub jacobian_fro: Vec<f64>,
+    /// `‖∂L/∂q‖` of each row (see [`Stats::median_grad_q_norm`]).
+    pub grad_q_norm: Vec<f64>,
 }
 
 impl RowSamples {
@@ -385,6 +447,7 @@ impl RowSamples {
             max_prob: Vec::with_capacity(rows),
             entropy: Vec::with_capacity(rows),
             jacobian_fro: Vec::with_capacity(rows),
+            grad_q_norm: Vec::new(),
         };
         let mut p = vec![0.0_f64; m];
         for row in logits.chunks_exact(m) {
@@ -412,6 +475,8 @@ impl RowSamples {
             frac_max_over_0_9: frac(0.9),
             frac_max_over_0_99: frac(0.99),
             mean_jacobian_fro: mean(&self.jacobian_fro),
+            median_grad_q_norm: median(&self.grad_q_norm),
+            mean_grad_q_norm: mean(&self.grad_q_norm),
         }
     }
 }
@@ -497,9 +562,9 @@ impl ScalingReport {
         "frac max>0.99 (/√d_k)",
     ];
 
-    /// All columns: [`SEED_COLUMNS`](Self::SEED_COLUMNS), then the mean softmax Jacobian norm
-    /// unscaled and scaled.
-    pub const COLUMNS: [&'static str; 14] = [
+    /// All columns: [`SEED_COLUMNS`](Self::SEED_COLUMNS), then the mean softmax Jacobian norm,
+    /// the median and the mean query-gradient norm, each unscaled and scaled.
+    pub const COLUMNS: [&'static str; 18] = [
         "d_k",
         "keys(m)",
         "logit_var (no scale)",
@@ -514,6 +579,10 @@ impl ScalingReport {
         "frac max>0.99 (/√d_k)",
         "jacobian_fro (no scale)",
         "jacobian_fro (/√d_k)",
+        "grad_q median (no scale)",
+        "grad_q median (/√d_k)",
+        "grad_q mean (no scale)",
+        "grad_q mean (/√d_k)",
     ];
 
     /// The table as CSV, as the seed's `df.round(4).to_csv(index=False)` writes it: the
@@ -582,8 +651,8 @@ impl fmt::Display for ScalingReport {
     /// spaces, a sign slot before each number, and each float column printed with the fewest
     /// decimals (1 to 4) that show all its rounded values.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let values: Vec<[f64; 14]> = self.rows.iter().map(ScalingRow::values).collect();
-        let mut columns: Vec<Vec<String>> = Vec::with_capacity(14);
+        let values: Vec<[f64; 18]> = self.rows.iter().map(ScalingRow::values).collect();
+        let mut columns: Vec<Vec<String>> = Vec::with_capacity(Self::COLUMNS.len());
         for (c, header) in Self::COLUMNS.iter().enumerate() {
             let cells: Vec<String> = if c < 2 {
                 values
@@ -803,6 +872,35 @@ mod tests {
         assert_eq!(decimals_needed(0.4545), 4);
     }
 
+    /// The study's `‖∂L/∂q‖` is the attention backward pass for one query whose upstream
+    /// gradient at the weights is `u_j = v_j · dO`.
+    #[test]
+    fn query_gradient_is_the_attention_backward() {
+        use crate::{AttentionOptions, Mask, attention_backward_reference};
+        use nalgebra::DMatrix;
+        let (m, d, dv) = (5, 3, 2);
+        let q = DMatrix::<f64>::from_fn(1, d, |_, t| (t as f64 * 1.3 - 0.4).sin() * 2.0);
+        let k = DMatrix::<f64>::from_fn(m, d, |j, t| ((j * d + t) as f64 * 0.7).cos() * 2.0);
+        let v = DMatrix::<f64>::from_fn(m, dv, |j, c| ((j + 3 * c) as f64 * 0.9).sin());
+        let d_out = DMatrix::<f64>::from_row_slice(1, dv, &[0.6, -0.8]);
+        let raw: Vec<f64> = (0..m).map(|j| q.row(0).dot(&k.row(j))).collect();
+        let keys: Vec<f64> = (0..m)
+            .flat_map(|j| k.row(j).iter().copied().collect::<Vec<_>>())
+            .collect();
+        let upstream: Vec<f64> = (0..m).map(|j| v.row(j).dot(&d_out.row(0))).collect();
+        for scale in [1.0, 1.0 / (d as f64).sqrt()] {
+            let opts = AttentionOptions::new().scale(scale);
+            let grads =
+                attention_backward_reference(&q, &k, &v, &Mask::none(), &opts, &d_out).unwrap();
+            let ours = query_gradient_norm(&raw, &keys, &upstream, scale);
+            assert!(
+                (ours - grads.dq.norm()).abs() < 1e-12,
+                "{ours} vs {}",
+                grads.dq.norm()
+            );
+        }
+    }
+
     #[test]
     fn table_layout_matches_the_seeds_pandas_output() {
         // The seed's own printed numbers, put through our formatter.
@@ -813,6 +911,8 @@ mod tests {
             frac_max_over_0_9: f9,
             frac_max_over_0_99: f99,
             mean_jacobian_fro: 0.25,
+            median_grad_q_norm: 0.125,
+            mean_grad_q_norm: 0.5,
         };
         let row = |d_k, u, s| ScalingRow {
             d_k,
@@ -848,7 +948,7 @@ mod tests {
         let report = ScalingReport { rows, samples };
         let table = report.to_string();
         // pandas 3.1 / numpy 2.4 running the seed's script print exactly these lines
-        // (the first 12 columns; ours adds the two Jacobian columns at the end).
+        // (the first 12 columns; ours adds the gradient columns at the end).
         let expected = [
             " d_k  keys(m)  logit_var (no scale)  logit_var (/√d_k)  avg max prob (no scale)  avg max prob (/√d_k)  avg entropy (nats) (no scale)  avg entropy (nats) (/√d_k)  frac max>0.9 (no scale)  frac max>0.9 (/√d_k)  frac max>0.99 (no scale)  frac max>0.99 (/√d_k)",
             "   4       64                4.0476             1.0119                   0.2784                0.1067                         2.7958                      3.6947                   0.0095                   0.0                    0.0010                    0.0",
@@ -862,7 +962,7 @@ mod tests {
         let csv = report.to_csv();
         assert_eq!(
             csv.lines().nth(2).unwrap(),
-            "64,64,64.126,1.002,0.7979,0.109,0.5688,3.6823,0.448,0.0,0.21,0.0,0.25,0.25"
+            "64,64,64.126,1.002,0.7979,0.109,0.5688,3.6823,0.448,0.0,0.21,0.0,0.25,0.25,0.125,0.125,0.5,0.5"
         );
     }
 

@@ -232,3 +232,41 @@ fn bad_configurations_are_errors_naming_the_argument() {
     // One row of two keys is enough for a ddof = 1 variance.
     assert!(ScalingStudy::new().trials(1).keys(2).run().is_ok());
 }
+
+/// The typical (median) query gradient `‖∂L/∂q‖` vanishes as d_k grows without the scale and
+/// stays put with it. (The mean does not vanish: rare near-ties carry gradients of size
+/// `‖k‖ ≈ √d_k`; see docs/scaling.md.) Margins, measured over seeds 0..20: the unscaled
+/// ratio (d_k 512 over 16) stays below 0.075, the scaled one within 0.98..1.09, and unscaled
+/// over scaled at d_k = 512 below 0.27.
+#[test]
+fn typical_query_gradient_vanishes_unscaled_not_scaled() {
+    for seed in [3, 11] {
+        let r = ScalingStudy::new()
+            .d_k([16, 512])
+            .keys(32)
+            .trials(300)
+            .seed(seed)
+            .run()
+            .unwrap();
+        let (a, b) = (&r.rows[0], &r.rows[1]);
+        let unscaled = b.unscaled.median_grad_q_norm / a.unscaled.median_grad_q_norm;
+        let scaled = b.scaled.median_grad_q_norm / a.scaled.median_grad_q_norm;
+        assert!(unscaled < 0.15, "unscaled median ratio {unscaled}");
+        assert!(
+            (0.85..1.2).contains(&scaled),
+            "scaled median ratio {scaled}"
+        );
+        assert!(b.unscaled.median_grad_q_norm < 0.4 * b.scaled.median_grad_q_norm);
+    }
+    // At d_k = 1 the scale is 1, so both sides are the same numbers.
+    let r = ScalingStudy::new()
+        .d_k([1])
+        .keys(8)
+        .trials(50)
+        .run()
+        .unwrap();
+    assert_eq!(
+        r.rows[0].unscaled.median_grad_q_norm,
+        r.rows[0].scaled.median_grad_q_norm
+    );
+}
