@@ -12,7 +12,8 @@
 //! - the seed's four histograms for the largest d_k: `unscaled_logits_hist.svg`,
 //!   `scaled_logits_hist.svg`, `unscaled_maxprob_hist.svg`, `scaled_maxprob_hist.svg`;
 //! - `scaling_sweep.svg` and `attention_scaling_sweep.csv`: the same study over
-//!   d_k = 1, 2, 4, ..., 1024 (logit variance, mean max probability and Jacobian norm).
+//!   d_k = 1, 2, 4, ..., 1024 (logit variance, mean max probability, Jacobian norm and
+//!   median query-gradient norm).
 //!
 //! See `docs/scaling.md` for the derivation and the results.
 
@@ -346,8 +347,8 @@ macro_rules! two_series {
     }};
 }
 
-/// Three panels against d_k (log scale): logit variance, mean max probability and mean
-/// Jacobian norm, unscaled vs scaled.
+/// Four panels against d_k (log scale): logit variance, mean max probability, mean Jacobian
+/// norm and median query-gradient norm, unscaled vs scaled.
 fn draw_sweep(
     sweep: &ScalingReport,
     keys: usize,
@@ -365,7 +366,7 @@ fn draw_sweep_to(
     trials: usize,
     path: &Path,
 ) -> Result<(), Box<dyn Error>> {
-    let root = SVGBackend::new(path, (1500, 560)).into_drawing_area();
+    let root = SVGBackend::new(path, (1500, 1040)).into_drawing_area();
     root.fill(&WHITE)?;
     let root = root
         .titled(
@@ -376,7 +377,7 @@ fn draw_sweep_to(
             &format!("Unscaled vs scaled logits across d_k (m={keys}, {trials} trials)"),
             ("sans-serif", 20),
         )?;
-    let panels = root.split_evenly((1, 3));
+    let panels = root.split_evenly((2, 2));
     let d_max = sweep.rows.iter().map(|r| r.d_k).max().unwrap_or(1) as f64;
     let x_range = || (0.8..d_max * 1.25).log_scale();
     let pts = |f: &dyn Fn(&attention_math::scaling::ScalingRow) -> (f64, f64)| {
@@ -437,6 +438,29 @@ fn draw_sweep_to(
         .build_cartesian_2d(x_range(), 0.0..y_max)?;
     mesh!(chart, "mean Jacobian Frobenius norm");
     two_series!(chart, &u, &s, SeriesLabelPosition::UpperLeft);
+
+    // Panel 4: median ‖∂L/∂q‖ through the backward pass, log scale (it falls by orders of
+    // magnitude unscaled).
+    let (u, s) = pts(&|r| (r.unscaled.median_grad_q_norm, r.scaled.median_grad_q_norm));
+    let values = || u.iter().chain(&s).map(|p| p.1);
+    let y_min = values().fold(f64::INFINITY, f64::min).max(1e-6) * 0.5;
+    let y_max = values().fold(0.0, f64::max) * 3.0;
+    let mut chart = ChartBuilder::on(&panels[3])
+        .caption("query 梯度中位数 / median ‖∂L/∂q‖", ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x_range(), (y_min..y_max).log_scale())?;
+    chart
+        .configure_mesh()
+        .x_desc("d_k (log scale)")
+        .y_desc("median query gradient norm (log scale)")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y: &f64| format!("{y:.0e}"))
+        .axis_desc_style(("sans-serif", 16))
+        .label_style(("sans-serif", 13))
+        .draw()?;
+    two_series!(chart, &u, &s, SeriesLabelPosition::LowerLeft);
 
     root.present()?;
     Ok(())
