@@ -1,5 +1,6 @@
 //! The scalar trait: what the crate needs of a float, implemented for `f32` and `f64` only.
 
+use crate::kernel::elem::KernelFloat;
 use nalgebra::RealField;
 use std::fmt::{Debug, Display};
 
@@ -29,7 +30,7 @@ mod sealed {
 /// assert_eq!(f32::NEG_INFINITY, <f32 as Float>::NEG_INFINITY);
 /// ```
 pub trait Float:
-    RealField + Copy + Default + Debug + Display + Send + Sync + sealed::Sealed + 'static
+    RealField + Copy + Default + Debug + Display + Send + Sync + sealed::Sealed + KernelFloat + 'static
 {
     /// Negative infinity: the score of a masked-out key.
     const NEG_INFINITY: Self;

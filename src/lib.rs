@@ -8,6 +8,7 @@ pub mod entropy;
 pub mod error;
 pub mod float;
 pub mod grad;
+pub mod kernel;
 pub mod lm;
 pub mod lora;
 pub mod mask;

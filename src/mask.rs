@@ -422,6 +422,71 @@ impl Mask {
         }
     }
 
+    /// The keys of `cols` that query `i` of an n x m attention may attend to, if they form
+    /// one contiguous run: `Some(a..b)` (possibly empty, `a == b`) means exactly the keys
+    /// `a..b` are allowed; `None` means the rule cannot say cheaply (closures, documents, and
+    /// unions or complements that split the run). Lets a kernel mask a partial tile a row at
+    /// a time instead of one [`Mask::allows_in`] call per entry.
+    pub(crate) fn row_run(
+        &self,
+        i: usize,
+        cols: Range<usize>,
+        n: usize,
+        m: usize,
+    ) -> Option<Range<usize>> {
+        self.run_in(i, &cols, diff(m, n))
+    }
+
+    fn run_in(&self, i: usize, cols: &Range<usize>, offset: isize) -> Option<Range<usize>> {
+        // The allowed keys j in lo..hi (signed, hi exclusive), clipped to `cols`.
+        let clip = |lo: isize, hi: isize| {
+            let (c0, c1) = (cols.start as isize, cols.end as isize);
+            let a = lo.clamp(c0, c1);
+            Some(a as usize..hi.clamp(a, c1) as usize)
+        };
+        let i_ = i as isize;
+        match &self.0 {
+            Rule::All => clip(0, isize::MAX),
+            Rule::Causal { bottom_right } => {
+                let o = if *bottom_right { offset } else { 0 };
+                clip(0, i_ + o + 1)
+            }
+            Rule::PrefixLm(p) => clip(0, (*p as isize).max(i_ + 1)),
+            Rule::SlidingWindow(w) => clip(i_ - *w as isize, i_ + 1),
+            Rule::KeyPadding(len) => clip(0, *len as isize),
+            Rule::Documents(_) | Rule::Fn(_) => None,
+            Rule::And(a, b) => {
+                let (ra, rb) = (a.run_in(i, cols, offset)?, b.run_in(i, cols, offset)?);
+                let start = ra.start.max(rb.start);
+                Some(start..ra.end.min(rb.end).max(start))
+            }
+            Rule::Or(a, b) => {
+                let (ra, rb) = (a.run_in(i, cols, offset)?, b.run_in(i, cols, offset)?);
+                if ra.is_empty() {
+                    Some(rb)
+                } else if rb.is_empty() {
+                    Some(ra)
+                } else if ra.start <= rb.end && rb.start <= ra.end {
+                    Some(ra.start.min(rb.start)..ra.end.max(rb.end))
+                } else {
+                    None
+                }
+            }
+            Rule::Not(a) => {
+                let r = a.run_in(i, cols, offset)?;
+                if r.is_empty() {
+                    Some(cols.clone())
+                } else if r.start == cols.start {
+                    Some(r.end..cols.end)
+                } else if r.end == cols.end {
+                    Some(cols.start..r.start)
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
     /// The mask as an n x m boolean matrix: entry (i, j) is [`Mask::allows_in`]`(n, m, i, j)`.
     ///
     /// # Examples
@@ -625,6 +690,36 @@ mod tests {
                         Block::Partial
                     };
                     assert_eq!(mask.classify(r0..r1, c0..c1, n, m), exact, "{mask}");
+                }
+            }
+        }
+    }
+
+    /// `row_run`, where it answers, lists exactly the allowed keys; named masks always answer.
+    #[test]
+    fn row_runs_agree_with_allows() {
+        let mut masks = all_masks();
+        masks.push(Mask::sliding_window(2).or(Mask::key_padding(1)));
+        masks.push(Mask::causal().not().or(Mask::prefix_lm(2)));
+        for (k, mask) in masks.iter().enumerate() {
+            for (n, m) in [(9, 9), (5, 11), (11, 4)] {
+                for i in 0..n {
+                    for c0 in 0..m {
+                        for c1 in c0..=m {
+                            let Some(run) = mask.row_run(i, c0..c1, n, m) else {
+                                assert!(k >= 6, "{mask} should give a run");
+                                continue;
+                            };
+                            assert!(c0 <= run.start && run.start <= run.end && run.end <= c1);
+                            for j in c0..c1 {
+                                assert_eq!(
+                                    run.contains(&j),
+                                    mask.allows_in(n, m, i, j),
+                                    "{mask} i={i} j={j}"
+                                );
+                            }
+                        }
+                    }
                 }
             }
         }

@@ -13,14 +13,18 @@
 //! 1 < G < H grouped-query attention (Ainslie et al., Llama 2/3): the key-value cache shrinks
 //! by H/G while every query head keeps its own projection.
 //!
-//! Each head is one call of [`scaled_attention_with`] on column views (no copies of Q, K, V);
-//! mask and options (scale, softcap, bias) are shared by every head.
+//! Each head is one call of [`scaled_attention_with`](crate::scaled_attention_with) on
+//! column views; mask and options (scale, softcap, bias, threads) are shared by every head.
+//! Heads run in parallel on rayon (as [`AttentionOptions::threads`] says), with the same
+//! bits for any thread count.
 
 use crate::Float;
-use crate::attention::{AttentionOptions, scaled_attention_with};
+use crate::attention::{AttentionOptions, AttentionOutput, problem, run};
 use crate::error::{Error, Result};
+use crate::kernel::{self, Exec};
 use crate::mask::Mask;
 use nalgebra::{DMatrix, DMatrixView};
+use rayon::prelude::*;
 
 /// How many query heads and key-value heads an attention layer has.
 ///
@@ -114,7 +118,7 @@ impl Heads {
                 requirement: "must be >= 1",
             });
         }
-        if self.kv == 0 || self.query % self.kv != 0 {
+        if self.kv == 0 || !self.query.is_multiple_of(self.kv) {
             return Err(Error::InvalidParameter {
                 name: "kv heads",
                 value: self.kv as f64,
@@ -127,7 +131,7 @@ impl Heads {
 
 /// Width of one head: `cols / heads`, or an error naming the argument.
 fn head_width(arg: &'static str, cols: usize, heads: usize) -> Result<usize> {
-    if cols % heads == 0 {
+    if cols.is_multiple_of(heads) {
         Ok(cols / heads)
     } else {
         Err(Error::HeadSplit {
@@ -148,7 +152,7 @@ fn head_width(arg: &'static str, cols: usize, heads: usize) -> Result<usize> {
 /// - [`Error::InvalidParameter`] if H = 0, G = 0 or G does not divide H;
 /// - [`Error::HeadSplit`] if the columns of `q` (by H), `k` or `v` (by G) do not split evenly;
 /// - [`Error::ShapeMismatch`] if `k`'s head width differs from `q`'s;
-/// - every error of [`scaled_attention_with`].
+/// - every error of [`scaled_attention_with`](crate::scaled_attention_with).
 ///
 /// # Examples
 ///
@@ -187,16 +191,28 @@ pub fn multi_head_attention<'q, 'k, 'v, T: Float>(
             expected: (k.nrows(), heads.kv * d),
         });
     }
+    // Validate every head first, in order, so the error reported is the first head's.
+    let problems = (0..heads.query)
+        .map(|h| {
+            let g = heads.kv_head(h);
+            problem(
+                q.columns(h * d, d),
+                k.columns(g * d, d),
+                v.columns(g * dv, dv),
+                mask,
+                opts,
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // Heads run in parallel, each one's query tiles too; every head is computed by the same
+    // arithmetic whatever thread runs it, so the result does not depend on the thread count.
+    let outputs: Vec<AttentionOutput<T>> =
+        kernel::with_threads(opts.thread_count(), |exec| match exec {
+            Exec::Inline => problems.iter().map(|p| run(p, exec)).collect(),
+            Exec::Pool => problems.par_iter().map(|p| run(p, exec)).collect(),
+        });
     let mut out = DMatrix::zeros(q.nrows(), heads.query * dv);
-    for h in 0..heads.query {
-        let g = heads.kv_head(h);
-        let o = scaled_attention_with(
-            q.columns(h * d, d),
-            k.columns(g * d, d),
-            v.columns(g * dv, dv),
-            mask,
-            opts,
-        )?;
+    for (h, o) in outputs.iter().enumerate() {
         out.columns_mut(h * dv, dv).copy_from(&o.output);
     }
     Ok(out)

@@ -1,0 +1,318 @@
+//! The tiled forward pass: online softmax over key tiles, one query tile at a time.
+//!
+//! See the [kernel module docs](super) for the design; this file follows it step by step.
+
+use super::microkernel::{Out, Panels, Rows, Shape};
+use super::pack::{self, round_up};
+use super::{Exec, Isa};
+use crate::Float;
+use crate::attention::Plan;
+use crate::mask::{Block, Mask};
+use crate::softmax::{logsumexp, softmax_in_place};
+use nalgebra::{DMatrix, DMatrixView, DVector};
+use rayon::prelude::*;
+
+/// One validated attention call: inputs, mask, bias and the plan from
+/// [`attention::plan`](crate::attention::plan).
+pub(crate) struct Problem<'a, T: Float> {
+    pub q: DMatrixView<'a, T>,
+    pub k: DMatrixView<'a, T>,
+    pub v: DMatrixView<'a, T>,
+    pub mask: &'a Mask,
+    pub bias: Option<DMatrixView<'a, T>>,
+    pub plan: Plan<T>,
+}
+
+/// Everything a query tile reads, shared by all tiles (and threads).
+struct Packed<T> {
+    /// Q · q_factor, row-major, rows padded to a multiple of MR.
+    q: Vec<T>,
+    /// Kᵀ in panels of NR keys.
+    kt: Vec<T>,
+    /// V in panels of NR columns, `m_pad` rows each.
+    v: Vec<T>,
+    m_pad: usize,
+    dv_pad: usize,
+}
+
+/// Per-thread working memory for one query tile: O(BR·BC + BR·d_v), independent of n and m.
+struct Scratch<T> {
+    /// The score tile S, then the probability tile P (BR x BC, row-major).
+    s: Vec<T>,
+    /// The unnormalised output accumulator (BR x dv_pad).
+    o: Vec<T>,
+    /// Running maximum per row, in log₂ units.
+    max: Vec<T>,
+    /// Running sum per row: `Σ_j 2^(s_j − max)`.
+    sum: Vec<T>,
+    /// Per-row normalising factor `1 / sum` at the end.
+    inv: Vec<T>,
+}
+
+impl<T: Float> Scratch<T> {
+    fn new(dv_pad: usize) -> Self {
+        Scratch {
+            s: vec![T::zero(); T::BR * T::BC],
+            o: vec![T::zero(); T::BR * dv_pad],
+            max: vec![T::NEG_INFINITY; T::BR],
+            sum: vec![T::zero(); T::BR],
+            inv: vec![T::zero(); T::BR],
+        }
+    }
+}
+
+/// Runs the forward pass: the output (n x d_v) and the per-row log-sum-exp (natural log).
+pub(crate) fn forward<T: Float>(
+    p: &Problem<'_, T>,
+    isa: Isa,
+    exec: Exec,
+) -> (DMatrix<T>, DVector<T>) {
+    let Plan { n, m, dv, .. } = p.plan;
+    let log2e = T::of_f64(std::f64::consts::LOG2_E);
+    // Without a softcap the whole chain up to exp is linear in q: fold scale·log₂e into Q
+    // once and every score comes out of the product in log₂ units, ready for exp2.
+    let q_factor = match p.plan.softcap {
+        None => p.plan.scale * log2e,
+        Some(_) => p.plan.scale,
+    };
+    let m_pad = round_up(m, T::NR);
+    let dv_pad = round_up(dv, T::NR);
+    let packed = Packed {
+        q: pack::rows(&p.q, q_factor, round_up(n, T::MR)),
+        kt: pack::panels_of_transpose(&p.k, T::NR),
+        v: pack::panels(&p.v, T::NR, m_pad),
+        m_pad,
+        dv_pad,
+    };
+    // The result is column-major; query tile t owns the segment t·BR .. t·BR + rows of every
+    // column (and of the lse), so the tiles can write their rows in place, in parallel.
+    let mut output = DMatrix::zeros(n, dv);
+    let mut lse = vec![T::zero(); n];
+    let mut tiles: Vec<(Vec<&mut [T]>, &mut [T])> = lse
+        .chunks_mut(T::BR)
+        .map(|l| (Vec::with_capacity(dv), l))
+        .collect();
+    if n > 0 {
+        for column in output.as_mut_slice().chunks_mut(n) {
+            for (tile, segment) in tiles.iter_mut().zip(column.chunks_mut(T::BR)) {
+                tile.0.push(segment);
+            }
+        }
+    }
+    match exec {
+        Exec::Inline => {
+            let mut scratch = Scratch::new(dv_pad);
+            for (t, (out, l)) in tiles.into_iter().enumerate() {
+                query_tile(p, &packed, isa, t * T::BR, out, l, &mut scratch);
+            }
+        }
+        Exec::Pool => {
+            tiles.into_par_iter().enumerate().for_each_init(
+                || Scratch::new(dv_pad),
+                |scratch, (t, (out, l))| query_tile(p, &packed, isa, t * T::BR, out, l, scratch),
+            );
+        }
+    }
+    (output, DVector::from_vec(lse))
+}
+
+/// Rows `q0 .. q0 + lse.len()` of the output (`out[c]`: the tile's segment of column c)
+/// and of the log-sum-exp. The arithmetic depends only on the tile, never on the thread, so
+/// the result is the same bits for any thread count.
+#[allow(clippy::too_many_arguments)]
+fn query_tile<T: Float>(
+    p: &Problem<'_, T>,
+    packed: &Packed<T>,
+    isa: Isa,
+    q0: usize,
+    mut out: Vec<&mut [T]>,
+    lse: &mut [T],
+    scr: &mut Scratch<T>,
+) {
+    let Plan { n, m, d, dv, .. } = p.plan;
+    let (br, bc, mr, nr) = (T::BR, T::BC, T::MR, T::NR);
+    let rows = lse.len();
+    let rows_pad = round_up(rows, mr);
+    let dv_pad = packed.dv_pad;
+    scr.o[..rows_pad * dv_pad].fill(T::zero());
+    scr.max[..rows].fill(T::NEG_INFINITY);
+    scr.sum[..rows].fill(T::zero());
+    debug_assert!(rows <= br);
+
+    for k0 in (0..m).step_by(bc) {
+        let cols = bc.min(m - k0);
+        let cols_pad = round_up(cols, nr);
+        let block = p.mask.classify(q0..q0 + rows, k0..k0 + cols, n, m);
+        if block == Block::Empty {
+            continue;
+        }
+        // S = Q_tile · K_tileᵀ (already in log₂ units unless there is a softcap).
+        T::gemm(
+            isa,
+            Shape {
+                rows: rows_pad,
+                ncols: cols_pad,
+                k: d,
+                accumulate: false,
+            },
+            Rows {
+                data: &packed.q[q0 * d..],
+                stride: d,
+            },
+            Panels {
+                data: &packed.kt[(k0 / nr) * d * nr..],
+                stride: d * nr,
+            },
+            Out {
+                data: &mut scr.s,
+                stride: bc,
+            },
+        );
+        for r in 0..rows {
+            let row = &mut scr.s[r * bc..r * bc + cols_pad];
+            finish_scores(p, q0 + r, k0, &mut row[..cols], block == Block::Partial);
+            row[cols..].fill(T::NEG_INFINITY);
+            let m_old = scr.max[r];
+            let (m_new, sum) = T::softmax_row(isa, row, m_old);
+            if m_new == T::NEG_INFINITY {
+                continue; // nothing allowed so far: P = 0, O and the sum stay 0
+            }
+            if m_new > m_old {
+                // O ← α·O, ℓ ← α·ℓ with α = 2^(m_old − m_new) (0 while m_old = −inf, when O
+                // is still 0 and needs no rescaling).
+                let alpha = (m_old - m_new).exp2();
+                scr.sum[r] = scr.sum[r] * alpha + sum;
+                if m_old != T::NEG_INFINITY {
+                    T::scale_row(isa, &mut scr.o[r * dv_pad..(r + 1) * dv_pad], alpha);
+                }
+                scr.max[r] = m_new;
+            } else {
+                scr.sum[r] += sum;
+            }
+        }
+        // Padded query rows r >= rows kept S = 0 (zero rows of Q), i.e. P = 0.
+        if dv > 0 {
+            // O += P · V_tile.
+            T::gemm(
+                isa,
+                Shape {
+                    rows: rows_pad,
+                    ncols: dv_pad,
+                    k: cols_pad,
+                    accumulate: true,
+                },
+                Rows {
+                    data: &scr.s,
+                    stride: bc,
+                },
+                Panels {
+                    data: &packed.v[k0 * nr..],
+                    stride: packed.m_pad * nr,
+                },
+                Out {
+                    data: &mut scr.o,
+                    stride: dv_pad,
+                },
+            );
+        }
+    }
+
+    // Normalise: row r of the output is O_r / ℓ_r. First the per-row factors (0 for a fully
+    // masked row, whose O_r is 0), then the output one column segment at a time: the
+    // segments of one tile are n apart in memory, so writing them row by row would thrash
+    // the cache sets.
+    let ln2 = T::of_f64(std::f64::consts::LN_2);
+    let mut exact = Vec::new();
+    for (r, l) in lse.iter_mut().enumerate() {
+        let (max, sum) = (scr.max[r], scr.sum[r]);
+        scr.inv[r] = T::zero();
+        if sum > T::zero() && sum.is_finite() && max.is_finite() {
+            scr.inv[r] = T::one() / sum;
+            *l = (max + sum.log2()) * ln2;
+        } else if sum == T::zero() {
+            // Fully masked row: output 0, lse −inf.
+            *l = T::NEG_INFINITY;
+        } else {
+            // A score overflowed to ±inf or NaN (finite inputs whose products exceed the
+            // range): this row is recomputed exactly as the reference does, below.
+            exact.push(r);
+        }
+    }
+    for (c, column) in out.iter_mut().enumerate() {
+        for (r, x) in column.iter_mut().enumerate() {
+            *x = scr.o[r * dv_pad + c] * scr.inv[r];
+        }
+    }
+    for r in exact {
+        let (row, l) = exact_row(p, q0 + r);
+        for (column, x) in out.iter_mut().zip(row) {
+            column[r] = x;
+        }
+        lse[r] = l;
+    }
+}
+
+/// Turns the raw products of one row of a tile into final scores in log₂ units: softcap,
+/// bias, and (in a partial tile) the mask.
+fn finish_scores<T: Float>(p: &Problem<'_, T>, i: usize, k0: usize, row: &mut [T], partial: bool) {
+    let log2e = T::of_f64(std::f64::consts::LOG2_E);
+    match (p.plan.softcap, &p.bias) {
+        (None, None) => {}
+        (None, Some(b)) => {
+            for (j, x) in row.iter_mut().enumerate() {
+                *x += b[(i, k0 + j)] * log2e;
+            }
+        }
+        (Some(c), b) => {
+            // The products are in natural units here: cap, add the bias, then convert.
+            for (j, x) in row.iter_mut().enumerate() {
+                let bias = b.as_ref().map_or(T::zero(), |b| b[(i, k0 + j)]);
+                *x = (c * (*x / c).tanh() + bias) * log2e;
+            }
+        }
+    }
+    if partial {
+        let (n, m) = (p.plan.n, p.plan.m);
+        match p.mask.row_run(i, k0..k0 + row.len(), n, m) {
+            // The common case (causal, window, prefix, padding and their intersections):
+            // the allowed keys are one run, so mask everything outside it.
+            Some(run) => {
+                row[..run.start - k0].fill(T::NEG_INFINITY);
+                row[run.end - k0..].fill(T::NEG_INFINITY);
+            }
+            None => {
+                for (j, x) in row.iter_mut().enumerate() {
+                    if !p.mask.allows_in(n, m, i, k0 + j) {
+                        *x = T::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Row i the reference's way (its scores, [`logsumexp`], [`softmax_in_place`]): the output
+/// row and the log-sum-exp. Only reached when a score is not finite.
+fn exact_row<T: Float>(p: &Problem<'_, T>, i: usize) -> (Vec<T>, T) {
+    let Plan { n, m, dv, .. } = p.plan;
+    let mut row: Vec<T> = (0..m)
+        .map(|j| {
+            if p.mask.allows_in(n, m, i, j) {
+                let dot = p.q.row(i).dot(&p.k.row(j));
+                p.plan.score(dot, p.bias.as_ref().map(|b| b[(i, j)]))
+            } else {
+                T::NEG_INFINITY
+            }
+        })
+        .collect();
+    let lse = logsumexp(&row);
+    softmax_in_place(&mut row);
+    let out = (0..dv)
+        .map(|c| {
+            row.iter()
+                .enumerate()
+                .fold(T::zero(), |acc, (j, &w)| acc + w * p.v[(j, c)])
+        })
+        .collect();
+    (out, lse)
+}
