@@ -316,3 +316,178 @@ fn exact_row<T: Float>(p: &Problem<'_, T>, i: usize) -> (Vec<T>, T) {
         .collect();
     (out, lse)
 }
+
+#[cfg(test)]
+mod tests {
+    //! The portable path and the vector path against the reference, and against each other;
+    //! the public behaviour is tested in `tests/kernel.rs`.
+
+    use super::*;
+    use crate::attention::{AttentionOptions, plan, scaled_attention_reference};
+    use rand::{RngExt, SeedableRng};
+
+    fn random(rows: usize, cols: usize, seed: u64) -> DMatrix<f64> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        DMatrix::from_fn(rows, cols, |_, _| rng.random_range(-2.0..2.0))
+    }
+
+    /// Runs the kernel on `isa` and checks it against the reference (both in T).
+    fn check<T: Float>(
+        isa: Isa,
+        (n, m, d, dv): (usize, usize, usize, usize),
+        mask: &Mask,
+        opts: &AttentionOptions<'_, T>,
+        bias: Option<&DMatrix<T>>,
+        tol: f64,
+    ) -> (DMatrix<T>, DVector<T>) {
+        let conv = |x: DMatrix<f64>| x.map(T::of_f64);
+        let seed = (n * 1000 + m * 10 + d) as u64;
+        let (q, k, v) = (
+            conv(random(n, d, seed)),
+            conv(random(m, d, seed + 1)),
+            conv(random(m, dv, seed + 2)),
+        );
+        let (qv, kv, vv) = (q.as_view(), k.as_view(), v.as_view());
+        let problem = Problem {
+            q: qv,
+            k: kv,
+            v: vv,
+            mask,
+            bias: bias.map(|b| b.as_view()),
+            plan: plan(&qv, &kv, &vv, opts).unwrap(),
+        };
+        let (out, lse) = forward(&problem, isa, Exec::Inline);
+        let want = scaled_attention_reference(&q, &k, &v, mask, opts).unwrap();
+        for (a, b) in out.iter().zip(want.output.iter()) {
+            let (a, b) = (a.as_f64(), b.as_f64());
+            assert!(
+                (a - b).abs() <= tol * (1.0 + b.abs()),
+                "{isa:?} {mask}: {a} vs {b}"
+            );
+        }
+        for (a, b) in lse.iter().zip(want.lse.iter()) {
+            let (a, b) = (a.as_f64(), b.as_f64());
+            assert!(
+                a == b || (a - b).abs() <= tol * (1.0 + b.abs()),
+                "{isa:?} lse {a} vs {b}"
+            );
+        }
+        (out, lse)
+    }
+
+    /// Shapes around the tile sizes of both types (f32 96 x 256, f64 48 x 128).
+    const SHAPES: [(usize, usize, usize, usize); 5] = [
+        (1, 1, 1, 1),
+        (7, 5, 3, 2),
+        (50, 140, 16, 9),
+        (100, 300, 33, 17),
+        (130, 70, 8, 20),
+    ];
+
+    #[test]
+    fn both_paths_match_the_reference() {
+        let masks = [
+            Mask::none(),
+            Mask::causal(),
+            Mask::causal_bottom_right(),
+            Mask::sliding_window(20).or(Mask::key_padding(3)),
+            Mask::documents((0..300).map(|i| i / 37).collect::<Vec<_>>()),
+            Mask::from_fn(|i, j| (i * 7 + j * 3) % 5 != 0 && i % 4 != 1),
+        ];
+        for isa in Isa::available() {
+            for &shape in &SHAPES {
+                for mask in &masks {
+                    check::<f64>(isa, shape, mask, &AttentionOptions::new(), None, 1e-12);
+                    check::<f32>(isa, shape, mask, &AttentionOptions::new(), None, 2e-5);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn both_paths_apply_softcap_scale_and_bias() {
+        for isa in Isa::available() {
+            for &(n, m, d, dv) in &SHAPES[1..] {
+                let bias = DMatrix::from_fn(n, m, |i, j| match (i + 2 * j) % 7 {
+                    0 => f64::NEG_INFINITY,
+                    r => r as f64 * 0.3 - 1.0,
+                });
+                let bias32 = bias.map(|x| x as f32);
+                let opts = AttentionOptions::new().softcap(2.0).bias(&bias).scale(0.7);
+                check::<f64>(
+                    isa,
+                    (n, m, d, dv),
+                    &Mask::causal(),
+                    &opts,
+                    Some(&bias),
+                    1e-12,
+                );
+                let opts = AttentionOptions::new().bias(&bias);
+                check::<f64>(isa, (n, m, d, dv), &Mask::none(), &opts, Some(&bias), 1e-12);
+                let opts = AttentionOptions::new().softcap(1.5_f32).bias(&bias32);
+                check::<f32>(
+                    isa,
+                    (n, m, d, dv),
+                    &Mask::prefix_lm(4),
+                    &opts,
+                    Some(&bias32),
+                    2e-5,
+                );
+                let opts = AttentionOptions::new().softcap(0.5_f32).scale(-1.0);
+                check::<f32>(isa, (n, m, d, dv), &Mask::none(), &opts, None, 2e-5);
+            }
+        }
+    }
+
+    /// The vector and portable paths differ only in rounding; fully masked rows are exact.
+    #[test]
+    fn paths_agree_and_masked_rows_are_exact() {
+        let mask = Mask::causal_bottom_right().and(Mask::key_padding(90));
+        let opts = AttentionOptions::<f32>::new();
+        let runs: Vec<_> = Isa::available()
+            .into_iter()
+            .map(|isa| check::<f32>(isa, (200, 120, 24, 8), &mask, &opts, None, 2e-5))
+            .collect();
+        for (out, lse) in &runs {
+            // n - m = 80 rows see no key at all.
+            for i in 0..80 {
+                assert_eq!(lse[i], f32::NEG_INFINITY);
+                assert!(out.row(i).iter().all(|&x| x == 0.0));
+            }
+            assert!(lse.iter().skip(80).all(|l| l.is_finite()));
+        }
+    }
+
+    /// Scores that overflow the float range take the reference's formula, row by row.
+    #[test]
+    fn overflowing_scores_follow_the_reference() {
+        let q = DMatrix::<f32>::from_row_slice(2, 1, &[1e20, 1.0]);
+        let k = DMatrix::<f32>::from_row_slice(3, 1, &[1e20, 2e20, -1.0]);
+        let v = DMatrix::<f32>::from_row_slice(3, 2, &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let opts = AttentionOptions::new();
+        let (qv, kv, vv) = (q.as_view(), k.as_view(), v.as_view());
+        let mask = Mask::none();
+        let problem = Problem {
+            q: qv,
+            k: kv,
+            v: vv,
+            mask: &mask,
+            bias: None,
+            plan: plan(&qv, &kv, &vv, &opts).unwrap(),
+        };
+        let want = scaled_attention_reference(&q, &k, &v, &mask, &opts).unwrap();
+        // Row 0: two scores are +inf and share the weight, as in the reference.
+        assert_eq!(
+            want.output.row(0).iter().copied().collect::<Vec<_>>(),
+            [2.0, 3.0]
+        );
+        assert_eq!(want.lse[0], f32::INFINITY);
+        for isa in Isa::available() {
+            let (out, lse) = forward(&problem, isa, Exec::Inline);
+            assert_eq!(out.row(0), want.output.row(0));
+            assert_eq!(lse[0], f32::INFINITY);
+            assert!((out.row(1) - want.output.row(1)).amax() < 1e-6);
+            assert_eq!(lse[1], want.lse[1]);
+        }
+    }
+}
