@@ -15,6 +15,10 @@
 //! The softcap squashes only the scaled dot products; the bias is added after it so that
 //! `-inf` entries of a bias act as a mask and position biases (ALiBi) are not squashed.
 //! With d = 0 every dot product is 0 and the weights are uniform over the allowed keys.
+//!
+//! [`scaled_attention`] and [`scaled_attention_with`] run the tiled [`kernel`](mod@crate::kernel)
+//! (O((n + m)·d) memory, mask-driven tile skipping, threads); [`scaled_attention_reference`]
+//! is the plain O(n·m) oracle it is tested against, also used when the weights are asked for.
 
 use crate::Float;
 use crate::error::{Axis, Error, Result, check_positive};

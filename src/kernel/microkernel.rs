@@ -343,3 +343,104 @@ pub(crate) mod avx2 {
         rest.iter_mut().for_each(|x| *x *= alpha);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::Isa;
+    use crate::kernel::elem::KernelFloat;
+
+    /// Both paths against a plain triple loop, overwriting and accumulating, with row and
+    /// panel strides larger than the product needs.
+    fn check<T: Float>() {
+        let (mr, nr) = (T::MR, T::NR);
+        let (rows, ncols, k) = (2 * mr, 3 * nr, 37);
+        let (a_rs, p_stride, c_rs) = (k + 3, k * nr + 5, ncols + 7);
+        let val = |x: usize| T::of_f64(((x * 7919) % 23) as f64 - 11.0);
+        let a: Vec<T> = (0..rows * a_rs).map(val).collect();
+        let b: Vec<T> = (0..(ncols / nr) * p_stride).map(|x| val(x + 5)).collect();
+        let c0: Vec<T> = (0..rows * c_rs).map(|x| val(x + 9)).collect();
+        for isa in Isa::available() {
+            for accumulate in [false, true] {
+                let mut c = c0.clone();
+                let s = Shape {
+                    rows,
+                    ncols,
+                    k,
+                    accumulate,
+                };
+                T::gemm(
+                    isa,
+                    s,
+                    Rows {
+                        data: &a,
+                        stride: a_rs,
+                    },
+                    Panels {
+                        data: &b,
+                        stride: p_stride,
+                    },
+                    Out {
+                        data: &mut c,
+                        stride: c_rs,
+                    },
+                );
+                for i in 0..rows {
+                    for j in 0..c_rs {
+                        let want = if j < ncols {
+                            let (p, lane) = (j / nr, j % nr);
+                            let dot = (0..k).fold(T::zero(), |acc, t| {
+                                acc + a[i * a_rs + t] * b[p * p_stride + t * nr + lane]
+                            });
+                            if accumulate {
+                                c0[i * c_rs + j] + dot
+                            } else {
+                                dot
+                            }
+                        } else {
+                            c0[i * c_rs + j] // outside the product: untouched
+                        };
+                        // Small integers: every sum is exact, whatever the order.
+                        assert_eq!(c[i * c_rs + j], want, "{isa:?} ({i}, {j})");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_matches_a_triple_loop() {
+        check::<f32>();
+        check::<f64>();
+    }
+
+    #[test]
+    #[should_panic(expected = "B too short")]
+    fn gemm_checks_bounds() {
+        let a = [0.0_f32; 6 * 4];
+        let b = [0.0_f32; 16 * 3];
+        let mut c = [0.0_f32; 6 * 16];
+        let s = Shape {
+            rows: 6,
+            ncols: 16,
+            k: 4,
+            accumulate: false,
+        };
+        f32::gemm(
+            Isa::detect(),
+            s,
+            Rows {
+                data: &a,
+                stride: 4,
+            },
+            Panels {
+                data: &b,
+                stride: 48,
+            },
+            Out {
+                data: &mut c,
+                stride: 16,
+            },
+        );
+    }
+}
