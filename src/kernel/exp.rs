@@ -27,6 +27,7 @@ use super::Isa;
 
 /// Polynomial coefficients of `q(r) = (exp(r) − 1) / r` on `[−ln2/2, ln2/2]`, lowest degree
 /// first (interpolation error 5.1e-9 relative).
+#[cfg(target_arch = "x86_64")]
 const EXP_F32_Q: [f32; 6] = [
     1.0,
     0.5,
@@ -36,6 +37,7 @@ const EXP_F32_Q: [f32; 6] = [
     0.001_393_364_2,
 ];
 /// `q(r) = (2ʳ − 1) / r` on `[−1/2, 1/2]` (5.1e-9 relative).
+#[cfg(target_arch = "x86_64")]
 const EXP2_F32_Q: [f32; 6] = [
     std::f32::consts::LN_2,
     0.240_226_5,
@@ -45,6 +47,7 @@ const EXP2_F32_Q: [f32; 6] = [
     0.000_154_531_63,
 ];
 /// `q(r) = (exp(r) − 1) / r`, degree 10 (8.5e-18 relative).
+#[cfg(target_arch = "x86_64")]
 const EXP_F64_Q: [f64; 11] = [
     1.0,
     0.500_000_000_000_000_6,
@@ -59,6 +62,7 @@ const EXP_F64_Q: [f64; 11] = [
     2.510_520_637_395_701e-8,
 ];
 /// `q(r) = (2ʳ − 1) / r`, degree 10 (8.5e-18 relative).
+#[cfg(target_arch = "x86_64")]
 const EXP2_F64_Q: [f64; 11] = [
     std::f64::consts::LN_2,
     0.240_226_506_959_100_97,
