@@ -137,7 +137,9 @@ impl<'a, T: Float> AttentionOptions<'a, T> {
     }
 
     /// Asks for the n x m attention weights P in [`AttentionOutput::weights`]. This
-    /// materialises the full matrix, which the fast path otherwise never does.
+    /// materialises the full matrix, which the fast path otherwise never does: with it,
+    /// [`scaled_attention_with`] runs [`scaled_attention_reference`] instead of the tiled
+    /// kernel (same results to rounding, O(n·m) memory, one thread).
     ///
     /// # Examples
     ///
@@ -160,7 +162,9 @@ impl<'a, T: Float> AttentionOptions<'a, T> {
     /// Runs the call on `threads` worker threads of a pool private to the call (1 = on the
     /// calling thread), without touching rayon's global pool. By default the call uses the
     /// current rayon pool. The result is bit-identical for every thread count; 0 is treated
-    /// as 1. The reference implementation is always single-threaded.
+    /// as 1. The reference implementation is always single-threaded. Building the private
+    /// pool costs tens of microseconds per call: for many small calls keep the default, or
+    /// call from inside your own pool's `install`.
     ///
     /// # Examples
     ///
