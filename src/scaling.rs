@@ -601,7 +601,7 @@ impl ScalingReport {
     ///     "d_k,keys(m),logit_var (no scale),logit_var (/√d_k),avg max prob (no scale),"
     /// ));
     /// let row: Vec<&str> = lines.next().unwrap().split(',').collect();
-    /// assert_eq!(row.len(), 14);
+    /// assert_eq!(row.len(), 18);
     /// assert_eq!((row[0], row[1]), ("4", "64"));
     /// assert_eq!(row[9], "0.0"); // frac max>0.9 (/√d_k): scaled rows never get that peaked
     /// # Ok::<(), attention_math::Error>(())
