@@ -246,18 +246,6 @@ fn check_forward<T: Float>(forward: &AttentionOutput<T>, n: usize, dv: usize) ->
     }
 }
 
-/// `x ← exp(x)` over a tile of exponent arguments `S_ij − lse_i`, which are at most about 0,
-/// or `-inf` for pairs that carry no weight (these must give exactly 0).
-///
-/// The one place the backward pass exponentiates: the forward kernel's vectorised exp
-/// plugs in here.
-#[inline]
-fn exp_in_place<T: Float>(x: &mut [T]) {
-    for xi in x {
-        *xi = xi.exp();
-    }
-}
-
 /// The half-open ranges `[start, end)` of `len` positions cut into tiles of `tile`.
 fn tiles(len: usize, tile: usize) -> Vec<(usize, usize)> {
     (0..len)
@@ -372,7 +360,8 @@ impl<T: Float> Backward<'_, T> {
                 };
             }
         }
-        exp_in_place(p);
+        // Arguments S_ij − lse_i are <= ~0, or -inf for pairs with no weight (exactly 0).
+        crate::kernel::exp_in_place(p);
         // dS = P ⊙ (dP − D), then through the scale and softcap to the raw dot product.
         let mut dbias = dbias;
         for jj in 0..bc {
