@@ -21,7 +21,8 @@ use crate::error::{Result, check_positive};
 use crate::mask::Mask;
 use nalgebra::{DMatrix, DMatrixView, DVector};
 
-/// Per-query-row health of an attention: see the [module docs](self).
+/// Per-query-row health of an attention: see the [module docs](self); made by [`diagnose`],
+/// see there for an example.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AttentionDiagnostics<T: Float> {
     /// `max_j S_ij` over the allowed keys (final scores: scaled, capped, biased); `-inf` for

@@ -3,6 +3,19 @@
 use std::fmt;
 
 /// Which dimension of a matrix an error message talks about.
+///
+/// # Examples
+///
+/// ```
+/// use attention_math::{scaled_attention, Axis, Error, Mask};
+/// use nalgebra::DMatrix;
+///
+/// let q = DMatrix::<f32>::zeros(2, 4);
+/// let v = DMatrix::<f32>::zeros(3, 1);
+/// let err = scaled_attention(&q, &q, &v, &Mask::none()).unwrap_err();
+/// assert!(matches!(err, Error::DimensionMismatch { axis: Axis::Rows, .. }));
+/// assert_eq!(Axis::Cols.to_string(), "columns");
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Axis {
     /// The number of rows (tokens, for Q, K and V).
@@ -187,6 +200,16 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {}
 
 /// Shorthand for `std::result::Result<T, attention_math::Error>`.
+///
+/// # Examples
+///
+/// ```
+/// fn normalised(x: &[f64]) -> attention_math::Result<Vec<f64>> {
+///     attention_math::softmax_with_temperature(x, 1.0)
+/// }
+/// assert_eq!(normalised(&[0.0, 0.0])?, vec![0.5, 0.5]);
+/// # Ok::<(), attention_math::Error>(())
+/// ```
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Checks that a scalar parameter is finite and strictly positive.

@@ -39,7 +39,8 @@ use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
 
-/// A rule deciding which keys each query may attend to; see the [module docs](self).
+/// A rule deciding which keys each query may attend to; see the [module docs](self) for the
+/// rules and each constructor for an example.
 ///
 /// Cloning is cheap: closures and document ids are shared, not copied.
 #[derive(Clone)]
@@ -581,7 +582,8 @@ impl fmt::Debug for Mask {
     }
 }
 
-/// A mask drawn for n queries and m keys; made by [`Mask::grid`], printed with `Display`.
+/// A mask drawn for n queries and m keys; made by [`Mask::grid`] (see there for an example),
+/// printed with `Display`.
 #[derive(Clone, Copy, Debug)]
 pub struct MaskGrid<'a> {
     mask: &'a Mask,

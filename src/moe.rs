@@ -26,7 +26,8 @@ use crate::error::{Error, Result};
 use crate::softmax::{logsumexp, softmax_rows};
 use nalgebra::{DMatrix, DMatrixView};
 
-/// The outcome of routing n tokens over E experts; made by [`route_top_k`].
+/// The outcome of routing n tokens over E experts; made by [`route_top_k`] (see there for
+/// an example).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Routing<T: Float> {
     /// Router probabilities `softmax(z_i)`, n x E.

@@ -49,7 +49,7 @@ pub fn reward_model_loss<T: Float>(r_chosen: T, r_rejected: T) -> T {
 }
 
 /// Sequence log-probabilities of one preference pair under the policy and the frozen
-/// reference model, for [`dpo_loss`].
+/// reference model, for [`dpo_loss`] (see there for an example).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PairLogProbs<T: Float> {
     /// ln π(chosen | prompt) under the policy.

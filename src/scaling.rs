@@ -124,42 +124,66 @@ impl Default for ScalingStudy {
 }
 
 impl ScalingStudy {
-    /// The seed's configuration (see the type's documentation).
+    /// The seed's configuration: d_k = 4, 64, 256; m = 64 keys; 2000 trials; standard
+    /// normal components; seed 42.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attention_math::scaling::ScalingStudy;
+    ///
+    /// assert_eq!(ScalingStudy::new().d_k_list(), &[4, 64, 256]);
+    /// ```
     pub fn new() -> Self {
         Self::default()
     }
 
     /// The key/query dimensions to study, in the order the rows are reported.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attention_math::scaling::{Components, ScalingStudy};
+    ///
+    /// let study = ScalingStudy::new().d_k([8, 32]).keys(16).trials(100).components(Components::Uniform).seed(1);
+    /// assert_eq!(study.d_k_list(), &[8, 32]);
+    /// let r = study.run()?;
+    /// assert_eq!((r.rows.len(), r.rows[0].keys, r.rows[0].trials), (2, 16, 100));
+    /// # Ok::<(), attention_math::Error>(())
+    /// ```
     pub fn d_k(mut self, d_k: impl Into<Vec<usize>>) -> Self {
         self.d_k = d_k.into();
         self
     }
 
-    /// The number of keys `m` each query is scored against (the softmax length).
+    /// The number of keys `m` each query is scored against (the softmax length). See
+    /// [`ScalingStudy::d_k`] for an example.
     pub fn keys(mut self, m: usize) -> Self {
         self.keys = m;
         self
     }
 
-    /// The number of independent queries per `d_k` (each with its own `m` keys).
+    /// The number of independent queries per `d_k` (each with its own `m` keys). See
+    /// [`ScalingStudy::d_k`] for an example.
     pub fn trials(mut self, trials: usize) -> Self {
         self.trials = trials;
         self
     }
 
-    /// The distribution of the query and key components.
+    /// The distribution of the query and key components. See [`ScalingStudy::d_k`] for an
+    /// example.
     pub fn components(mut self, components: Components) -> Self {
         self.components = components;
         self
     }
 
-    /// The seed of the random number generator.
+    /// The seed of the random number generator. See [`ScalingStudy::d_k`] for an example.
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = seed;
         self
     }
 
-    /// The configured list of `d_k`.
+    /// The configured list of `d_k`. See [`ScalingStudy::d_k`] for an example.
     pub fn d_k_list(&self) -> &[usize] {
         &self.d_k
     }
@@ -383,7 +407,7 @@ pub struct Stats {
     pub mean_grad_q_norm: f64,
 }
 
-/// One row of the study's table: a `d_k`, unscaled and scaled.
+/// One row of the study's table: a `d_k`, unscaled and scaled. See [`Stats`] for an example.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ScalingRow {
     /// The key/query dimension.
@@ -427,6 +451,7 @@ impl ScalingRow {
 
 /// Per-row values of one side (unscaled or scaled) of the last `d_k`, each of length
 /// `trials`: the samples behind the means in [`Stats`] (for histograms and standard errors).
+/// See [`Samples`] for an example.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RowSamples {
     /// `max_j p_j` of each row.
@@ -516,17 +541,19 @@ pub struct Samples {
 }
 
 impl Samples {
-    /// All `trials x m` raw logits `q · k`, row-major.
+    /// All `trials x m` raw logits `q · k`, row-major. See [`Samples`] for an example.
     pub fn logits(&self) -> &[f64] {
         &self.logits
     }
 
-    /// The `m` raw logits of query `t`, or `None` if `t >= trials`.
+    /// The `m` raw logits of query `t`, or `None` if `t >= trials`. See [`Samples`] for an
+    /// example.
     pub fn logit_row(&self, t: usize) -> Option<&[f64]> {
         self.logits.chunks_exact(self.keys).nth(t)
     }
 
-    /// The scaled logits `q · k / √d_k`, in the order of [`logits`](Samples::logits).
+    /// The scaled logits `q · k / √d_k`, in the order of [`logits`](Samples::logits). See
+    /// [`Samples`] for an example.
     pub fn scaled_logits(&self) -> impl ExactSizeIterator<Item = f64> + Clone + '_ {
         let sqrt_d = (self.d_k as f64).sqrt();
         self.logits.iter().map(move |&s| s / sqrt_d)
@@ -536,7 +563,8 @@ impl Samples {
 /// The result of [`ScalingStudy::run`]: one row per `d_k` and the samples of the last one.
 ///
 /// [`to_csv`](ScalingReport::to_csv) writes the seed's CSV; `Display` prints the seed's table
-/// (pandas' `to_string(index=False)` layout, values rounded to 4 decimals).
+/// (pandas' `to_string(index=False)` layout, values rounded to 4 decimals). See
+/// [`ScalingReport::to_csv`] for an example.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ScalingReport {
     /// One row per `d_k`, in the configured order.
@@ -547,6 +575,15 @@ pub struct ScalingReport {
 
 impl ScalingReport {
     /// The seed's CSV header, column for column (its `rows.append({...})` keys, in order).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attention_math::scaling::ScalingReport;
+    ///
+    /// assert_eq!(ScalingReport::SEED_COLUMNS[3], "logit_var (/√d_k)");
+    /// assert_eq!(ScalingReport::COLUMNS[..12], ScalingReport::SEED_COLUMNS);
+    /// ```
     pub const SEED_COLUMNS: [&'static str; 12] = [
         "d_k",
         "keys(m)",
@@ -563,7 +600,8 @@ impl ScalingReport {
     ];
 
     /// All columns: [`SEED_COLUMNS`](Self::SEED_COLUMNS), then the mean softmax Jacobian norm,
-    /// the median and the mean query-gradient norm, each unscaled and scaled.
+    /// the median and the mean query-gradient norm, each unscaled and scaled. See
+    /// [`ScalingReport::SEED_COLUMNS`] for an example.
     pub const COLUMNS: [&'static str; 18] = [
         "d_k",
         "keys(m)",
