@@ -1,8 +1,11 @@
 //! Criterion benches of one attention forward (d = d_v = 64, self-attention n = m):
 //!
 //! - `reference`: [`scaled_attention_reference`], the materialised oracle;
-//! - `nalgebra`: attention written by hand with nalgebra (`&q * k.transpose()`, row softmax,
-//!   `* v`, mask as a precomputed additive bias), see `common::nalgebra_attention`;
+//! - `nalgebra`: attention written by hand with nalgebra the obvious way (`&q * k.transpose()`,
+//!   row softmax with the crate's `softmax_rows`, `* v`, mask as a precomputed additive
+//!   bias), see `common::nalgebra_attention`;
+//! - `nalgebra-t`: the same, layout-aware (`Sᵀ = K Qᵀ`, softmax of contiguous columns,
+//!   `(Vᵀ Sᵀ)ᵀ`), see `common::nalgebra_attention_t`;
 //! - `tiled-t1`, `tiled-t2`: [`scaled_attention_with`] (the tiled online-softmax kernel) on
 //!   one and on two threads ([`AttentionOptions::threads`]).
 //!
@@ -22,7 +25,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 mod common;
-use common::{HEAD_DIM, attention_flops, masks, nalgebra_attention, qkv};
+use common::{HEAD_DIM, attention_flops, masks, nalgebra_attention, nalgebra_attention_t, qkv};
 
 /// Sequence lengths of all paths; the tiled path also runs [`TILED_ONLY`].
 const SIZES: [usize; 4] = [256, 1024, 2048, 4096];
@@ -60,6 +63,10 @@ fn bench_type<T: Float>(c: &mut Criterion) {
                 let bias = (name != "none").then(|| mask.to_bias::<T>(n, n));
                 group.bench_function("nalgebra", |b| {
                     b.iter(|| nalgebra_attention(&q, &k, &v, black_box(bias.as_ref())))
+                });
+                let bias_t = bias.map(|b| b.transpose());
+                group.bench_function("nalgebra-t", |b| {
+                    b.iter(|| nalgebra_attention_t(&q, &k, &v, black_box(bias_t.as_ref())))
                 });
             }
             for threads in [1, 2] {

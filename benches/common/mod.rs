@@ -3,7 +3,7 @@
 //! hand-written nalgebra attention the kernel is compared with.
 #![allow(dead_code)]
 
-use attention_math::{Float, Mask, softmax_rows};
+use attention_math::{Float, Mask, softmax_in_place, softmax_rows};
 use nalgebra::DMatrix;
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use rand_distr::StandardNormal;
@@ -65,6 +65,33 @@ pub fn nalgebra_attention<T: Float>(
         s += b;
     }
     softmax_rows(&s) * v
+}
+
+/// The same attention written layout-aware, as a careful nalgebra user would: nalgebra is
+/// column-major, so it builds `Sᵀ = K Qᵀ` (m x n), where each query's scores are one
+/// contiguous column, takes the softmax of each column in place, and returns
+/// `(Vᵀ Sᵀ)ᵀ = S V`. Still materialised and still computing every masked-out pair, but it
+/// avoids the strided row access of [`nalgebra_attention`] (about 5x faster softmax at
+/// n = 2048). `bias_t` is the transposed mask bias, `mask.to_bias(n, m).transpose()`.
+pub fn nalgebra_attention_t<T: Float>(
+    q: &DMatrix<T>,
+    k: &DMatrix<T>,
+    v: &DMatrix<T>,
+    bias_t: Option<&DMatrix<T>>,
+) -> DMatrix<T> {
+    let scale = T::one() / T::of_usize(q.ncols()).sqrt();
+    let m = k.nrows();
+    let mut st = k * q.transpose();
+    st *= scale;
+    if let Some(b) = bias_t {
+        st += b;
+    }
+    if m > 0 {
+        for column in st.as_mut_slice().chunks_exact_mut(m) {
+            softmax_in_place(column);
+        }
+    }
+    (v.transpose() * st).transpose()
 }
 
 /// Largest absolute difference between two matrices of the same shape, in f64.

@@ -2,10 +2,11 @@
 //!
 //! candle's path is what candle model code does on CPU: `q.matmul(&k.t())? * scale`, plus a
 //! precomputed 0/-inf mask for causal, `candle_nn::ops::softmax_last_dim`, `.matmul(&v)`.
-//! Ours is `attention_math::scaled_attention`. Also timed: the hand-written nalgebra path
-//! of the root benches. Prints median times, GFLOP/s (dense 4·n·n·d, masked pairs counted),
-//! the ratio candle / ours (how many times faster ours is) and the max abs difference of the
-//! outputs (ours vs candle, in f32).
+//! Ours is `attention_math::scaled_attention`. Also timed: the two hand-written nalgebra
+//! paths of the root benches (`nalgebra`: the obvious row-wise one; `nalgebra-t`: the
+//! layout-aware one). Prints median times, GFLOP/s (dense 4·n·n·d, masked pairs counted),
+//! the ratios other / ours (how many times faster ours is) and the max abs difference of
+//! the outputs, ours vs candle and ours vs `nalgebra-t` (f32).
 //!
 //! Threads: candle (its gemm calls and softmax) and our default call both follow
 //! `RAYON_NUM_THREADS`; this binary sets it to `--threads` (default 1) before anything
@@ -16,7 +17,9 @@
 //! ```
 
 use attention_math::{Mask, scaled_attention};
-use attention_math_peers::common::{HEAD_DIM, max_abs_diff, nalgebra_attention, qkv};
+use attention_math_peers::common::{
+    HEAD_DIM, max_abs_diff, nalgebra_attention, nalgebra_attention_t, qkv,
+};
 use attention_math_peers::{arg, median_secs};
 use candle_core::{Device, Tensor};
 use nalgebra::DMatrix;
@@ -56,18 +59,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let scale = 1.0 / (d as f64).sqrt();
     println!("f32, d = {d}, {threads} thread(s); medians; GFLOP/s = 4·n·n·d / time");
     println!(
-        "{:<7} {:>6} {:>10} {:>8} {:>11} {:>8} {:>10} {:>8} {:>12} {:>12} {:>10}",
+        "{:<7} {:>6} | {:>9} {:>7} | {:>9} {:>7} | {:>9} {:>7} | {:>9} {:>7} | {:>8} {:>8} {:>8} | {:>9} {:>9}",
         "mask",
         "n",
         "ours ms",
         "GFLOP/s",
-        "nalgebra ms",
+        "nalg. ms",
+        "GFLOP/s",
+        "nalg-t ms",
         "GFLOP/s",
         "candle ms",
         "GFLOP/s",
-        "candle/ours",
-        "nalg./ours",
-        "max|diff|"
+        "nalg/us",
+        "nalg-t/us",
+        "candle/us",
+        "|d|candle",
+        "|d|nalg-t"
     );
     for mask_name in masks.split(',') {
         for &n in &sizes {
@@ -79,12 +86,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             };
             let bias = (mask_name != "none").then(|| mask.to_bias::<f32>(n, n));
             let (qt, kt, vt) = (to_tensor(&q)?, to_tensor(&k)?, to_tensor(&v)?);
-            let bias_t = bias.as_ref().map(to_tensor).transpose()?;
+            let bias_tensor = bias.as_ref().map(to_tensor).transpose()?;
 
             let ours = scaled_attention(&q, &k, &v, &mask)?;
-            let theirs = candle_attention(&qt, &kt, &vt, bias_t.as_ref(), scale)?;
+            let theirs = candle_attention(&qt, &kt, &vt, bias_tensor.as_ref(), scale)?;
             let theirs = DMatrix::from_row_iterator(n, d, theirs.flatten_all()?.to_vec1::<f32>()?);
             let diff = max_abs_diff(&ours, &theirs);
+            let bias_t = bias.as_ref().map(|b| b.transpose());
+            let diff_t = max_abs_diff(&ours, &nalgebra_attention_t(&q, &k, &v, bias_t.as_ref()));
 
             let samples = if n >= 4096 { 5 } else { 11 };
             let t_ours = median_secs(
@@ -101,27 +110,40 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 samples,
                 1.0,
             );
+            let t_nalgebra_t = median_secs(
+                || {
+                    black_box(nalgebra_attention_t(&q, &k, &v, black_box(bias_t.as_ref())));
+                },
+                samples,
+                1.0,
+            );
             let t_candle = median_secs(
                 || {
-                    black_box(candle_attention(&qt, &kt, &vt, bias_t.as_ref(), scale).unwrap());
+                    black_box(
+                        candle_attention(&qt, &kt, &vt, bias_tensor.as_ref(), scale).unwrap(),
+                    );
                 },
                 samples,
                 1.0,
             );
             let gflop = 4.0 * (n * n * d) as f64 * 1e-9;
             println!(
-                "{:<7} {:>6} {:>10.2} {:>8.1} {:>11.2} {:>8.1} {:>10.2} {:>8.1} {:>11.2}x {:>11.2}x {:>10.2e}",
+                "{:<7} {:>6} | {:>9.2} {:>7.1} | {:>9.2} {:>7.1} | {:>9.2} {:>7.1} | {:>9.2} {:>7.1} | {:>7.2}x {:>8.2}x {:>8.2}x | {:>9.1e} {:>9.1e}",
                 mask_name,
                 n,
                 t_ours * 1e3,
                 gflop / t_ours,
                 t_nalgebra * 1e3,
                 gflop / t_nalgebra,
+                t_nalgebra_t * 1e3,
+                gflop / t_nalgebra_t,
                 t_candle * 1e3,
                 gflop / t_candle,
-                t_candle / t_ours,
                 t_nalgebra / t_ours,
-                diff
+                t_nalgebra_t / t_ours,
+                t_candle / t_ours,
+                diff,
+                diff_t
             );
         }
     }
