@@ -8,13 +8,16 @@
 //! - `naive`: the textbook triple loop (i, j, k order, one scalar dot product per entry,
 //!   no blocking) on the column-major storage;
 //! - `nalgebra`: nalgebra's `*` (`&q * k.transpose()`, `&p * &v`), which calls
-//!   matrixmultiply's packed gemm.
+//!   matrixmultiply's packed gemm;
+//! - `kernel`: the attention kernel's own tile products, [`kernel::matmul_abt`] and
+//!   [`kernel::matmul_ab`] (operands packed once, then the register-blocked micro-kernel over
+//!   BR x BC output tiles; single-threaded).
 //!
 //! Throughput is `Elements(2·n·n·d)`, the FLOPs of either product, so criterion's "elem/s"
 //! reads as FLOP/s. Ids are `{f32|f64}/{qkt|pv}/{n}/d{d}/{impl}`, e.g.
 //! `cargo bench --bench matmul -- 'f32/qkt/1024/d64'`.
 
-use attention_math::Float;
+use attention_math::{Float, kernel};
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use nalgebra::DMatrix;
 use std::hint::black_box;
@@ -88,6 +91,9 @@ fn bench_type<T: Float>(c: &mut Criterion) {
             configure(&mut group, n);
             group.bench_function("naive", |b| b.iter(|| naive_abt(black_box(&q), &k)));
             group.bench_function("nalgebra", |b| b.iter(|| black_box(&q) * k.transpose()));
+            group.bench_function("kernel", |b| {
+                b.iter(|| kernel::matmul_abt(black_box(&q), &k).unwrap())
+            });
             group.finish();
 
             let mut group = c.benchmark_group(format!("{}/pv/{n}/d{d}", T::NAME));
@@ -95,6 +101,9 @@ fn bench_type<T: Float>(c: &mut Criterion) {
             configure(&mut group, n);
             group.bench_function("naive", |b| b.iter(|| naive_ab(black_box(&p), &v)));
             group.bench_function("nalgebra", |b| b.iter(|| black_box(&p) * &v));
+            group.bench_function("kernel", |b| {
+                b.iter(|| kernel::matmul_ab(black_box(&p), &v).unwrap())
+            });
             group.finish();
         }
     }
