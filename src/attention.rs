@@ -159,12 +159,11 @@ impl<'a, T: Float> AttentionOptions<'a, T> {
         self
     }
 
-    /// Runs the call on `threads` worker threads of a pool private to the call (1 = on the
-    /// calling thread), without touching rayon's global pool. By default the call uses the
-    /// current rayon pool. The result is bit-identical for every thread count; 0 is treated
-    /// as 1. The reference implementation is always single-threaded. Building the private
-    /// pool costs tens of microseconds per call: for many small calls keep the default, or
-    /// call from inside your own pool's `install`.
+    /// Runs the call on a private pool of `threads` worker threads (1 = on the calling
+    /// thread), without touching rayon's global pool. The crate builds one such pool per
+    /// thread count, on first use, and reuses it. By default the call uses the current rayon
+    /// pool. The result is bit-identical for every thread count; 0 is treated as 1. The
+    /// reference implementation is always single-threaded.
     ///
     /// # Examples
     ///

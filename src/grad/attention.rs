@@ -524,15 +524,9 @@ fn backward_tiled<T: Float>(
             }
         }
     };
-    match opts.thread_count() {
-        None => run(rayon::current_num_threads() > 1),
-        Some(1) => run(false),
-        Some(threads) => match rayon::ThreadPoolBuilder::new().num_threads(threads).build() {
-            Ok(pool) => pool.install(|| run(true)),
-            // No pool to be had: the calling thread computes the same bits.
-            Err(_) => run(false),
-        },
-    }
+    crate::kernel::with_threads(opts.thread_count(), |exec| {
+        run(exec == crate::kernel::Exec::Pool && rayon::current_num_threads() > 1)
+    });
 
     Ok(AttentionGrads {
         dq: DMatrix::from_row_slice(n, d, &dqt),

@@ -90,6 +90,7 @@ use crate::error::{Axis, Error, Result};
 use microkernel::{Out, Panels, Rows, Shape};
 use nalgebra::{DMatrix, DMatrixView};
 use pack::round_up;
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Where the query tiles of a call run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,17 +102,44 @@ pub(crate) enum Exec {
 }
 
 /// Runs `f` as [`AttentionOptions::threads`](crate::AttentionOptions::threads) asks: `None`
-/// on the current rayon pool, `Some(1)` inline, `Some(t)` on a new pool of `t` threads that
-/// lives for this call only (if the pool cannot be built, inline: the result is the same).
+/// on the current rayon pool, `Some(1)` inline, `Some(t)` on a private pool of `t` threads
+/// (if the pool cannot be built, inline: the result is the same bits either way).
+///
+/// Private pools are built once per thread count and kept for the life of the process:
+/// building one costs tens of microseconds, as much as a whole attention at n = 256.
+/// rayon's global pool is never touched.
 pub(crate) fn with_threads<R: Send>(threads: Option<usize>, f: impl FnOnce(Exec) -> R + Send) -> R {
     match threads {
         None => f(Exec::Pool),
         Some(0 | 1) => f(Exec::Inline),
-        Some(t) => match rayon::ThreadPoolBuilder::new().num_threads(t).build() {
-            Ok(pool) => pool.install(|| f(Exec::Pool)),
-            Err(_) => f(Exec::Inline),
+        Some(t) => match private_pool(t) {
+            Some(pool) => pool.install(|| f(Exec::Pool)),
+            None => f(Exec::Inline),
         },
     }
+}
+
+/// The private pools built so far, by thread count.
+type Pools = Mutex<Vec<(usize, Arc<rayon::ThreadPool>)>>;
+
+/// The private pool of `threads` threads, built on first use.
+fn private_pool(threads: usize) -> Option<Arc<rayon::ThreadPool>> {
+    static POOLS: OnceLock<Pools> = OnceLock::new();
+    let mut pools = POOLS
+        .get_or_init(|| Mutex::new(Vec::new()))
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((_, pool)) = pools.iter().find(|(t, _)| *t == threads) {
+        return Some(Arc::clone(pool));
+    }
+    let pool = Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .ok()?,
+    );
+    pools.push((threads, Arc::clone(&pool)));
+    Some(pool)
 }
 
 /// Which packed layout the right-hand operand of a product takes.
