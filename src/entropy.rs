@@ -12,7 +12,7 @@
 
 use crate::Float;
 use crate::error::{Error, Result};
-use crate::softmax::logsumexp;
+use crate::softmax::{logsumexp, reduce_rows};
 use nalgebra::{DMatrixView, DVector};
 
 /// `p ln p` with the limit `0 ln 0 = 0`.
@@ -169,14 +169,7 @@ pub fn entropy_rows<'a, T: Float>(p: impl Into<DMatrixView<'a, T>>) -> DVector<T
 /// assert!((h[0] - 4.0_f64.ln()).abs() < 1e-15);
 /// ```
 pub fn entropy_from_logits_rows<'a, T: Float>(s: impl Into<DMatrixView<'a, T>>) -> DVector<T> {
-    let s = s.into();
-    let mut row = vec![T::zero(); s.ncols()];
-    DVector::from_fn(s.nrows(), |i, _| {
-        for (j, r) in row.iter_mut().enumerate() {
-            *r = s[(i, j)];
-        }
-        entropy_from_logits(&row)
-    })
+    reduce_rows(s.into(), entropy_from_logits)
 }
 
 #[cfg(test)]

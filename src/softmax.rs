@@ -24,6 +24,7 @@
 
 use crate::Float;
 use crate::error::{Result, check_positive};
+use crate::kernel::exp_in_place;
 use nalgebra::{DMatrix, DMatrixView, DVector};
 
 /// What a row reduces to before normalising.
@@ -60,8 +61,18 @@ fn peak<T: Float>(x: &[T]) -> Peak<T> {
 }
 
 /// `Σ_j exp(x_j − max)`, at least 1 because the maximum contributes exp(0).
+///
+/// Exponentiates through a small stack buffer with the kernel's vectorised exp.
 fn shifted_sum<T: Float>(x: &[T], max: T) -> T {
-    x.iter().fold(T::zero(), |acc, &xi| acc + (xi - max).exp())
+    let mut buf = [T::zero(); 256];
+    x.chunks(buf.len()).fold(T::zero(), |acc, chunk| {
+        let buf = &mut buf[..chunk.len()];
+        for (b, &xi) in buf.iter_mut().zip(chunk) {
+            *b = xi - max;
+        }
+        exp_in_place(buf);
+        buf.iter().fold(acc, |acc, &e| acc + e)
+    })
 }
 
 /// Log-sum-exp, `ln Σ_j exp(x_j)`, computed as `max + ln Σ_j exp(x_j − max)`.
@@ -114,11 +125,11 @@ pub fn softmax_in_place<T: Float>(x: &mut [T]) {
             }
         }
         Peak::Finite(max) => {
-            let mut sum = T::zero();
             for xi in x.iter_mut() {
-                *xi = (*xi - max).exp();
-                sum += *xi;
+                *xi -= max;
             }
+            exp_in_place(x);
+            let sum = x.iter().fold(T::zero(), |acc, &e| acc + e);
             let inv = T::one() / sum;
             for xi in x.iter_mut() {
                 *xi *= inv;
@@ -243,18 +254,48 @@ pub fn softmax_with_temperature<T: Float>(x: &[T], t: T) -> Result<Vec<T>> {
     Ok(out)
 }
 
-/// Applies a slice operation to every row of a column-major matrix through one row buffer.
-pub(crate) fn map_rows_in_place<T: Float>(m: &mut DMatrix<T>, mut f: impl FnMut(&mut [T])) {
-    let mut row = vec![T::zero(); m.ncols()];
-    for i in 0..m.nrows() {
-        for (j, r) in row.iter_mut().enumerate() {
-            *r = m[(i, j)];
-        }
-        f(&mut row);
-        for (j, r) in row.iter().enumerate() {
-            m[(i, j)] = *r;
-        }
+/// The rows of `x` (n x m), each contiguous: row `i` is `out[i·m .. (i+1)·m]`.
+///
+/// nalgebra stores columns contiguously, and reading a row element by element strides
+/// through memory (at a power-of-two stride, through the same few cache sets), so the matrix
+/// is transposed once with a cache-blocked transpose instead.
+fn rows_contiguous<T: Float>(x: DMatrixView<'_, T>) -> Vec<T> {
+    let (n, m) = x.shape();
+    let columns = x.clone_owned();
+    let mut rows = vec![T::zero(); n * m];
+    if n * m > 0 {
+        transpose::transpose(columns.as_slice(), &mut rows, n, m);
     }
+    rows
+}
+
+/// Calls `f` on each of the `n` rows of length `m` laid out by [`rows_contiguous`].
+fn for_each_row<T: Float>(rows: &mut [T], n: usize, m: usize, mut f: impl FnMut(&mut [T])) {
+    for i in 0..n {
+        f(&mut rows[i * m..(i + 1) * m]);
+    }
+}
+
+/// Applies a slice operation to every row of a matrix.
+pub(crate) fn map_rows_in_place<T: Float>(x: &mut DMatrix<T>, f: impl FnMut(&mut [T])) {
+    let (n, m) = x.shape();
+    let mut rows = rows_contiguous(x.as_view());
+    for_each_row(&mut rows, n, m, f);
+    if n * m > 0 {
+        transpose::transpose(&rows, x.as_mut_slice(), m, n);
+    }
+}
+
+/// `f` of every row of `x` (n x m) as a contiguous slice: a vector of length n.
+pub(crate) fn reduce_rows<T: Float>(
+    x: DMatrixView<'_, T>,
+    mut f: impl FnMut(&[T]) -> T,
+) -> DVector<T> {
+    let (n, m) = x.shape();
+    let mut rows = rows_contiguous(x);
+    let mut out = Vec::with_capacity(n);
+    for_each_row(&mut rows, n, m, |row| out.push(f(row)));
+    DVector::from_vec(out)
 }
 
 /// Row-wise softmax of an n x m matrix: row `i` of the result is `softmax(x.row(i))`.
@@ -308,14 +349,7 @@ pub fn log_softmax_rows<'a, T: Float>(x: impl Into<DMatrixView<'a, T>>) -> DMatr
 /// assert_eq!(lse[1], f64::NEG_INFINITY);
 /// ```
 pub fn logsumexp_rows<'a, T: Float>(x: impl Into<DMatrixView<'a, T>>) -> DVector<T> {
-    let x = x.into();
-    let mut row = vec![T::zero(); x.ncols()];
-    DVector::from_fn(x.nrows(), |i, _| {
-        for (j, r) in row.iter_mut().enumerate() {
-            *r = x[(i, j)];
-        }
-        logsumexp(&row)
-    })
+    reduce_rows(x.into(), logsumexp)
 }
 
 #[cfg(test)]
@@ -356,6 +390,16 @@ mod tests {
         let lp = log_softmax(&[0.0_f32, -200.0]);
         assert_eq!(lp, vec![0.0, -200.0]);
         assert_eq!(softmax(&[0.0_f32, -200.0])[1], 0.0);
+    }
+
+    #[test]
+    fn rows_of_empty_shapes() {
+        let wide = DMatrix::<f32>::zeros(3, 0);
+        assert_eq!(softmax_rows(&wide).shape(), (3, 0));
+        assert_eq!(logsumexp_rows(&wide).as_slice(), &[f32::NEG_INFINITY; 3]);
+        let tall = DMatrix::<f64>::zeros(0, 4);
+        assert_eq!(log_softmax_rows(&tall).shape(), (0, 4));
+        assert_eq!(logsumexp_rows(&tall).len(), 0);
     }
 
     #[test]
