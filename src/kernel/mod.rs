@@ -316,17 +316,27 @@ fn product<T: Float>(a: &DMatrixView<'_, T>, b: &DMatrixView<'_, T>, right: Righ
             }
         }
     }
-    DMatrix::from_fn(n, p, |i, j| c[i * p_pad + j])
+    // C is row-major n_pad x p_pad; nalgebra wants column-major. A cache-blocked transpose
+    // (reading C down its columns element by element would stride by p_pad).
+    let mut columns = vec![T::zero(); n_pad * p_pad];
+    transpose::transpose(&c, &mut columns, p_pad, n_pad);
+    DMatrix::from_vec(n_pad, p_pad, columns)
+        .view((0, 0), (n, p))
+        .into_owned()
 }
 
 /// A (n x k) as row-major rows of length `width >= k` (zero beyond k), `rows_pad` rows.
 fn pack_rows_padded<T: Float>(a: &DMatrixView<'_, T>, rows_pad: usize, width: usize) -> Vec<T> {
+    let (n, k) = a.shape();
     let mut out = vec![T::zero(); rows_pad * width];
-    for t in 0..a.ncols() {
-        let col = a.column(t);
-        for (dst, &x) in out.iter_mut().skip(t).step_by(width).zip(col.as_slice()) {
-            *dst = x;
-        }
+    if n * k == 0 {
+        return out;
+    }
+    // Columns to rows with a cache-blocked transpose, then each row into its padded slot.
+    let mut rows = vec![T::zero(); n * k];
+    transpose::transpose(a.clone_owned().as_slice(), &mut rows, n, k);
+    for (dst, src) in out.chunks_exact_mut(width).zip(rows.chunks_exact(k)) {
+        dst[..k].copy_from_slice(src);
     }
     out
 }
