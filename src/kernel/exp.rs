@@ -331,6 +331,128 @@ pub(crate) mod avx2 {
     );
 }
 
+/// The AVX-512F kernels for f32: the AVX2 algorithm (same reduction, same polynomial, same
+/// special values) on 16 lanes, with mask registers for the underflow flush. Every function
+/// here is a safe `#[target_feature]` function: it may only be called where [`Isa::Avx512`]
+/// was obtained (an `unsafe` call site) or from another function compiled with the same
+/// features.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512 {
+    use super::*;
+    use core::arch::x86_64::*;
+
+    const MAGIC_F32: f32 = 12_582_912.0; // 1.5 * 2^23
+
+    /// Sixteen f32 from an array (unaligned load).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(crate) fn load16(x: &[f32; 16]) -> __m512 {
+        // SAFETY: `x` is 16 readable, contiguous f32; the load has no alignment requirement.
+        unsafe { _mm512_loadu_ps(x.as_ptr()) }
+    }
+
+    /// Stores sixteen f32 into an array (unaligned store).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(crate) fn store16(x: &mut [f32; 16], v: __m512) {
+        // SAFETY: `x` is 16 writable, contiguous f32; the store has no alignment requirement.
+        unsafe { _mm512_storeu_ps(x.as_mut_ptr(), v) }
+    }
+
+    /// `1 + r·q(r)`, Horner.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    fn poly(r: __m512, c: &[f32; 6]) -> __m512 {
+        let mut q = _mm512_set1_ps(c[5]);
+        q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(c[4]));
+        q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(c[3]));
+        q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(c[2]));
+        q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(c[1]));
+        q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(c[0]));
+        _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0))
+    }
+
+    /// `2ⁿ · p`, `n` taken from the magic-number sum `k`; zero below `lo` (NaN stays NaN:
+    /// the ordered comparison is false for it).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    fn scale(x: __m512, k: __m512, p: __m512, lo: f32) -> __m512 {
+        let e = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+            _mm512_castps_si512(k),
+            _mm512_set1_epi32(127 - MAGIC_F32.to_bits() as i32),
+        ));
+        let y = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+        let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, _mm512_set1_ps(lo));
+        _mm512_maskz_mov_ps(keep, y)
+    }
+
+    /// 16-lane `exp(x)`, valid for `x <= 88`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(crate) fn exp16(x: __m512) -> __m512 {
+        let magic = _mm512_set1_ps(MAGIC_F32);
+        let k = _mm512_fmadd_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E), magic);
+        let n = _mm512_sub_ps(k, magic);
+        // The Cephes split of ln 2, as in the AVX2 kernel.
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+        scale(x, k, poly(r, &EXP_F32_Q), EXP_F32_LO)
+    }
+
+    /// 16-lane `2ˣ`, valid for `x <= 127`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(crate) fn exp2_16(x: __m512) -> __m512 {
+        let magic = _mm512_set1_ps(MAGIC_F32);
+        let k = _mm512_add_ps(x, magic);
+        let r = _mm512_sub_ps(x, _mm512_sub_ps(k, magic));
+        scale(x, k, poly(r, &EXP2_F32_Q), EXP2_F32_LO)
+    }
+
+    macro_rules! slice_fn {
+        ($(#[$attr:meta])* $name:ident, $kern:ident, $hi:expr, $std:expr) => {
+            /// In place over a slice; lanes above the kernel's range are recomputed with `std`.
+            $(#[$attr])*
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            pub(crate) fn $name(xs: &mut [f32]) {
+                let exact: fn(f32) -> f32 = $std;
+                let (chunks, rest) = xs.as_chunks_mut::<16>();
+                for c in chunks {
+                    let x = load16(c);
+                    let big = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm512_set1_ps($hi)) != 0;
+                    let before = *c;
+                    store16(c, $kern(x));
+                    if big {
+                        for (y, &xi) in c.iter_mut().zip(&before) {
+                            if xi > $hi {
+                                *y = exact(xi);
+                            }
+                        }
+                    }
+                }
+                if !rest.is_empty() {
+                    let mut tmp = [0.0; 16];
+                    tmp[..rest.len()].copy_from_slice(rest);
+                    let before = tmp;
+                    let y = $kern(load16(&tmp));
+                    store16(&mut tmp, y);
+                    for ((r, &t), &xi) in rest.iter_mut().zip(&tmp).zip(&before) {
+                        *r = if xi > $hi { exact(xi) } else { t };
+                    }
+                }
+            }
+        };
+    }
+    slice_fn!(exp_f32, exp16, EXP_F32_HI, f32::exp);
+    slice_fn!(
+        #[cfg(test)]
+        exp2_f32,
+        exp2_16,
+        EXP2_F32_HI,
+        f32::exp2
+    );
+}
+
 /// The portable path: `std`'s functions with the same flush-to-zero rule as the vector
 /// kernels, so both paths agree on every special value.
 pub(crate) mod portable {
@@ -354,7 +476,7 @@ pub(crate) mod portable {
 }
 
 macro_rules! dispatch {
-    ($(#[$attr:meta])* $name:ident, $t:ty) => {
+    ($(#[$attr:meta])* $name:ident, $t:ty, $wide:ident) => {
         /// In place over a slice, on the instruction set `isa`.
         $(#[$attr])*
         pub(crate) fn $name(isa: Isa, xs: &mut [$t]) {
@@ -362,22 +484,29 @@ macro_rules! dispatch {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `Isa::Avx2Fma` is only constructed after detecting AVX2 and FMA.
                 Isa::Avx2Fma => unsafe { avx2::$name(xs) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `Isa::Avx512` is only constructed after detecting AVX-512F, AVX2 and
+                // FMA.
+                Isa::Avx512 => unsafe { $wide::$name(xs) },
                 Isa::Portable => portable::$name(xs),
             }
         }
     };
 }
-dispatch!(exp_f32, f32);
+dispatch!(exp_f32, f32, avx512);
 dispatch!(
     #[cfg(test)]
     exp2_f32,
-    f32
+    f32,
+    avx512
 );
-dispatch!(exp_f64, f64);
+// f64 keeps the AVX2 kernels on AVX-512 CPUs.
+dispatch!(exp_f64, f64, avx2);
 dispatch!(
     #[cfg(test)]
     exp2_f64,
-    f64
+    f64,
+    avx2
 );
 
 #[cfg(test)]
