@@ -1,5 +1,6 @@
-//! Vectorised `exp` and `exp2` for f32 (8 lanes) and f64 (4 lanes) on AVX2 + FMA, with a
-//! portable fallback that gives the same special values.
+//! Vectorised `exp` and `exp2` for f32 (8 lanes) and f64 (4 lanes) on AVX2 + FMA, for f32 on
+//! 16 lanes with AVX-512F (the same operations lane for lane, so the same bits as AVX2), with
+//! a portable fallback that gives the same special values.
 //!
 //! Algorithm (both precisions): range reduction `x = n·ln 2 + r` with `n = round(x·log₂e)`
 //! and `|r| <= ln 2 / 2` (for `exp2`: `x = n + r`, `|r| <= 1/2`), ln 2 split Cody–Waite style
@@ -586,6 +587,34 @@ mod tests {
     fn exp2_f32_within_one_ulp() {
         for (lo, hi) in [(-126.0, 0.0), (-1000.0, 0.0), (-1.0, 1.0), (0.0, 127.9)] {
             worst_f32(exp2_f32, f64::exp2, lo, hi, EXP2_F32_LO);
+        }
+    }
+
+    /// The AVX-512 kernels do the AVX2 kernels' operations lane for lane, so they must give
+    /// the same bits (every lane count: the slice tails take another code path).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn exp_f32_avx512_matches_avx2_bitwise() {
+        if !Isa::available().contains(&Isa::Avx512) {
+            return;
+        }
+        for len in [0, 1, 7, 15, 16, 17, 33, 400] {
+            let x: Vec<f32> = points(-130.0, 130.0, 200)
+                .into_iter()
+                .chain([f64::NAN, f64::NEG_INFINITY, f64::INFINITY])
+                .map(|v| v as f32)
+                .cycle()
+                .take(len)
+                .collect();
+            type Exp = fn(Isa, &mut [f32]);
+            for f in [exp_f32 as Exp, exp2_f32] {
+                let (mut a, mut b) = (x.clone(), x.clone());
+                f(Isa::Avx2Fma, &mut a);
+                f(Isa::Avx512, &mut b);
+                for ((ya, yb), xi) in a.iter().zip(&b).zip(&x) {
+                    assert_eq!(ya.to_bits(), yb.to_bits(), "x = {xi}: {ya} vs {yb}");
+                }
+            }
         }
     }
 

@@ -11,12 +11,14 @@
 //! C: c[i·c.stride + j]
 //! ```
 //!
-//! The AVX2 micro-kernel computes an MR x NR = 6 x 16 (f32) or 6 x 8 (f64) block of C in 12
-//! accumulator registers: per step t it loads two vectors of the panel row `B[t, ..]`,
-//! broadcasts `A[i, t]` for the six rows and issues 12 FMAs. A whole panel row is one cache
-//! line (f32) and A's six rows stream through L1, so the loop is bound by the loads and
-//! broadcasts, not by memory. The portable fallback is the same register blocking written
-//! with arrays, which compilers vectorise for the baseline target.
+//! Panels are NR = 32 (f32) or 8 (f64) columns wide. The AVX-512F micro-kernel (f32) computes
+//! a 6 x 32 block of C in 12 zmm accumulators: per step t it loads the two vectors of the
+//! panel row `B[t, ..]` (two cache lines), broadcasts `A[i, t]` for the six rows and issues
+//! 12 FMAs. The AVX2 micro-kernel computes a 6 x 16 (f32) or 6 x 8 (f64) block the same way
+//! in 12 ymm registers, once per 16-column half of an f32 panel. A's six rows stream through
+//! L1, so the loops are bound by the loads and broadcasts, not by memory. The portable
+//! fallback is the same register blocking written with arrays, which compilers vectorise for
+//! the baseline target.
 
 use crate::Float;
 

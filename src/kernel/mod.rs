@@ -57,16 +57,32 @@
 //! `s = scale · q·k · log₂e` and `2^(s − m)` is the softmax numerator `e^(scale·q·k − …)`
 //! with no per-score multiplication. With a softcap `c` the scores leave the product in
 //! natural units and are turned into `log₂e · (c·tanh(S/c) + bias)`; a bias alone is added as
-//! `log₂e · bias`. The exponential itself is a vectorised polynomial (AVX2 + FMA, chosen at
-//! run time, with a portable fallback; f32 within 1 ulp, f64 within 2.2e-16 relative).
+//! `log₂e · bias`. The exponential itself is a vectorised polynomial (chosen at run time:
+//! AVX-512F on 16 lanes for f32 where the CPU has it, else AVX2 + FMA, else a portable
+//! fallback; f32 within 1 ulp, f64 within 2.2e-16 relative).
 //!
 //! **Packing.** Q, K and V are copied once, at the start of a call, from the (column-major,
 //! possibly strided) nalgebra views into the row-major, zero-padded layouts the micro-kernel
-//! streams: Q·factor as rows, Kᵀ in panels of NR = 16 (f32) / 8 (f64) keys, V in panels of
+//! streams: Q·factor as rows, Kᵀ in panels of NR = 32 (f32) / 8 (f64) keys, V in panels of
 //! NR columns. That is O((n + m)·d) memory; the per-thread working set is one score tile and
 //! one accumulator tile, O(BR·(BC + d_v)), independent of n and m. The n x m score matrix is
-//! never built. The micro-kernel is a 6 x NR register block (12 AVX registers of
-//! accumulators) over those panels.
+//! never built.
+//!
+//! **Micro-kernels**, picked at run time by `Isa::detect` (AVX-512F, else AVX2 +
+//! FMA, else portable Rust):
+//!
+//! ```text
+//!   f32, AVX-512F   6 x 32 block: 12 zmm accumulators, per step 2 zmm loads of the panel row,
+//!                   6 broadcasts, 12 FMAs; softmax row step and rescale on 16 lanes
+//!   f32, AVX2+FMA   6 x 16 block: 12 ymm accumulators, run twice per 32-column panel
+//!   f64, either     6 x 8 block on ymm (AVX2 + FMA; f64 has no AVX-512 kernels yet)
+//! ```
+//!
+//! The f32 panel width is 32 on every instruction set, so packing does not depend on the
+//! CPU. On the Zen 5 development machine the AVX-512 path runs an n = m = 2048, d = 64
+//! attention in about 5.1-5.3 ms on one thread (about 200 GFLOP/s, 78% of the AVX-512 FMA
+//! peak), against 9.4-9.7 ms (about 113 GFLOP/s) for the AVX2 path; see
+//! `docs/performance.md`.
 //!
 //! **Threads.** Query tiles are independent: they share the packed inputs read-only and each
 //! writes its own rows of the output. They run in parallel on rayon (the current pool, or a
