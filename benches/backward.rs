@@ -1,5 +1,6 @@
 //! Backward vs forward attention, f32, d = 64: the tiled backward pass against the forward
-//! pass at the same shapes, without a mask and causal.
+//! pass at the same shapes (n = 256, 1024, 2048), without a mask and causal, on 1 and 2
+//! threads. Ids are `{forward|backward}/{mask}/t{threads}/{n}`.
 //!
 //! Run: `cargo bench --bench backward -- --warm-up-time 1 --measurement-time 3`
 
@@ -18,33 +19,45 @@ fn bench(c: &mut Criterion) {
     let d = 64;
     let mut group = c.benchmark_group("attention_f32_d64");
     group.sample_size(10);
-    for n in [256, 1024] {
+    for n in [256, 1024, 2048] {
         let (q, k, v, d_out) = (
             input(n, d, 0.1),
             input(n, d, 0.2),
             input(n, d, 0.3),
             input(n, d, 0.4),
         );
-        let opts = AttentionOptions::new();
-        for (name, mask) in [("none", Mask::none()), ("causal", Mask::causal())] {
-            group.bench_with_input(
-                BenchmarkId::new(format!("forward/{name}"), n),
-                &n,
-                |b, _| {
-                    b.iter(|| scaled_attention_with(black_box(&q), &k, &v, &mask, &opts).unwrap())
-                },
-            );
-            let forward = scaled_attention_with(&q, &k, &v, &mask, &opts).unwrap();
-            group.bench_with_input(
-                BenchmarkId::new(format!("backward/{name}"), n),
-                &n,
-                |b, _| {
-                    b.iter(|| {
-                        attention_backward(black_box(&q), &k, &v, &mask, &opts, &forward, &d_out)
+        for threads in [1, 2] {
+            let opts = AttentionOptions::new().threads(threads);
+            for (name, mask) in [("none", Mask::none()), ("causal", Mask::causal())] {
+                group.bench_with_input(
+                    BenchmarkId::new(format!("forward/{name}/t{threads}"), n),
+                    &n,
+                    |b, _| {
+                        b.iter(|| {
+                            scaled_attention_with(black_box(&q), &k, &v, &mask, &opts).unwrap()
+                        })
+                    },
+                );
+                let forward = scaled_attention_with(&q, &k, &v, &mask, &opts).unwrap();
+                group.bench_with_input(
+                    BenchmarkId::new(format!("backward/{name}/t{threads}"), n),
+                    &n,
+                    |b, _| {
+                        b.iter(|| {
+                            attention_backward(
+                                black_box(&q),
+                                &k,
+                                &v,
+                                &mask,
+                                &opts,
+                                &forward,
+                                &d_out,
+                            )
                             .unwrap()
-                    })
-                },
-            );
+                        })
+                    },
+                );
+            }
         }
     }
     group.finish();
