@@ -321,6 +321,8 @@ fn fully_masked_rows_are_exact_zeros() {
 /// The result does not depend on the number of threads, to the bit.
 #[test]
 fn threads_give_identical_bits() {
+    // n = 333 is 4 query tiles in f32 (7 in f64): enough that the pool really is used
+    // (calls with fewer than 4 tiles run on the calling thread).
     let c = seeded(333, 290, 40, 24, 6);
     let conv32 = |x: &DMatrix<f64>| x.map(|v| v as f32);
     let (q32, k32, v32) = (conv32(&c.q), conv32(&c.k), conv32(&c.v));
