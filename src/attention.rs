@@ -21,7 +21,7 @@
 //! is the plain O(n·m) oracle it is tested against, also used when the weights are asked for.
 
 use crate::Float;
-use crate::error::{Axis, Error, Result, check_positive};
+use crate::error::{Axis, Error, Result, check_finite, check_positive};
 use crate::kernel::forward::{Problem, forward};
 use crate::kernel::{self, Exec, Isa};
 use crate::mask::Mask;
@@ -230,20 +230,6 @@ pub(crate) struct Plan<T> {
     pub dv: usize,
     pub scale: T,
     pub softcap: Option<T>,
-}
-
-pub(crate) fn check_finite<T: Float>(arg: &'static str, x: &DMatrixView<'_, T>) -> Result<()> {
-    for j in 0..x.ncols() {
-        let col = x.column(j);
-        if let Some(i) = col.as_slice().iter().position(|v| !v.is_finite()) {
-            return Err(Error::NonFinite {
-                arg,
-                row: i,
-                col: j,
-            });
-        }
-    }
-    Ok(())
 }
 
 /// Checks shapes, finiteness and parameters; the one gate every attention path goes through.

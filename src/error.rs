@@ -225,6 +225,25 @@ pub(crate) fn check_positive<T: crate::Float>(name: &'static str, value: T) -> R
     }
 }
 
+/// Checks that every entry of a matrix is finite; the error names the first offending entry
+/// in column-major order (nalgebra's storage order).
+pub(crate) fn check_finite<T: crate::Float>(
+    arg: &'static str,
+    x: &nalgebra::DMatrixView<'_, T>,
+) -> Result<()> {
+    for j in 0..x.ncols() {
+        let col = x.column(j);
+        if let Some(i) = col.as_slice().iter().position(|v| !v.is_finite()) {
+            return Err(Error::NonFinite {
+                arg,
+                row: i,
+                col: j,
+            });
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -47,7 +47,7 @@
 //! through the crate's [`log_softmax`], so logits of ±1e4 (or 1e30) are fine.
 
 use crate::Float;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_finite};
 use crate::mask::Mask;
 use crate::softmax::{log_softmax, softmax};
 use nalgebra::{DMatrix, DMatrixView};
@@ -562,14 +562,7 @@ fn scored_targets<T: Float>(
             expected: n,
         });
     }
-    // nalgebra iterates column-major: the first non-finite entry of the first such column.
-    if let Some((idx, _)) = logits.iter().enumerate().find(|(_, x)| !x.is_finite()) {
-        return Err(Error::NonFinite {
-            arg: "logits",
-            row: idx % n,
-            col: idx / n,
-        });
-    }
+    check_finite("logits", logits)?;
     if n > 0 && loss_mask[n - 1] {
         return Err(Error::InvalidParameter {
             name: "loss_mask[n - 1]",

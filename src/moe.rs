@@ -22,7 +22,7 @@
 //! `L_bal` is 1 for perfectly uniform routing and up to E when every token picks one expert.
 
 use crate::Float;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_finite};
 use crate::softmax::{logsumexp, softmax_rows};
 use nalgebra::{DMatrix, DMatrixView};
 
@@ -76,16 +76,7 @@ pub fn route_top_k<'a, T: Float>(
             requirement: "must be between 1 and the number of experts",
         });
     }
-    if let Some((i, j)) = (0..n)
-        .flat_map(|i| (0..e).map(move |j| (i, j)))
-        .find(|&(i, j)| !logits[(i, j)].is_finite())
-    {
-        return Err(Error::NonFinite {
-            arg: "logits",
-            row: i,
-            col: j,
-        });
-    }
+    check_finite("logits", &logits)?;
     let probs = softmax_rows(logits);
     let mut experts = Vec::with_capacity(n);
     let mut gates = Vec::with_capacity(n);

@@ -4,10 +4,8 @@
 use super::gemm::{Mat, MatMut, gemm};
 use super::softmax::softmax_vjp_from_probs;
 use crate::Float;
-use crate::attention::{
-    AttentionOptions, AttentionOutput, Plan, check_finite, plan, scaled_attention_reference,
-};
-use crate::error::{Error, Result};
+use crate::attention::{AttentionOptions, AttentionOutput, Plan, plan, scaled_attention_reference};
+use crate::error::{Error, Result, check_finite};
 use crate::mask::{Block, Mask};
 use nalgebra::{DMatrix, DMatrixView};
 use rayon::prelude::*;
