@@ -9,7 +9,7 @@
 //! cargo run --example prefix_vs_causal
 //! ```
 
-use attention_math::lm::{Objective, Packed, Reduction, cross_entropy_grad};
+use attention_math::sheet::lm::{Objective, Packed, Reduction, cross_entropy_grad};
 use attention_math::{Mask, scaled_attention};
 use nalgebra::DMatrix;
 

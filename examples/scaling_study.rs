@@ -17,7 +17,7 @@
 //!
 //! See `docs/scaling.md` for the derivation and the results.
 
-use attention_math::scaling::{ScalingReport, ScalingStudy};
+use attention_math::sheet::scaling::{ScalingReport, ScalingStudy};
 use plotters::prelude::*;
 use std::error::Error;
 use std::path::{Path, PathBuf};
@@ -380,7 +380,7 @@ fn draw_sweep_to(
     let panels = root.split_evenly((2, 2));
     let d_max = sweep.rows.iter().map(|r| r.d_k).max().unwrap_or(1) as f64;
     let x_range = || (0.8..d_max * 1.25).log_scale();
-    let pts = |f: &dyn Fn(&attention_math::scaling::ScalingRow) -> (f64, f64)| {
+    let pts = |f: &dyn Fn(&attention_math::sheet::scaling::ScalingRow) -> (f64, f64)| {
         let unscaled: Vec<(f64, f64)> = sweep.rows.iter().map(|r| (r.d_k as f64, f(r).0)).collect();
         let scaled: Vec<(f64, f64)> = sweep.rows.iter().map(|r| (r.d_k as f64, f(r).1)).collect();
         (unscaled, scaled)

@@ -1,24 +1,7 @@
-//! Scaled dot-product attention: the public entry points and the reference implementation.
+//! Scaled dot-product attention: the entry points and the reference oracle.
 //!
-//! With Q (n x d), K (m x d), V (m x d_v), one row per token:
-//!
-//! ```text
-//! S_ij = scale · q_i · k_j                 scale = 1/√d unless overridden
-//! S_ij ← c · tanh(S_ij / c)                if a softcap c > 0 is given
-//! S_ij ← S_ij + B_ij                       if an additive bias B (n x m) is given
-//! S_ij ← −inf                              where the mask forbids (i, j)
-//! P_i  = softmax(S_i)                      all zeros if row i is fully masked
-//! O_i  = Σ_j P_ij v_j                      output, n x d_v
-//! lse_i = ln Σ_j exp(S_ij)                 −inf for a fully masked row
-//! ```
-//!
-//! The softcap squashes only the scaled dot products; the bias is added after it so that
-//! `-inf` entries of a bias act as a mask and position biases (ALiBi) are not squashed.
-//! With d = 0 every dot product is 0 and the weights are uniform over the allowed keys.
-//!
-//! [`scaled_attention`] and [`scaled_attention_with`] run the tiled [`kernel`](mod@crate::kernel)
-//! (O((n + m)·d) memory, mask-driven tile skipping, threads); [`scaled_attention_reference`]
-//! is the plain O(n·m) oracle it is tested against, also used when the weights are asked for.
+//! The math and the design are in `src/guide/attention.md`, rendered as
+//! [`crate::guide::attention`].
 
 use crate::Float;
 use crate::error::{Axis, Error, Result, check_finite, check_positive};
@@ -347,7 +330,7 @@ impl<T: Float> Plan<T> {
 /// a larger matrix), for `T` = `f32` or `f64`. The mask follows [`Mask`]'s polarity (`true`
 /// = may attend); a query row with no allowed key gets an output row of zeros.
 /// For a scale override, softcap, bias, the weights or the log-sum-exp, use
-/// [`scaled_attention_with`]; the full formula is in the [module docs](self).
+/// [`scaled_attention_with`]; the full formula is in the [guide](crate::guide::attention).
 ///
 /// # Errors
 ///
@@ -382,9 +365,9 @@ pub fn scaled_attention<'q, 'k, 'v, T: Float>(
 }
 
 /// Scaled dot-product attention with options: scale, softcap, bias, and the log-sum-exp
-/// and weights returned alongside the output. See the [module docs](self) for the formula.
+/// and weights returned alongside the output. See the [guide](crate::guide::attention) for the formula.
 ///
-/// This runs the tiled [`kernel`]: Q, K and V are packed once (O((n + m)·d)
+/// This runs the tiled [kernel](crate::guide::kernel): Q, K and V are packed once (O((n + m)·d)
 /// memory), the n x m scores are never built, tiles the mask rules out are skipped, and the
 /// work is spread over rayon threads as [`AttentionOptions::threads`] says, with the same
 /// bits for any thread count. Only if [`AttentionOptions::return_weights`] is set does it run

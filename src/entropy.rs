@@ -1,14 +1,7 @@
-//! Entropy and Kullback-Leibler divergence of discrete distributions.
+//! Entropy and KL divergence.
 //!
-//! ```text
-//! H(p)      = −Σ_i p_i ln p_i                 (nats; 0 ln 0 = 0)
-//! H(p)/ln 2                                   (bits)
-//! H(softmax(s)) = lse(s) − Σ_i p_i s_i        (from logits, stable)
-//! KL(p ‖ q) = Σ_i p_i ln(p_i / q_i)           (0 where p_i = 0, +inf where p_i > 0 = q_i)
-//! ```
-//!
-//! Probabilities are used as given, never renormalised: the entropy of the all-zero
-//! weights of a fully masked attention row is 0. For `m` outcomes, `0 <= H(p) <= ln m`.
+//! The math and the design are in `src/guide/entropy.md`, rendered as
+//! [`crate::guide::entropy`].
 
 use crate::Float;
 use crate::error::{Error, Result};

@@ -2,21 +2,23 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs)]
 
-pub mod attention;
-pub mod diagnostics;
-pub mod entropy;
-pub mod error;
-pub mod float;
-pub mod grad;
-pub mod kernel;
-pub mod lm;
-pub mod lora;
-pub mod mask;
-pub mod moe;
-pub mod multihead;
-pub mod preference;
-pub mod scaling;
-pub mod softmax;
+// The attention library: private modules, every public item re-exported below (one path
+// per item). Dependencies run one way, bottom to top:
+//   simd -> float, error -> softmax, entropy, mask -> attention (spec, reference, multi-head)
+//   -> kernel (pack, forward, backward, threads) -> the public entry points;
+//   grad (slice VJPs) sits beside softmax; sheet builds on all of it.
+mod attention;
+mod entropy;
+mod error;
+mod float;
+mod grad;
+mod kernel;
+mod mask;
+mod multihead;
+mod softmax;
+
+pub mod guide;
+pub mod sheet;
 
 pub use attention::{
     AttentionOptions, AttentionOutput, scaled_attention, scaled_attention_reference,
@@ -32,10 +34,9 @@ pub use grad::{
     AttentionGrads, attention_backward, attention_backward_reference, entropy_from_logits_grad,
     log_softmax_vjp, softmax_jacobian, softmax_jvp, softmax_vjp,
 };
-pub use lm::{CrossEntropy, Objective, Packed, Reduction, cross_entropy, cross_entropy_grad};
+pub use kernel::exp_in_place;
 pub use mask::{Block, Mask, MaskGrid};
 pub use multihead::{Heads, multi_head_attention};
-pub use scaling::ScalingStudy;
 pub use softmax::{
     log_softmax, log_softmax_in_place, log_softmax_rows, logsumexp, logsumexp_rows, softmax,
     softmax_in_place, softmax_rows, softmax_with_temperature,

@@ -1,37 +1,7 @@
-//! Attention masks: which keys each query may attend to.
+//! Attention masks.
 //!
-//! A [`Mask`] is a rule, not a matrix: it answers [`Mask::allows`]`(query, key)` for any
-//! pair of positions, so one value serves every sequence length. Polarity follows PyTorch
-//! SDPA's boolean masks: `true` means *may attend*. Masked scores become `-inf` before the
-//! softmax.
-//!
-//! | constructor | query `i` may attend to key `j` iff |
-//! |---|---|
-//! | [`Mask::none`] | always |
-//! | [`Mask::causal`] | `j <= i` (top-left aligned, PyTorch `is_causal`, JAX) |
-//! | [`Mask::causal_bottom_right`] | `j <= i + (m − n)` (FlashAttention, KV-cache decoding) |
-//! | [`Mask::prefix_lm`]`(p)` | `j < p` or `j <= i` |
-//! | [`Mask::sliding_window`]`(w)` | `i − w <= j <= i` (at most `w + 1` keys) |
-//! | [`Mask::key_padding`]`(len)` | `j < len` |
-//! | [`Mask::documents`]`(ids)` | `ids[i] == ids[j]` (packed sequences) |
-//! | [`Mask::from_fn`]`(f)` | `f(i, j)` |
-//!
-//! Masks combine with [`and`](Mask::and), [`or`](Mask::or) and [`not`](Mask::not); a
-//! packed batch of causal documents is `Mask::documents(ids).and(Mask::causal())`.
-//!
-//! Only the bottom-right causal mask depends on the shape (n queries, m keys): for it use
-//! [`Mask::allows_in`]; [`Mask::allows`] evaluates every rule as for a square n = m, where
-//! both causal alignments coincide.
-//!
-//! ```
-//! use attention_math::Mask;
-//!
-//! let mask = Mask::prefix_lm(2);
-//! assert_eq!(
-//!     mask.grid(4, 4).to_string(),
-//!     "x x . .\nx x . .\nx x x .\nx x x x\n"
-//! );
-//! ```
+//! The math and the design are in `src/guide/masks.md`, rendered as
+//! [`crate::guide::masks`].
 
 use crate::Float;
 use nalgebra::DMatrix;
@@ -39,7 +9,7 @@ use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
 
-/// A rule deciding which keys each query may attend to; see the [module docs](self) for the
+/// A rule deciding which keys each query may attend to; see the [guide](crate::guide::masks) for the
 /// rules and each constructor for an example.
 ///
 /// Cloning is cheap: closures and document ids are shared, not copied.

@@ -1,22 +1,7 @@
-//! Multi-head, grouped-query and multi-query attention (seed question 1).
+//! Multi-head, grouped-query and multi-query attention.
 //!
-//! The heads are stored side by side in the columns, as a projection `X W_Q` produces them:
-//! with H query heads and G key-value heads,
-//!
-//! ```text
-//! Q: n x (H·d)      K: m x (G·d)      V: m x (G·d_v)      output: n x (H·d_v)
-//! head h reads Q[:, h·d .. (h+1)·d] and the K, V columns of group g = h / (H/G)
-//! O[:, h·d_v .. (h+1)·d_v] = attention(Q_h, K_g, V_g)
-//! ```
-//!
-//! G = H is multi-head attention (Vaswani et al.), G = 1 multi-query attention (Shazeer),
-//! 1 < G < H grouped-query attention (Ainslie et al., Llama 2/3): the key-value cache shrinks
-//! by H/G while every query head keeps its own projection.
-//!
-//! Each head is one call of [`scaled_attention_with`](crate::scaled_attention_with) on
-//! column views; mask and options (scale, softcap, bias, threads) are shared by every head.
-//! Heads run in parallel on rayon (as [`AttentionOptions::threads`] says), with the same
-//! bits for any thread count.
+//! The math and the design are in `src/guide/multi_head.md`, rendered as
+//! [`crate::guide::multi_head`].
 
 use crate::Float;
 use crate::attention::{AttentionOptions, AttentionOutput, problem, run};
@@ -143,7 +128,7 @@ fn head_width(arg: &'static str, cols: usize, heads: usize) -> Result<usize> {
 }
 
 /// Multi-head / grouped-query attention: every query head attends with its group's keys and
-/// values; the head outputs are concatenated in the columns. See the [module docs](self).
+/// values; the head outputs are concatenated in the columns. See the [guide](crate::guide::multi_head).
 ///
 /// Shapes: `q` n x (H·d), `k` m x (G·d), `v` m x (G·d_v); result n x (H·d_v).
 ///

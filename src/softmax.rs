@@ -1,26 +1,7 @@
-//! Softmax, log-softmax and log-sum-exp, on slices and on matrix rows.
+//! Softmax, log-softmax and log-sum-exp.
 //!
-//! All three subtract the maximum before exponentiating, so every finite input works,
-//! including logits of ±1e30:
-//!
-//! ```text
-//! lse(x)          = max(x) + ln Σ_j exp(x_j − max(x))
-//! softmax(x)_i    = exp(x_i − lse(x))
-//! log_softmax(x)_i = x_i − lse(x)
-//! ```
-//!
-//! Edge cases follow the limits of these formulas, never NaN where the math has an answer:
-//!
-//! | input | `logsumexp` | `softmax` | `log_softmax` |
-//! |---|---|---|---|
-//! | empty | `-inf` (ln of an empty sum) | empty | empty |
-//! | some `-inf` entries | ignores them | `0` there | `-inf` there |
-//! | all entries `-inf` (a fully masked row) | `-inf` | all `0` | all `-inf` |
-//! | `c` entries `+inf` | `+inf` | `1/c` on them, `0` elsewhere | `-ln c` on them, `-inf` elsewhere |
-//! | any NaN | NaN | all NaN | all NaN |
-//!
-//! The all-`-inf` row giving zeros (not `1/m`) is what attention needs: a query that may
-//! attend to nothing receives nothing.
+//! The math and the design are in `src/guide/softmax.md`, rendered as
+//! [`crate::guide::softmax`].
 
 use crate::Float;
 use crate::error::{Result, check_positive};

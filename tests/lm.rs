@@ -1,6 +1,6 @@
 //! Tests of the `lm` module: objectives, packed rows and the masked cross-entropy.
 
-use attention_math::lm::{
+use attention_math::sheet::lm::{
     CrossEntropy, Objective, Packed, Reduction, cross_entropy, cross_entropy_grad,
 };
 use attention_math::{Block, Error, Float, Mask, scaled_attention};

@@ -8,7 +8,9 @@
 //! every run checks the same cases. The exact-arithmetic properties (the Jacobian against
 //! the crate's explicit `softmax_jacobian` matrix) have tolerances derived from rounding.
 
-use attention_math::scaling::{Components, ScalingReport, ScalingStudy, softmax_jacobian_fro};
+use attention_math::sheet::scaling::{
+    Components, ScalingReport, ScalingStudy, softmax_jacobian_fro,
+};
 use attention_math::{softmax, softmax_jacobian};
 use proptest::prelude::*;
 use proptest::test_runner::RngSeed;

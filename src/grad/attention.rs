@@ -61,7 +61,7 @@ fn check_d_out<T: Float>(d_out: &DMatrixView<'_, T>, n: usize, dv: usize) -> Res
 
 /// The reference backward pass: recomputes the forward pass with
 /// [`scaled_attention_reference`](crate::scaled_attention_reference), materialising the
-/// n x m weights P, and applies the formulas of the [module docs](crate::grad) matrix by
+/// n x m weights P, and applies the formulas of the [guide](crate::guide::gradients) matrix by
 /// matrix (`dS` row by row with the softmax VJP, `⟨dP_i, P_i⟩` as the row correction).
 ///
 /// O(n·m) memory; deliberately plain, the oracle [`attention_backward`] is tested against.
@@ -148,7 +148,7 @@ pub fn attention_backward_reference<'q, 'k, 'v, 'g, T: Float>(
 /// saved log-sum-exp, so the extra memory is O(tile) (plus O(n) for the row corrections
 /// `D_i = ⟨dO_i, O_i⟩`), never n x m. Blocks that the mask rules out entirely (see
 /// [`Mask::classify`]) are skipped, and the mask is evaluated only in blocks it cuts. The
-/// formulas are in the [module docs](crate::grad). Fully masked rows get zero gradients,
+/// formulas are in the [guide](crate::guide::gradients). Fully masked rows get zero gradients,
 /// never NaN.
 ///
 /// Work is spread over rayon's thread pool in two passes (dK, dV and d bias over key

@@ -29,7 +29,7 @@
 //! # Examples
 //!
 //! ```
-//! use attention_math::scaling::ScalingStudy;
+//! use attention_math::sheet::scaling::ScalingStudy;
 //!
 //! let report = ScalingStudy::new().d_k([4, 256]).keys(16).trials(200).seed(7).run()?;
 //! let (small, large) = (&report.rows[0], &report.rows[1]);
@@ -59,7 +59,7 @@ use std::fmt;
 /// # Examples
 ///
 /// ```
-/// use attention_math::scaling::{Components, ScalingStudy};
+/// use attention_math::sheet::scaling::{Components, ScalingStudy};
 ///
 /// assert_eq!(Components::default(), Components::StandardNormal);
 /// let r = ScalingStudy::new()
@@ -91,7 +91,7 @@ pub enum Components {
 /// # Examples
 ///
 /// ```
-/// use attention_math::scaling::ScalingStudy;
+/// use attention_math::sheet::scaling::ScalingStudy;
 ///
 /// let study = ScalingStudy::new();
 /// assert_eq!(study.d_k_list(), &[4, 64, 256]);
@@ -130,7 +130,7 @@ impl ScalingStudy {
     /// # Examples
     ///
     /// ```
-    /// use attention_math::scaling::ScalingStudy;
+    /// use attention_math::sheet::scaling::ScalingStudy;
     ///
     /// assert_eq!(ScalingStudy::new().d_k_list(), &[4, 64, 256]);
     /// ```
@@ -143,7 +143,7 @@ impl ScalingStudy {
     /// # Examples
     ///
     /// ```
-    /// use attention_math::scaling::{Components, ScalingStudy};
+    /// use attention_math::sheet::scaling::{Components, ScalingStudy};
     ///
     /// let study = ScalingStudy::new().d_k([8, 32]).keys(16).trials(100).components(Components::Uniform).seed(1);
     /// assert_eq!(study.d_k_list(), &[8, 32]);
@@ -203,7 +203,7 @@ impl ScalingStudy {
     /// # Examples
     ///
     /// ```
-    /// use attention_math::{Error, scaling::ScalingStudy};
+    /// use attention_math::{Error, sheet::scaling::ScalingStudy};
     ///
     /// assert!(matches!(ScalingStudy::new().d_k([]).run(), Err(Error::Empty { .. })));
     /// let err = ScalingStudy::new().d_k([4, 0]).run().unwrap_err();
@@ -371,7 +371,7 @@ fn sample_variance(x: impl Iterator<Item = f64> + Clone) -> f64 {
 /// # Examples
 ///
 /// ```
-/// use attention_math::scaling::ScalingStudy;
+/// use attention_math::sheet::scaling::ScalingStudy;
 ///
 /// let r = ScalingStudy::new().d_k([256]).trials(400).run()?;
 /// let (u, s) = (&r.rows[0].unscaled, &r.rows[0].scaled);
@@ -514,7 +514,7 @@ impl RowSamples {
 /// # Examples
 ///
 /// ```
-/// use attention_math::scaling::ScalingStudy;
+/// use attention_math::sheet::scaling::ScalingStudy;
 ///
 /// let r = ScalingStudy::new().d_k([4, 16]).keys(8).trials(10).run()?;
 /// let s = &r.samples;
@@ -579,7 +579,7 @@ impl ScalingReport {
     /// # Examples
     ///
     /// ```
-    /// use attention_math::scaling::ScalingReport;
+    /// use attention_math::sheet::scaling::ScalingReport;
     ///
     /// assert_eq!(ScalingReport::SEED_COLUMNS[3], "logit_var (/√d_k)");
     /// assert_eq!(ScalingReport::COLUMNS[..12], ScalingReport::SEED_COLUMNS);
@@ -631,7 +631,7 @@ impl ScalingReport {
     /// # Examples
     ///
     /// ```
-    /// use attention_math::scaling::ScalingStudy;
+    /// use attention_math::sheet::scaling::ScalingStudy;
     ///
     /// let csv = ScalingStudy::new().d_k([4]).trials(20).run()?.to_csv();
     /// let mut lines = csv.lines();
@@ -749,7 +749,7 @@ fn decimals_needed(x: f64) -> usize {
 /// ‖J‖_F² = Σ_i p_i² − 2 Σ_i p_i³ + (Σ_i p_i²)²
 /// ```
 ///
-/// This is `softmax_jacobian(s).norm()` (see [`crate::grad`]) without forming the m x m
+/// This is `softmax_jacobian(s).norm()` (see [the gradients guide](crate::guide::gradients)) without forming the m x m
 /// matrix. The backward pass of a softmax maps an upstream gradient `g` to `Jᵀ g`, so `‖J‖_F`
 /// measures how much gradient survives the softmax: about `1/√m` for a uniform `p`, at most
 /// 1/2 (two outcomes at 1/2 each) and 0 for a one-hot `p`.
@@ -764,7 +764,7 @@ fn decimals_needed(x: f64) -> usize {
 /// # Examples
 ///
 /// ```
-/// use attention_math::{scaling::softmax_jacobian_fro, softmax};
+/// use attention_math::{sheet::scaling::softmax_jacobian_fro, softmax};
 ///
 /// // Two outcomes at 1/2: J = [[1/4, -1/4], [-1/4, 1/4]], ‖J‖_F = 1/2.
 /// assert!((softmax_jacobian_fro(&[0.5_f64, 0.5]) - 0.5).abs() < 1e-15);

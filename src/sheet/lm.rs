@@ -62,7 +62,7 @@ use std::ops::Range;
 /// The seed's `[A, B, C, D | a, b, c, d]`, n = 8 with a prefix of 4:
 ///
 /// ```
-/// use attention_math::lm::Objective;
+/// use attention_math::sheet::lm::Objective;
 ///
 /// let causal = Objective::Causal;
 /// let prefix = Objective::PrefixLm { prefix_len: 4 };
@@ -101,7 +101,7 @@ impl Objective {
     /// # Examples
     ///
     /// ```
-    /// use attention_math::lm::Objective;
+    /// use attention_math::sheet::lm::Objective;
     ///
     /// assert_eq!(Objective::Causal.condition_len(), 0);
     /// assert_eq!(Objective::PromptMasked { prompt_len: 3 }.condition_len(), 3);
@@ -121,7 +121,7 @@ impl Objective {
     /// # Examples
     ///
     /// ```
-    /// use attention_math::lm::Objective;
+    /// use attention_math::sheet::lm::Objective;
     ///
     /// let m = Objective::PrefixLm { prefix_len: 2 }.attention_mask();
     /// assert_eq!(m.grid(4, 4).to_string(), "x x . .\nx x . .\nx x x .\nx x x x\n");
@@ -139,7 +139,7 @@ impl Objective {
     /// # Examples
     ///
     /// ```
-    /// use attention_math::lm::Objective;
+    /// use attention_math::sheet::lm::Objective;
     ///
     /// assert_eq!(Objective::Causal.scored_positions(5), 0..4);
     /// assert_eq!(Objective::PrefixLm { prefix_len: 2 }.scored_positions(5), 1..4);
@@ -156,7 +156,7 @@ impl Objective {
     /// # Examples
     ///
     /// ```
-    /// use attention_math::lm::Objective;
+    /// use attention_math::sheet::lm::Objective;
     ///
     /// assert_eq!(Objective::Causal.scored_count(8), 7);
     /// assert_eq!(Objective::PrefixLm { prefix_len: 4 }.scored_count(8), 4);
@@ -173,7 +173,7 @@ impl Objective {
     /// # Examples
     ///
     /// ```
-    /// use attention_math::lm::Objective;
+    /// use attention_math::sheet::lm::Objective;
     ///
     /// let m = Objective::PrefixLm { prefix_len: 2 }.loss_mask(5);
     /// assert_eq!(m, [false, true, true, true, false]);
@@ -193,7 +193,7 @@ impl Objective {
     /// # Examples
     ///
     /// ```
-    /// use attention_math::lm::Objective;
+    /// use attention_math::sheet::lm::Objective;
     /// use nalgebra::DMatrix;
     ///
     /// // Uniform logits over a vocabulary of 3: every scored position costs ln 3.
@@ -242,7 +242,7 @@ impl fmt::Display for Objective {
 /// # Examples
 ///
 /// ```
-/// use attention_math::lm::{Objective, Packed};
+/// use attention_math::sheet::lm::{Objective, Packed};
 ///
 /// let row = Packed::new([
 ///     (3, Objective::PrefixLm { prefix_len: 2 }),
@@ -273,7 +273,7 @@ impl Packed {
     /// # Examples
     ///
     /// ```
-    /// use attention_math::lm::{Objective, Packed};
+    /// use attention_math::sheet::lm::{Objective, Packed};
     ///
     /// let row = Packed::new([(2, Objective::Causal), (0, Objective::Causal), (1, Objective::Causal)]);
     /// assert_eq!(row.len(), 3);
@@ -295,7 +295,7 @@ impl Packed {
     /// # Examples
     ///
     /// ```
-    /// use attention_math::lm::{Objective, Packed};
+    /// use attention_math::sheet::lm::{Objective, Packed};
     ///
     /// assert_eq!(Packed::new([(4, Objective::Causal), (3, Objective::Causal)]).len(), 7);
     /// ```
@@ -308,7 +308,7 @@ impl Packed {
     /// # Examples
     ///
     /// ```
-    /// use attention_math::lm::Packed;
+    /// use attention_math::sheet::lm::Packed;
     ///
     /// assert!(Packed::new([]).is_empty());
     /// ```
@@ -321,7 +321,7 @@ impl Packed {
     /// # Examples
     ///
     /// ```
-    /// use attention_math::lm::{Objective, Packed};
+    /// use attention_math::sheet::lm::{Objective, Packed};
     ///
     /// let row = Packed::new([(1, Objective::Causal), (2, Objective::Causal)]);
     /// assert_eq!(row.document_ids(), &[0, 1, 1]);
@@ -336,7 +336,7 @@ impl Packed {
     /// # Examples
     ///
     /// ```
-    /// use attention_math::lm::{Objective, Packed};
+    /// use attention_math::sheet::lm::{Objective, Packed};
     ///
     /// let row = Packed::new([(2, Objective::Causal), (3, Objective::PrefixLm { prefix_len: 1 })]);
     /// assert_eq!(row.documents()[1], (2..5, Objective::PrefixLm { prefix_len: 1 }));
@@ -359,7 +359,7 @@ impl Packed {
     /// # Examples
     ///
     /// ```
-    /// use attention_math::lm::{Objective, Packed};
+    /// use attention_math::sheet::lm::{Objective, Packed};
     /// use attention_math::Block;
     ///
     /// let row = Packed::new([(4, Objective::Causal), (4, Objective::PrefixLm { prefix_len: 3 })]);
@@ -394,7 +394,7 @@ impl Packed {
     /// # Examples
     ///
     /// ```
-    /// use attention_math::lm::{Objective, Packed};
+    /// use attention_math::sheet::lm::{Objective, Packed};
     ///
     /// let row = Packed::new([(3, Objective::Causal), (2, Objective::Causal)]);
     /// // Position 2 ends document 0: it does not predict position 3.
@@ -424,7 +424,7 @@ impl Packed {
     /// # Examples
     ///
     /// ```
-    /// use attention_math::lm::{Objective, Packed};
+    /// use attention_math::sheet::lm::{Objective, Packed};
     /// use nalgebra::DMatrix;
     ///
     /// let row = Packed::new([(3, Objective::Causal), (3, Objective::PromptMasked { prompt_len: 2 })]);
@@ -469,7 +469,7 @@ fn keys_in(ranges: &[Range<usize>]) -> Mask {
 /// # Examples
 ///
 /// ```
-/// use attention_math::lm::Reduction;
+/// use attention_math::sheet::lm::Reduction;
 ///
 /// assert_ne!(Reduction::Mean, Reduction::Sum);
 /// ```
@@ -486,7 +486,7 @@ pub enum Reduction {
 /// # Examples
 ///
 /// ```
-/// use attention_math::lm::cross_entropy;
+/// use attention_math::sheet::lm::cross_entropy;
 /// use nalgebra::dmatrix;
 ///
 /// let logits = dmatrix![0.0_f64, 0.0; 0.0, 0.0];
@@ -516,7 +516,7 @@ impl<T: Float> CrossEntropy<T> {
     /// # Examples
     ///
     /// ```
-    /// use attention_math::lm::cross_entropy;
+    /// use attention_math::sheet::lm::cross_entropy;
     /// use nalgebra::DMatrix;
     ///
     /// let logits = DMatrix::<f32>::zeros(2, 5);
@@ -614,7 +614,7 @@ fn row_of<T: Float>(logits: &DMatrixView<'_, T>, i: usize) -> Vec<T> {
 /// # Examples
 ///
 /// ```
-/// use attention_math::lm::cross_entropy;
+/// use attention_math::sheet::lm::cross_entropy;
 /// use nalgebra::dmatrix;
 ///
 /// // Two positions, vocabulary of 2; only position 0 is scored, and it predicts tokens[1].
@@ -666,7 +666,7 @@ pub fn cross_entropy<'a, T: Float>(
 /// # Examples
 ///
 /// ```
-/// use attention_math::lm::{cross_entropy_grad, Reduction};
+/// use attention_math::sheet::lm::{cross_entropy_grad, Reduction};
 /// use nalgebra::dmatrix;
 ///
 /// let logits = dmatrix![0.0_f64, 0.0; 3.0, 1.0; 0.0, 0.0];

@@ -49,7 +49,7 @@ pub struct AttentionDiagnostics<T: Float> {
 /// # Examples
 ///
 /// ```
-/// use attention_math::diagnostics::diagnose;
+/// use attention_math::sheet::diagnostics::diagnose;
 /// use attention_math::{AttentionOptions, Mask};
 /// use nalgebra::DMatrix;
 ///
@@ -106,7 +106,7 @@ pub fn diagnose<'q, 'k, T: Float>(
 /// # Examples
 ///
 /// ```
-/// use attention_math::diagnostics::softcap;
+/// use attention_math::sheet::diagnostics::softcap;
 ///
 /// assert!((softcap(0.1_f64, 50.0)? - 0.1).abs() < 1e-6);
 /// assert!((softcap(1e6_f64, 50.0)? - 50.0).abs() < 1e-12);
@@ -129,7 +129,7 @@ pub fn softcap<T: Float>(x: T, c: T) -> Result<T> {
 /// # Examples
 ///
 /// ```
-/// use attention_math::diagnostics::rms_normalize_rows;
+/// use attention_math::sheet::diagnostics::rms_normalize_rows;
 /// use nalgebra::dmatrix;
 ///
 /// let x = dmatrix![3.0_f64, 4.0; 0.0, 0.0];

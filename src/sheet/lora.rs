@@ -52,7 +52,7 @@ fn check_inner(
 /// # Examples
 ///
 /// ```
-/// use attention_math::lora::LoraLinear;
+/// use attention_math::sheet::lora::LoraLinear;
 /// use nalgebra::DMatrix;
 ///
 /// let w = DMatrix::<f64>::identity(4, 4);
@@ -90,7 +90,7 @@ impl<T: Float> LoraLinear<T> {
     /// # Examples
     ///
     /// ```
-    /// use attention_math::lora::LoraLinear;
+    /// use attention_math::sheet::lora::LoraLinear;
     /// use nalgebra::DMatrix;
     ///
     /// let layer = LoraLinear::new(DMatrix::<f32>::zeros(8, 6), 2, 16.0)?;
@@ -131,7 +131,7 @@ impl<T: Float> LoraLinear<T> {
     /// # Examples
     ///
     /// ```
-    /// # use attention_math::lora::LoraLinear;
+    /// # use attention_math::sheet::lora::LoraLinear;
     /// # use nalgebra::DMatrix;
     /// assert_eq!(LoraLinear::new(DMatrix::<f64>::zeros(3, 3), 2, 1.0)?.rank(), 2);
     /// # Ok::<(), attention_math::Error>(())
@@ -145,7 +145,7 @@ impl<T: Float> LoraLinear<T> {
     /// # Examples
     ///
     /// ```
-    /// # use attention_math::lora::LoraLinear;
+    /// # use attention_math::sheet::lora::LoraLinear;
     /// # use nalgebra::DMatrix;
     /// assert_eq!(LoraLinear::new(DMatrix::<f64>::zeros(3, 3), 2, 1.0)?.scaling(), 0.5);
     /// # Ok::<(), attention_math::Error>(())
@@ -209,7 +209,7 @@ impl<T: Float> LoraLinear<T> {
     /// # Examples
     ///
     /// ```
-    /// use attention_math::lora::LoraLinear;
+    /// use attention_math::sheet::lora::LoraLinear;
     /// use nalgebra::DMatrix;
     ///
     /// let mut layer = LoraLinear::new(DMatrix::<f64>::identity(3, 3), 1, 2.0)?;
@@ -234,7 +234,7 @@ impl<T: Float> LoraLinear<T> {
     /// # Examples
     ///
     /// ```
-    /// # use attention_math::lora::LoraLinear;
+    /// # use attention_math::sheet::lora::LoraLinear;
     /// # use nalgebra::DMatrix;
     /// let layer = LoraLinear::new(DMatrix::<f32>::zeros(4096, 4096), 8, 16.0)?;
     /// assert_eq!(layer.trainable_parameters(), 65_536); // 0.4% of 16.8M
@@ -250,7 +250,7 @@ impl<T: Float> LoraLinear<T> {
 /// # Examples
 ///
 /// ```
-/// use attention_math::lora::BottleneckAdapter;
+/// use attention_math::sheet::lora::BottleneckAdapter;
 /// use nalgebra::{dmatrix, DMatrix};
 ///
 /// let adapter = BottleneckAdapter::new(dmatrix![1.0_f64; -1.0], dmatrix![2.0_f64, 0.0])?;
@@ -275,7 +275,7 @@ impl<T: Float> BottleneckAdapter<T> {
     /// # Examples
     ///
     /// ```
-    /// use attention_math::lora::BottleneckAdapter;
+    /// use attention_math::sheet::lora::BottleneckAdapter;
     /// use nalgebra::DMatrix;
     ///
     /// assert!(BottleneckAdapter::new(DMatrix::<f64>::zeros(4, 2), DMatrix::zeros(2, 3)).is_err());

@@ -23,7 +23,7 @@ use crate::softmax::logsumexp;
 /// # Examples
 ///
 /// ```
-/// use attention_math::preference::log_sigmoid;
+/// use attention_math::sheet::preference::log_sigmoid;
 ///
 /// assert!((log_sigmoid(0.0_f64) + 2.0_f64.ln()).abs() < 1e-15);
 /// assert_eq!(log_sigmoid(-1000.0_f64), -1000.0);
@@ -39,7 +39,7 @@ pub fn log_sigmoid<T: Float>(x: T) -> T {
 /// # Examples
 ///
 /// ```
-/// use attention_math::preference::reward_model_loss;
+/// use attention_math::sheet::preference::reward_model_loss;
 ///
 /// assert!((reward_model_loss(1.0_f64, 1.0) - 2.0_f64.ln()).abs() < 1e-15);
 /// assert!(reward_model_loss(5.0_f64, -5.0) < 1e-4);
@@ -73,7 +73,7 @@ pub struct PairLogProbs<T: Float> {
 /// # Examples
 ///
 /// ```
-/// use attention_math::preference::{dpo_loss, PairLogProbs};
+/// use attention_math::sheet::preference::{dpo_loss, PairLogProbs};
 ///
 /// // The policy has not moved from the reference: the loss is ln 2.
 /// let same = PairLogProbs { policy_chosen: -3.0_f64, policy_rejected: -4.0,
@@ -113,7 +113,7 @@ pub fn dpo_loss<T: Float>(pair: &PairLogProbs<T>, beta: T) -> Result<T> {
 /// # Examples
 ///
 /// ```
-/// use attention_math::preference::ppo_clipped_loss;
+/// use attention_math::sheet::preference::ppo_clipped_loss;
 ///
 /// // The ratio e^1 ≈ 2.72 is clipped to 1.2 for a positive advantage.
 /// let loss = ppo_clipped_loss(&[0.0_f64], &[-1.0], &[2.0], 0.2)?;

@@ -52,7 +52,7 @@ pub struct Routing<T: Float> {
 /// # Examples
 ///
 /// ```
-/// use attention_math::moe::route_top_k;
+/// use attention_math::sheet::moe::route_top_k;
 /// use nalgebra::dmatrix;
 ///
 /// let logits = dmatrix![2.0_f64, 0.0, 1.0, 0.0];
@@ -114,7 +114,7 @@ pub fn route_top_k<'a, T: Float>(
 /// # Examples
 ///
 /// ```
-/// use attention_math::moe::{load_balancing_loss, route_top_k};
+/// use attention_math::sheet::moe::{load_balancing_loss, route_top_k};
 /// use nalgebra::DMatrix;
 ///
 /// // Equal logits: uniform probabilities, and ties sent to expert 0 (f = (1, 0, 0, 0)).
@@ -150,7 +150,7 @@ pub fn load_balancing_loss<T: Float>(routing: &Routing<T>) -> Result<T> {
 /// # Examples
 ///
 /// ```
-/// use attention_math::moe::router_z_loss;
+/// use attention_math::sheet::moe::router_z_loss;
 /// use nalgebra::dmatrix;
 ///
 /// let z = dmatrix![0.0_f64, 0.0; 1.0, 1.0];

@@ -1,0 +1,21 @@
+//! The study sheet's questions, as code: each module answers one question of the LLM study
+//! sheet this crate grew from, on top of the attention library at the crate root.
+//!
+//! | question | module |
+//! |---|---|
+//! | Q2 why attention divides by √d_k | [`scaling`]: the sheet's simulation, its table and histograms, the softmax Jacobian and the query gradient |
+//! | Q3 LoRA and adapters | [`lora`]: LoRA-adapted linear layers (forward, merge, unmerge) and bottleneck adapters |
+//! | Q4 dense vs mixture of experts | [`moe`]: softmax top-k routing, the load-balancing loss and the router z-loss |
+//! | Q5 prefix LM vs causal LM | [`lm`]: attention and loss masks from one spec, packed rows, masked cross-entropy |
+//! | Q6 RLHF | [`preference`]: reward-model (Bradley-Terry), DPO and PPO-clip losses |
+//! | Q7 loss spikes | [`diagnostics`]: max logit and attention entropy, softcap, QK-norm |
+//!
+//! Q1 (self-attention vs RNN) is answered by the library itself:
+//! [`multi_head_attention`](crate::multi_head_attention) and the attention functions.
+
+pub mod diagnostics;
+pub mod lm;
+pub mod lora;
+pub mod moe;
+pub mod preference;
+pub mod scaling;
