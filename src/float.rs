@@ -1,6 +1,6 @@
 //! The scalar trait: what the crate needs of a float, implemented for `f32` and `f64` only.
 
-use crate::kernel::elem::KernelFloat;
+use crate::simd::Element;
 use nalgebra::RealField;
 use std::fmt::{Debug, Display};
 
@@ -13,7 +13,8 @@ mod sealed {
 /// A floating-point scalar the crate computes in: `f32` or `f64`.
 ///
 /// It extends [`nalgebra::RealField`] (which supplies `exp`, `ln`, `sqrt`, `tanh`, `max`, ...)
-/// with the few constants and conversions attention needs. The trait is sealed: like
+/// with the few constants and conversions attention needs, and with the crate's private
+/// vector capabilities (the SIMD layer's element trait, which users cannot name). The trait is sealed: like
 /// ndarray's `NdFloat`, it exists to write code once for both precisions, not to be
 /// implemented for other types.
 ///
@@ -30,7 +31,7 @@ mod sealed {
 /// assert_eq!(f32::NEG_INFINITY, <f32 as Float>::NEG_INFINITY);
 /// ```
 pub trait Float:
-    RealField + Copy + Default + Debug + Display + Send + Sync + sealed::Sealed + KernelFloat + 'static
+    RealField + Copy + Default + Debug + Display + Send + Sync + sealed::Sealed + Element + 'static
 {
     /// Negative infinity: the score of a masked-out key.
     const NEG_INFINITY: Self;

@@ -4,8 +4,9 @@
 
 // The attention library: private modules, every public item re-exported below (one path
 // per item). Dependencies run one way, bottom to top:
-//   simd -> float, error -> softmax, entropy, mask -> attention (spec, reference, multi-head)
-//   -> kernel (pack, forward, backward, threads) -> the public entry points;
+//   simd -> float, error -> softmax, entropy, mask -> spec (options, plan, problem)
+//   -> kernel (pack, forward, backward, threads) -> attention, multihead, grad (the public
+//   entry points);
 //   grad (slice VJPs) sits beside softmax; sheet builds on all of it.
 mod attention;
 mod entropy;
@@ -15,15 +16,14 @@ mod grad;
 mod kernel;
 mod mask;
 mod multihead;
+mod simd;
 mod softmax;
+mod spec;
 
 pub mod guide;
 pub mod sheet;
 
-pub use attention::{
-    AttentionOptions, AttentionOutput, scaled_attention, scaled_attention_reference,
-    scaled_attention_with,
-};
+pub use attention::{scaled_attention, scaled_attention_reference, scaled_attention_with};
 pub use entropy::{
     entropy, entropy_bits, entropy_from_logits, entropy_from_logits_rows, entropy_rows,
     kl_divergence,
@@ -34,10 +34,11 @@ pub use grad::{
     AttentionGrads, attention_backward, attention_backward_reference, entropy_from_logits_grad,
     log_softmax_vjp, softmax_jacobian, softmax_jvp, softmax_vjp,
 };
-pub use kernel::exp_in_place;
 pub use mask::{Block, Mask, MaskGrid};
 pub use multihead::{Heads, multi_head_attention};
+pub use spec::{AttentionOptions, AttentionOutput};
+pub use simd::{InstructionSet, instruction_set};
 pub use softmax::{
-    log_softmax, log_softmax_in_place, log_softmax_rows, logsumexp, logsumexp_rows, softmax,
+    exp_in_place, log_softmax, log_softmax_in_place, log_softmax_rows, logsumexp, logsumexp_rows, softmax,
     softmax_in_place, softmax_rows, softmax_with_temperature,
 };

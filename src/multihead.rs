@@ -4,7 +4,7 @@
 //! [`crate::guide::multi_head`].
 
 use crate::Float;
-use crate::attention::{AttentionOptions, AttentionOutput, problem, run};
+use crate::spec::{AttentionOptions, AttentionOutput, problem};
 use crate::error::{Error, Result};
 use crate::kernel::{self, Exec};
 use crate::mask::Mask;
@@ -192,9 +192,9 @@ pub fn multi_head_attention<'q, 'k, 'v, T: Float>(
     // Heads run in parallel, each one's query tiles too; every head is computed by the same
     // arithmetic whatever thread runs it, so the result does not depend on the thread count.
     let outputs: Vec<AttentionOutput<T>> =
-        kernel::with_threads(opts.thread_count(), |exec| match exec {
-            Exec::Inline => problems.iter().map(|p| run(p, exec)).collect(),
-            Exec::Pool => problems.par_iter().map(|p| run(p, exec)).collect(),
+        kernel::with_threads(opts.threads, |exec| match exec {
+            Exec::Inline => problems.iter().map(|p| kernel::run(p, exec)).collect(),
+            Exec::Pool => problems.par_iter().map(|p| kernel::run(p, exec)).collect(),
         });
     let mut out = DMatrix::zeros(q.nrows(), heads.query * dv);
     for (h, o) in outputs.iter().enumerate() {

@@ -5,8 +5,34 @@
 
 use crate::Float;
 use crate::error::{Result, check_positive};
-use crate::kernel::exp_in_place;
+use crate::simd::{self, Isa};
 use nalgebra::{DMatrix, DMatrixView, DVector};
+
+/// `x ← eˣ` for every entry, vectorised: the exponential the softmax family and the attention
+/// kernel run on.
+///
+/// The instruction set is chosen at run time (AVX-512F, else AVX2 + FMA, else portable code;
+/// see [`instruction_set`](crate::instruction_set)), and every one gives the same bits. The
+/// result is within 1 ulp of the correctly rounded value in f32 and within 2.2e-16 relative of
+/// `std` in f64, several times faster than `std`'s `exp`. Special values: `-inf` gives 0,
+/// NaN gives NaN, overflow gives `+inf`, and results below the smallest normal float
+/// (x < −87.34 in f32, x < −708.40 in f64) are flushed to `+0`.
+///
+/// # Examples
+///
+/// ```
+/// use attention_math::exp_in_place;
+///
+/// let mut x = [0.0_f32, 1.0, -1.0, f32::NEG_INFINITY, -100.0, 100.0];
+/// exp_in_place(&mut x);
+/// assert_eq!(x[0], 1.0);
+/// assert!((x[1] - std::f32::consts::E).abs() <= f32::EPSILON * 3.0);
+/// assert!((x[2] - (-1.0_f32).exp()).abs() <= f32::EPSILON);
+/// assert_eq!(&x[3..], &[0.0, 0.0, f32::INFINITY]);
+/// ```
+pub fn exp_in_place<T: Float>(x: &mut [T]) {
+    simd::exp_in_place(Isa::get(), x);
+}
 
 /// What a row reduces to before normalising.
 enum Peak<T> {

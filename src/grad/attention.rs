@@ -1,19 +1,15 @@
 //! The backward pass of scaled dot-product attention: a reference version from the
 //! materialised weights and a tiled FlashAttention-2 style version that recomputes them.
 
-use super::gemm::{Mat, MatMut, gemm};
 use super::softmax::softmax_vjp_from_probs;
 use crate::Float;
-use crate::attention::{AttentionOptions, AttentionOutput, Plan, plan, scaled_attention_reference};
+use crate::attention::scaled_attention_reference;
 use crate::error::{Error, Result, check_finite};
-use crate::mask::{Block, Mask};
+use crate::kernel::{self, backward::backward, backward::tiles};
+use crate::mask::Mask;
+use crate::simd::Isa;
+use crate::spec::{AttentionOptions, AttentionOutput, plan, problem};
 use nalgebra::{DMatrix, DMatrixView};
-use rayon::prelude::*;
-
-/// Query rows per tile of the tiled backward pass.
-const TILE_Q: usize = 64;
-/// Key rows per tile of the tiled backward pass.
-const TILE_K: usize = 64;
 
 /// The gradients of a scalar loss `L` with respect to the inputs of an attention call,
 /// given the upstream gradient `dO = ∂L/∂O`; returned by [`attention_backward`] and
@@ -135,7 +131,7 @@ pub fn attention_backward_reference<'q, 'k, 'v, 'g, T: Float>(
         dq: &d_dot * k,
         dk: d_dot.transpose() * q,
         dv: grad_v,
-        dbias: opts.bias_view().map(|_| ds),
+        dbias: opts.bias.map(|_| ds),
     })
 }
 
@@ -208,7 +204,7 @@ pub fn attention_backward<'q, 'k, 'v, 'g, T: Float>(
         opts,
         forward,
         d_out.into(),
-        (TILE_Q, TILE_K),
+        tiles::<T>(),
     )
 }
 
@@ -244,213 +240,7 @@ fn check_forward<T: Float>(forward: &AttentionOutput<T>, n: usize, dv: usize) ->
     }
 }
 
-/// The half-open ranges `[start, end)` of `len` positions cut into tiles of `tile`.
-fn tiles(len: usize, tile: usize) -> Vec<(usize, usize)> {
-    (0..len)
-        .step_by(tile)
-        .map(|s| (s, (s + tile).min(len)))
-        .collect()
-}
-
-/// Splits `data` into consecutive pieces of `per · (end − start)` elements, one per tile.
-fn split_by_tiles<'a, T>(
-    mut data: &'a mut [T],
-    per: usize,
-    tiles: &[(usize, usize)],
-) -> Vec<&'a mut [T]> {
-    let mut pieces = Vec::with_capacity(tiles.len());
-    for &(a, b) in tiles {
-        let (head, tail) = std::mem::take(&mut data).split_at_mut(per * (b - a));
-        pieces.push(head);
-        data = tail;
-    }
-    pieces
-}
-
-/// Scratch for one block: raw dot products (overwritten by dDot), weights, and dP.
-struct Scratch<T> {
-    dot: Vec<T>,
-    p: Vec<T>,
-    dp: Vec<T>,
-}
-
-impl<T: Float> Scratch<T> {
-    fn new(len: usize) -> Self {
-        Scratch {
-            dot: vec![T::zero(); len],
-            p: vec![T::zero(); len],
-            dp: vec![T::zero(); len],
-        }
-    }
-}
-
-/// Everything a block of the tiled backward pass reads.
-struct Backward<'a, T: Float> {
-    plan: Plan<T>,
-    q: DMatrixView<'a, T>,
-    k: DMatrixView<'a, T>,
-    v: DMatrixView<'a, T>,
-    d_out: DMatrixView<'a, T>,
-    bias: Option<DMatrixView<'a, T>>,
-    mask: &'a Mask,
-    lse: &'a [T],
-    /// `D_i = ⟨dO_i, O_i⟩ = Σ_j P_ij dP_ij`, the softmax VJP's row correction.
-    delta: &'a [T],
-}
-
-impl<T: Float> Backward<'_, T> {
-    /// Recomputes block (queries `i0..i1`) x (keys `j0..j1`): leaves `P` in `scratch.p` and
-    /// `dDot = dS ⊙ ∂S/∂dot` in `scratch.dot`, both column-major with leading dimension
-    /// `i1 − i0`, and writes `dS` into `dbias` (the columns `j0..j1` of the n x m d bias,
-    /// column-major) if given. Returns `false`, touching nothing, if the mask rules the block
-    /// out.
-    fn block(
-        &self,
-        (i0, i1): (usize, usize),
-        (j0, j1): (usize, usize),
-        scratch: &mut Scratch<T>,
-        dbias: Option<&mut [T]>,
-    ) -> bool {
-        let (n, m) = (self.plan.n, self.plan.m);
-        let class = self.mask.classify(i0..i1, j0..j1, n, m);
-        if class == Block::Empty {
-            return false;
-        }
-        let (br, bc) = (i1 - i0, j1 - j0);
-        let len = br * bc;
-        let (dot, p, dp) = (
-            &mut scratch.dot[..len],
-            &mut scratch.p[..len],
-            &mut scratch.dp[..len],
-        );
-        let one = T::one();
-        // dot = Q_I K_Jᵀ, dP = dO_I V_Jᵀ (br x bc).
-        gemm(
-            one,
-            Mat::view(&self.q.rows(i0, br)),
-            Mat::view(&self.k.rows(j0, bc)).t(),
-            T::zero(),
-            MatMut::slice(dot, br, bc, 1, br),
-        );
-        gemm(
-            one,
-            Mat::view(&self.d_out.rows(i0, br)),
-            Mat::view(&self.v.rows(j0, bc)).t(),
-            T::zero(),
-            MatMut::slice(dp, br, bc, 1, br),
-        );
-        // Exponent arguments S_ij − lse_i; -inf where the pair carries no weight (masked, or a
-        // fully masked row whose lse is -inf: S − lse would be NaN there).
-        for jj in 0..bc {
-            let j = j0 + jj;
-            for ii in 0..br {
-                let i = i0 + ii;
-                let idx = ii + jj * br;
-                let lse = self.lse[i];
-                let allowed = lse != T::NEG_INFINITY
-                    && (class == Block::Full || self.mask.allows_in(n, m, i, j));
-                p[idx] = if allowed {
-                    self.plan
-                        .score(dot[idx], self.bias.as_ref().map(|b| b[(i, j)]))
-                        - lse
-                } else {
-                    T::NEG_INFINITY
-                };
-            }
-        }
-        // Arguments S_ij − lse_i are <= ~0, or -inf for pairs with no weight (exactly 0).
-        crate::kernel::exp_in_place(p);
-        // dS = P ⊙ (dP − D), then through the scale and softcap to the raw dot product.
-        let mut dbias = dbias;
-        for jj in 0..bc {
-            for ii in 0..br {
-                let i = i0 + ii;
-                let idx = ii + jj * br;
-                let ds = if p[idx] == T::zero() {
-                    T::zero()
-                } else {
-                    p[idx] * (dp[idx] - self.delta[i])
-                };
-                if let Some(db) = dbias.as_deref_mut() {
-                    db[i + jj * n] = ds;
-                }
-                dot[idx] = ds * self.plan.score_grad(dot[idx]);
-            }
-        }
-        true
-    }
-
-    /// Pass 1, one key block: `dV_J = Σ_I P_IJᵀ dO_I`, `dK_J = Σ_I dDot_IJᵀ Q_I`, and the
-    /// columns `J` of d bias. `dk` is d x |J| and `dv` d_v x |J|, column-major (Kᵀ layout).
-    ///
-    /// With `dq` (one piece per query block, laid out as in [`Backward::query_block`]) it
-    /// also adds `dDot_IJ K_J` to `dQ_I`: called for every key block in order, that is the
-    /// one-pass loop of FlashAttention-2, and it makes the very same `dQ_I` updates in the
-    /// same order as pass 2, so the result is bit-identical.
-    fn key_block(
-        &self,
-        queries: &[(usize, usize)],
-        (j0, j1): (usize, usize),
-        dk: &mut [T],
-        dv: &mut [T],
-        mut dbias: Option<&mut [T]>,
-        mut dq: Option<&mut [&mut [T]]>,
-    ) {
-        let bc = j1 - j0;
-        let (d, d_v) = (self.plan.d, self.plan.dv);
-        let mut scratch = Scratch::new(queries.first().map_or(0, |&(a, b)| b - a) * bc);
-        for (ib, &(i0, i1)) in queries.iter().enumerate() {
-            if !self.block((i0, i1), (j0, j1), &mut scratch, dbias.as_deref_mut()) {
-                continue;
-            }
-            let br = i1 - i0;
-            let len = br * bc;
-            gemm(
-                T::one(),
-                Mat::slice(&scratch.p[..len], br, bc, 1, br).t(),
-                Mat::view(&self.d_out.rows(i0, br)),
-                T::one(),
-                MatMut::slice(dv, bc, d_v, d_v, 1),
-            );
-            gemm(
-                T::one(),
-                Mat::slice(&scratch.dot[..len], br, bc, 1, br).t(),
-                Mat::view(&self.q.rows(i0, br)),
-                T::one(),
-                MatMut::slice(dk, bc, d, d, 1),
-            );
-            if let Some(dq) = dq.as_deref_mut() {
-                self.add_dq(&scratch.dot[..len], (br, bc), j0, dq[ib]);
-            }
-        }
-    }
-
-    /// `dQ_I += dDot_IJ K_J`, with `dDot_IJ` br x bc column-major and `dq` d x br.
-    fn add_dq(&self, d_dot: &[T], (br, bc): (usize, usize), j0: usize, dq: &mut [T]) {
-        gemm(
-            T::one(),
-            Mat::slice(d_dot, br, bc, 1, br),
-            Mat::view(&self.k.rows(j0, bc)),
-            T::one(),
-            MatMut::slice(dq, br, self.plan.d, self.plan.d, 1),
-        );
-    }
-
-    /// Pass 2, one query block: `dQ_I = Σ_J dDot_IJ K_J`; `dq` is d x |I`, column-major.
-    fn query_block(&self, keys: &[(usize, usize)], (i0, i1): (usize, usize), dq: &mut [T]) {
-        let br = i1 - i0;
-        let mut scratch = Scratch::new(keys.first().map_or(0, |&(a, b)| b - a) * br);
-        for &(j0, j1) in keys {
-            if !self.block((i0, i1), (j0, j1), &mut scratch, None) {
-                continue;
-            }
-            let bc = j1 - j0;
-            self.add_dq(&scratch.dot[..br * bc], (br, bc), j0, dq);
-        }
-    }
-}
-
-/// The tiled backward pass with tiles of `tile_q` queries and `tile_k` keys (both > 0).
+/// The tiled backward pass with blocks of `tiles` = (queries, keys), on the kernel.
 #[allow(clippy::too_many_arguments)]
 fn backward_tiled<T: Float>(
     q: DMatrixView<'_, T>,
@@ -460,77 +250,32 @@ fn backward_tiled<T: Float>(
     opts: &AttentionOptions<'_, T>,
     forward: &AttentionOutput<T>,
     d_out: DMatrixView<'_, T>,
-    (tile_q, tile_k): (usize, usize),
+    tiles: (usize, usize),
 ) -> Result<AttentionGrads<T>> {
-    let plan = plan(&q, &k, &v, opts)?;
-    let (n, m, d, dv) = (plan.n, plan.m, plan.d, plan.dv);
+    let problem = problem(q, k, v, mask, opts)?;
+    let (n, dv) = (problem.plan.n, problem.plan.dv);
     check_d_out(&d_out, n, dv)?;
     check_forward(forward, n, dv)?;
     let o = &forward.output;
     let delta: Vec<T> = (0..n)
         .map(|i| (0..dv).fold(T::zero(), |acc, c| acc + d_out[(i, c)] * o[(i, c)]))
         .collect();
-    let bias = opts.bias_view().copied();
-    let ctx = Backward {
-        plan,
-        q,
-        k,
-        v,
-        d_out,
-        bias,
-        mask,
-        lse: forward.lse.as_slice(),
-        delta: &delta,
-    };
-    let queries = tiles(n, tile_q);
-    let keys = tiles(m, tile_k);
-
-    // Pass 1: dK, dV (stored transposed, so that a key block is contiguous) and d bias
-    // (column-major, so a key block is a run of columns), over key blocks.
-    let mut dkt = vec![T::zero(); d * m];
-    let mut dvt = vec![T::zero(); dv * m];
-    let mut dbias = bias.map(|_| vec![T::zero(); n * m]);
-    let dbias_parts: Vec<Option<&mut [T]>> = match dbias.as_deref_mut() {
-        Some(data) => split_by_tiles(data, n, &keys)
-            .into_iter()
-            .map(Some)
-            .collect(),
-        None => keys.iter().map(|_| None).collect(),
-    };
-    let dk_parts = split_by_tiles(&mut dkt, d, &keys);
-    let dv_parts = split_by_tiles(&mut dvt, dv, &keys);
-    // dQ, stored transposed so that a query block is contiguous.
-    let mut dqt = vec![T::zero(); d * n];
-    let run = |parallel: bool| {
-        if parallel {
-            // Pass 1 over key blocks, then pass 2 for dQ over query blocks.
-            keys.par_iter()
-                .zip(dk_parts)
-                .zip(dv_parts)
-                .zip(dbias_parts)
-                .for_each(|(((&key, dk), dv), db)| ctx.key_block(&queries, key, dk, dv, db, None));
-            queries
-                .par_iter()
-                .zip(split_by_tiles(&mut dqt, d, &queries))
-                .for_each(|(&query, dq)| ctx.query_block(&keys, query, dq));
-        } else {
-            // One thread: one pass over key blocks, dQ updated along the way
-            // (FlashAttention-2's loop order), recomputing each block once, not twice.
-            let mut dq_parts = split_by_tiles(&mut dqt, d, &queries);
-            for (((&key, dk), dv), db) in keys.iter().zip(dk_parts).zip(dv_parts).zip(dbias_parts) {
-                ctx.key_block(&queries, key, dk, dv, db, Some(&mut dq_parts));
-            }
-        }
-    };
-    crate::kernel::with_threads(opts.thread_count(), |exec| {
-        run(exec == crate::kernel::Exec::Pool && rayon::current_num_threads() > 1)
+    let g = kernel::with_threads(opts.threads, |exec| {
+        backward(
+            &problem,
+            d_out,
+            forward.lse.as_slice(),
+            &delta,
+            Isa::get(),
+            exec,
+            tiles,
+        )
     });
-
     Ok(AttentionGrads {
-        dq: DMatrix::from_row_slice(n, d, &dqt),
-        dk: DMatrix::from_row_slice(m, d, &dkt),
-        dv: DMatrix::from_row_slice(m, dv, &dvt),
-        dbias: dbias.map(|data| DMatrix::from_vec(n, m, data)),
+        dq: g.dq,
+        dk: g.dk,
+        dv: g.dv,
+        dbias: g.dbias,
     })
 }
 
@@ -538,6 +283,7 @@ fn backward_tiled<T: Float>(
 mod tests {
     use super::*;
     use crate::attention::scaled_attention_with;
+    use crate::mask::Mask;
 
     fn matrix(rows: usize, cols: usize, seed: f64) -> DMatrix<f64> {
         DMatrix::from_fn(rows, cols, |i, j| {
@@ -549,10 +295,11 @@ mod tests {
         (a - b).amax() / b.amax().max(1.0)
     }
 
-    /// Small tiles so that every test shape spans several blocks, ragged at the edges.
+    /// Small tiles (the smallest the micro-kernel allows: 6 queries, 48 keys in f64) so that
+    /// every test shape spans several blocks, ragged at the edges.
     #[test]
     fn small_tiles_agree_with_the_reference_for_every_mask() {
-        let (n, m, d, dv) = (11, 13, 3, 2);
+        let (n, m, d, dv) = (29, 101, 3, 2);
         let (q, k, v) = (matrix(n, d, 0.1), matrix(m, d, 0.7), matrix(m, dv, 1.3));
         let g = matrix(n, dv, 2.9);
         let mut bias = matrix(n, m, 4.2);
@@ -564,7 +311,7 @@ mod tests {
             Mask::prefix_lm(4),
             Mask::sliding_window(3),
             Mask::key_padding(6),
-            Mask::documents(vec![0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3]),
+            Mask::documents((0..101).map(|i| i / 9).collect::<Vec<_>>()),
             Mask::from_fn(|i, j| (i * 7 + j) % 3 != 0),
             Mask::documents(vec![0, 0, 1, 1, 1, 1, 2, 2]).and(Mask::causal()),
         ];
@@ -575,7 +322,7 @@ mod tests {
             ] {
                 let fwd = scaled_attention_with(&q, &k, &v, mask, &opts).unwrap();
                 let r = attention_backward_reference(&q, &k, &v, mask, &opts, &g).unwrap();
-                for tile in [(1, 1), (3, 4), (5, 2), (64, 64)] {
+                for tile in [(6, 48), (12, 96), (48, 48)] {
                     let t = backward_tiled(
                         q.as_view(),
                         k.as_view(),
@@ -602,7 +349,7 @@ mod tests {
 
     #[test]
     fn any_thread_count_gives_identical_bits() {
-        let (n, m, d) = (37, 29, 4);
+        let (n, m, d) = (37, 110, 4);
         let (q, k, v) = (matrix(n, d, 0.3), matrix(m, d, 0.2), matrix(m, 3, 0.9));
         let g = matrix(n, 3, 1.1);
         let mask = Mask::causal_bottom_right().or(Mask::key_padding(3));
@@ -622,7 +369,7 @@ mod tests {
                         &opts,
                         &fwd,
                         g.as_view(),
-                        (4, 5),
+                        (6, 48),
                     )
                     .unwrap()
                 })

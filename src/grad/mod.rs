@@ -4,7 +4,6 @@
 //! [`crate::guide::gradients`].
 
 mod attention;
-mod gemm;
 mod softmax;
 
 pub use attention::{AttentionGrads, attention_backward, attention_backward_reference};

@@ -2,26 +2,15 @@
 //!
 //! See the [kernel module docs](super) for the design; this file follows it step by step.
 
-use super::microkernel::{Out, Panels, Rows, Shape};
 use super::pack::{self, round_up};
-use super::{Exec, Isa};
+use super::{Exec, tile};
 use crate::Float;
-use crate::attention::Plan;
-use crate::mask::{Block, Mask};
+use crate::mask::Block;
+use crate::simd::{self, Isa, Out, Panels, Rows, Shape};
 use crate::softmax::{logsumexp, softmax_in_place};
-use nalgebra::{DMatrix, DMatrixView, DVector};
+use crate::spec::{Plan, Problem};
+use nalgebra::{DMatrix, DVector};
 use rayon::prelude::*;
-
-/// One validated attention call: inputs, mask, bias and the plan from
-/// [`attention::plan`](crate::attention::plan).
-pub(crate) struct Problem<'a, T: Float> {
-    pub q: DMatrixView<'a, T>,
-    pub k: DMatrixView<'a, T>,
-    pub v: DMatrixView<'a, T>,
-    pub mask: &'a Mask,
-    pub bias: Option<DMatrixView<'a, T>>,
-    pub plan: Plan<T>,
-}
 
 /// Everything a query tile reads, shared by all tiles (and threads).
 struct Packed<T> {
@@ -51,12 +40,13 @@ struct Scratch<T> {
 
 impl<T: Float> Scratch<T> {
     fn new(dv_pad: usize) -> Self {
+        let (br, bc) = tile::<T>();
         Scratch {
-            s: vec![T::zero(); T::BR * T::BC],
-            o: vec![T::zero(); T::BR * dv_pad],
-            max: vec![T::NEG_INFINITY; T::BR],
-            sum: vec![T::zero(); T::BR],
-            inv: vec![T::zero(); T::BR],
+            s: vec![T::zero(); br * bc],
+            o: vec![T::zero(); br * dv_pad],
+            max: vec![T::NEG_INFINITY; br],
+            sum: vec![T::zero(); br],
+            inv: vec![T::zero(); br],
         }
     }
 }
@@ -68,6 +58,7 @@ pub(crate) fn forward<T: Float>(
     exec: Exec,
 ) -> (DMatrix<T>, DVector<T>) {
     let Plan { n, m, dv, .. } = p.plan;
+    let br = tile::<T>().0;
     let log2e = T::of_f64(std::f64::consts::LOG2_E);
     // Without a softcap the whole chain up to exp is linear in q: fold scale·log₂e into Q
     // once and every score comes out of the product in log₂ units, ready for exp2.
@@ -89,12 +80,12 @@ pub(crate) fn forward<T: Float>(
     let mut output = DMatrix::zeros(n, dv);
     let mut lse = vec![T::zero(); n];
     let mut tiles: Vec<(Vec<&mut [T]>, &mut [T])> = lse
-        .chunks_mut(T::BR)
+        .chunks_mut(br)
         .map(|l| (Vec::with_capacity(dv), l))
         .collect();
     if n > 0 {
         for column in output.as_mut_slice().chunks_mut(n) {
-            for (tile, segment) in tiles.iter_mut().zip(column.chunks_mut(T::BR)) {
+            for (tile, segment) in tiles.iter_mut().zip(column.chunks_mut(br)) {
                 tile.0.push(segment);
             }
         }
@@ -103,13 +94,13 @@ pub(crate) fn forward<T: Float>(
         Exec::Inline => {
             let mut scratch = Scratch::new(dv_pad);
             for (t, (out, l)) in tiles.into_iter().enumerate() {
-                query_tile(p, &packed, isa, t * T::BR, out, l, &mut scratch);
+                query_tile(p, &packed, isa, t * br, out, l, &mut scratch);
             }
         }
         Exec::Pool => {
             tiles.into_par_iter().enumerate().for_each_init(
                 || Scratch::new(dv_pad),
-                |scratch, (t, (out, l))| query_tile(p, &packed, isa, t * T::BR, out, l, scratch),
+                |scratch, (t, (out, l))| query_tile(p, &packed, isa, t * br, out, l, scratch),
             );
         }
     }
@@ -130,7 +121,7 @@ fn query_tile<T: Float>(
     scr: &mut Scratch<T>,
 ) {
     let Plan { n, m, d, dv, .. } = p.plan;
-    let (br, bc, mr, nr) = (T::BR, T::BC, T::MR, T::NR);
+    let ((br, bc), mr, nr) = (tile::<T>(), T::MR, T::NR);
     let rows = lse.len();
     let rows_pad = round_up(rows, mr);
     let dv_pad = packed.dv_pad;
@@ -147,7 +138,7 @@ fn query_tile<T: Float>(
             continue;
         }
         // S = Q_tile · K_tileᵀ (already in log₂ units unless there is a softcap).
-        T::gemm(
+        simd::gemm(
             isa,
             Shape {
                 rows: rows_pad,
@@ -173,7 +164,7 @@ fn query_tile<T: Float>(
             finish_scores(p, q0 + r, k0, &mut row[..cols], block == Block::Partial);
             row[cols..].fill(T::NEG_INFINITY);
             let m_old = scr.max[r];
-            let (m_new, sum) = T::softmax_row(isa, row, m_old);
+            let (m_new, sum) = simd::softmax_row(isa, row, m_old);
             if m_new == T::NEG_INFINITY {
                 continue; // nothing allowed so far: P = 0, O and the sum stay 0
             }
@@ -183,7 +174,7 @@ fn query_tile<T: Float>(
                 let alpha = (m_old - m_new).exp2();
                 scr.sum[r] = scr.sum[r] * alpha + sum;
                 if m_old != T::NEG_INFINITY {
-                    T::scale_row(isa, &mut scr.o[r * dv_pad..(r + 1) * dv_pad], alpha);
+                    simd::scale_row(isa, &mut scr.o[r * dv_pad..(r + 1) * dv_pad], alpha);
                 }
                 scr.max[r] = m_new;
             } else {
@@ -193,7 +184,7 @@ fn query_tile<T: Float>(
         // Padded query rows r >= rows kept S = 0 (zero rows of Q), i.e. P = 0.
         if dv > 0 {
             // O += P · V_tile.
-            T::gemm(
+            simd::gemm(
                 isa,
                 Shape {
                     rows: rows_pad,
@@ -323,7 +314,9 @@ mod tests {
     //! the public behaviour is tested in `tests/kernel.rs`.
 
     use super::*;
-    use crate::attention::{AttentionOptions, plan, scaled_attention_reference};
+    use crate::attention::scaled_attention_reference;
+    use crate::mask::Mask;
+    use crate::spec::{AttentionOptions, plan};
     use rand::{RngExt, SeedableRng};
 
     fn random(rows: usize, cols: usize, seed: u64) -> DMatrix<f64> {

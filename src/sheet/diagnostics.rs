@@ -15,7 +15,8 @@
 //! ViT-22B and OLMo 2), which bounds every logit by `scale · d`.
 
 use crate::Float;
-use crate::attention::{AttentionOptions, scaled_attention_with};
+use crate::AttentionOptions;
+use crate::attention::scaled_attention_with;
 use crate::entropy::entropy_rows;
 use crate::error::{Result, check_positive};
 use crate::mask::Mask;

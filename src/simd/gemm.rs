@@ -1,0 +1,318 @@
+//! The register-blocked micro-kernel: `C (+)= A · B` on packed panels, written once.
+//!
+//! Layout (row-major everywhere; the kernel's `pack` module builds these operands):
+//!
+//! ```text
+//! C[rows × ncols] (+)= A[rows × k] · B[k × ncols]
+//! A: a[i·a.stride + t]                       broadcast one element at a time
+//! B: panels of NR columns; panel p is the k × NR row-major block at b[p·b.stride ..]
+//! C: c[i·c.stride + j]
+//! ```
+//!
+//! Panels are [`Element::NR`] columns wide (32 f32, 16 f64). The register block is MR = 6
+//! rows by two vectors: 12 accumulators. Per step t it loads the two vectors of the panel row
+//! `B[t, ..]`, broadcasts `A[i, t]` for the six rows and issues 12 fused multiply-adds. Where
+//! two vectors are narrower than a panel (AVX2: 16 f32 or 8 f64; the portable arrays likewise)
+//! the block runs once per slice of the panel:
+//!
+//! ```text
+//!   f32  AVX-512F  6 x 32 (12 zmm)     AVX2 + FMA, portable  6 x 16, twice per panel
+//!   f64  AVX-512F  6 x 16 (12 zmm)     AVX2 + FMA, portable  6 x 8,  twice per panel
+//! ```
+//!
+//! A's six rows stream through L1, so the loop is bound by the loads and broadcasts, not by
+//! memory. Each output element accumulates its k products in order `t = 0, 1, …` with one
+//! rounding per step, whatever the instruction set, so every path gives the same bits.
+
+use super::{Element, Isa, Kernel, Lanes, dispatch};
+
+/// A row-major matrix operand: element (i, t) at `data[i·stride + t]`.
+#[derive(Clone, Copy)]
+pub struct Rows<'a, T> {
+    /// The elements.
+    pub data: &'a [T],
+    /// Distance between rows.
+    pub stride: usize,
+}
+
+/// A packed right-hand operand: panel `p` (columns `p·NR .. p·NR + NR`) is a k x NR
+/// row-major block starting at `data[p·stride]`.
+#[derive(Clone, Copy)]
+pub struct Panels<'a, T> {
+    /// The elements.
+    pub data: &'a [T],
+    /// Distance between panels.
+    pub stride: usize,
+}
+
+/// A row-major output: element (i, j) at `data[i·stride + j]`.
+pub struct Out<'a, T> {
+    /// The elements.
+    pub data: &'a mut [T],
+    /// Distance between rows.
+    pub stride: usize,
+}
+
+/// The shape of one product: `rows` (a multiple of MR) x `ncols` (a multiple of NR), inner
+/// dimension `k`; `accumulate` adds to C instead of overwriting it.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    /// Rows of A and C.
+    pub rows: usize,
+    /// Columns of B and C.
+    pub ncols: usize,
+    /// Columns of A, rows of B.
+    pub k: usize,
+    /// Add to C (else overwrite it).
+    pub accumulate: bool,
+}
+
+/// Checks that every access of the product stays inside the operands; the vector loop's raw
+/// pointers rely on it. A failure is a bug in the caller, never a user error.
+fn check_bounds<T>(mr: usize, nr: usize, s: Shape, a: &Rows<'_, T>, b: &Panels<'_, T>, c: &Out<'_, T>) {
+    assert!(
+        s.rows.is_multiple_of(mr) && s.ncols.is_multiple_of(nr),
+        "tile not padded: {s:?}"
+    );
+    if s.rows == 0 || s.ncols == 0 {
+        return;
+    }
+    assert!(
+        a.stride >= s.k && a.data.len() >= (s.rows - 1) * a.stride + s.k,
+        "A too short"
+    );
+    assert!(
+        b.data.len() >= (s.ncols / nr - 1) * b.stride + s.k * nr,
+        "B too short"
+    );
+    assert!(
+        c.stride >= s.ncols && c.data.len() >= (s.rows - 1) * c.stride + s.ncols,
+        "C too short"
+    );
+}
+
+/// One MR x (NV·LANES) block of C from MR rows of A and NV·LANES adjacent columns of a panel
+/// of B (whose rows are NR apart).
+///
+/// # Safety
+///
+/// `a` must point at MR rows of at least `k` readable elements, `a_rs` apart; `b` at `k` rows
+/// of `NV·LANES` readable elements, `E::NR` apart; `c` at MR rows of `NV·LANES` writable
+/// elements, `c_rs` apart, not overlapping A or B.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block<E: Element, S: Lanes<E>, const MR: usize, const NV: usize>(
+    s: S,
+    k: usize,
+    a: *const E,
+    a_rs: usize,
+    b: *const E,
+    c: *mut E,
+    c_rs: usize,
+    accumulate: bool,
+) {
+    let mut acc = [[s.splat(E::ZERO); NV]; MR];
+    // SAFETY: every offset stays within the extents the caller guarantees: rows i < MR of A
+    // at columns t < k, rows t < k of B at lanes < NV·LANES, C's MR x NV·LANES block.
+    unsafe {
+        for t in 0..k {
+            let bp = b.add(t * E::NR);
+            let mut bv = [s.splat(E::ZERO); NV];
+            for (v, bvv) in bv.iter_mut().enumerate() {
+                *bvv = s.load_ptr(bp.add(v * S::LANES));
+            }
+            for (i, acc_i) in acc.iter_mut().enumerate() {
+                let ai = s.splat(*a.add(i * a_rs + t));
+                for (acc_iv, &bvv) in acc_i.iter_mut().zip(&bv) {
+                    *acc_iv = s.mul_add(ai, bvv, *acc_iv);
+                }
+            }
+        }
+        for (i, acc_i) in acc.iter().enumerate() {
+            for (v, &x) in acc_i.iter().enumerate() {
+                let cp = c.add(i * c_rs + v * S::LANES);
+                let r = if accumulate { s.add(s.load_ptr(cp), x) } else { x };
+                s.store_ptr(cp, r);
+            }
+        }
+    }
+}
+
+/// The whole padded product as a [`Kernel`].
+struct Gemm<'a, E> {
+    shape: Shape,
+    a: Rows<'a, E>,
+    b: Panels<'a, E>,
+    c: Out<'a, E>,
+}
+
+impl<E: Element> Kernel<E> for Gemm<'_, E> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<S: Lanes<E>>(self, s: S) {
+        const MR: usize = 6;
+        const NV: usize = 2;
+        let Gemm { shape, a, b, c } = self;
+        let (nr, w) = (E::NR, NV * S::LANES);
+        debug_assert!(E::MR == MR && nr.is_multiple_of(w));
+        check_bounds(MR, nr, shape, &a, &b, &c);
+        for p in 0..shape.ncols / nr {
+            for h in (0..nr).step_by(w) {
+                for i0 in (0..shape.rows).step_by(MR) {
+                    // SAFETY: `check_bounds` proved that rows i0..i0 + MR of A hold k elements
+                    // each, that panel p holds k rows of nr elements, and that C's rows
+                    // i0..i0 + MR hold columns p·nr..(p + 1)·nr; the slice h..h + w lies
+                    // inside both, and C is borrowed mutably, apart from A and B.
+                    unsafe {
+                        block::<E, S, MR, NV>(
+                            s,
+                            shape.k,
+                            a.data.as_ptr().add(i0 * a.stride),
+                            a.stride,
+                            b.data.as_ptr().add(p * b.stride + h),
+                            c.data.as_mut_ptr().add(i0 * c.stride + p * nr + h),
+                            c.stride,
+                            shape.accumulate,
+                        )
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// `C (+)= A · B` over a padded tile (see the module docs) on the instruction set `isa`.
+///
+/// Panics if an operand is too short for the shape, or the shape is not padded to MR rows and
+/// NR columns: both are bugs in the caller.
+pub fn gemm<E: Element>(isa: Isa, shape: Shape, a: Rows<'_, E>, b: Panels<'_, E>, c: Out<'_, E>) {
+    dispatch(isa, Gemm { shape, a, b, c });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every instruction set against a plain triple loop, overwriting and accumulating, with
+    /// row and panel strides larger than the product needs.
+    fn check<T: Element + From<i8>>() {
+        let (mr, nr) = (T::MR, T::NR);
+        let (rows, ncols, k) = (3 * mr, 3 * nr, 37);
+        let (a_rs, p_stride, c_rs) = (k + 3, k * nr + 5, ncols + 7);
+        let val = |x: usize| T::from(((x * 7919) % 23) as i8 - 11);
+        let a: Vec<T> = (0..rows * a_rs).map(val).collect();
+        let b: Vec<T> = (0..(ncols / nr) * p_stride).map(|x| val(x + 5)).collect();
+        let c0: Vec<T> = (0..rows * c_rs).map(|x| val(x + 9)).collect();
+        for isa in Isa::available() {
+            for accumulate in [false, true] {
+                let mut c = c0.clone();
+                let shape = Shape {
+                    rows,
+                    ncols,
+                    k,
+                    accumulate,
+                };
+                gemm(
+                    isa,
+                    shape,
+                    Rows {
+                        data: &a,
+                        stride: a_rs,
+                    },
+                    Panels {
+                        data: &b,
+                        stride: p_stride,
+                    },
+                    Out {
+                        data: &mut c,
+                        stride: c_rs,
+                    },
+                );
+                for i in 0..rows {
+                    for j in 0..c_rs {
+                        let want = if j < ncols {
+                            let (p, lane) = (j / nr, j % nr);
+                            let dot = (0..k).fold(T::ZERO, |acc, t| {
+                                acc + a[i * a_rs + t] * b[p * p_stride + t * nr + lane]
+                            });
+                            if accumulate { c0[i * c_rs + j] + dot } else { dot }
+                        } else {
+                            c0[i * c_rs + j] // outside the product: untouched
+                        };
+                        // Small integers: every sum is exact, whatever the order.
+                        assert_eq!(c[i * c_rs + j], want, "{isa:?} ({i}, {j})");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_matches_a_triple_loop() {
+        check::<f32>();
+        check::<f64>();
+    }
+
+    /// One rounding per step in the same order on every path: the same bits for inexact
+    /// inputs too.
+    #[test]
+    fn every_instruction_set_gives_the_same_bits() {
+        let (rows, ncols, k) = (12, 64, 29);
+        let a: Vec<f32> = (0..rows * k).map(|x| (x as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..ncols * k).map(|x| (x as f32 * 0.11).cos()).collect();
+        let run = |isa| {
+            let mut c = vec![0.0_f32; rows * ncols];
+            gemm(
+                isa,
+                Shape {
+                    rows,
+                    ncols,
+                    k,
+                    accumulate: false,
+                },
+                Rows { data: &a, stride: k },
+                Panels {
+                    data: &b,
+                    stride: k * 32,
+                },
+                Out {
+                    data: &mut c,
+                    stride: ncols,
+                },
+            );
+            c
+        };
+        let want = run(Isa::Portable);
+        for isa in Isa::available() {
+            assert_eq!(run(isa), want, "{isa:?}");
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "B too short")]
+    fn gemm_checks_bounds() {
+        // One panel of k = 4 rows needs 4 · NR = 128 elements; B has 96.
+        let a = [0.0_f32; 6 * 4];
+        let b = [0.0_f32; 32 * 3];
+        let mut c = [0.0_f32; 6 * 32];
+        gemm(
+            Isa::get(),
+            Shape {
+                rows: 6,
+                ncols: 32,
+                k: 4,
+                accumulate: false,
+            },
+            Rows { data: &a, stride: 4 },
+            Panels {
+                data: &b,
+                stride: 128,
+            },
+            Out {
+                data: &mut c,
+                stride: 32,
+            },
+        );
+    }
+}

@@ -1,0 +1,302 @@
+//! The bottom layer for vector code: instruction-set detection, a small vector trait, and the
+//! few algorithms the library vectorises, each written once.
+//!
+//! ```text
+//! isa.rs       Isa: the instruction set in use, detected once and cached, capped by the
+//!              ATTENTION_MATH_ISA environment variable; InstructionSet, its public name
+//! x86.rs       the tokens Avx2 and Avx512 (zero-sized, minted only by detection) and their
+//!              vector types (ymm / zmm, f32 and f64)
+//! portable.rs  the token Portable: the same operations on arrays, for any target
+//! exp.rs       exp and 2^x (range reduction, polynomial, 2^n from the exponent field)
+//! gemm.rs      the register-blocked micro-kernel C (+)= A·B on packed panels
+//! rows.rs      the online-softmax row step and the row rescale
+//! ```
+//!
+//! **Tokens make target-feature safety a property of the types.** A value of type
+//! [`x86::Avx2`] exists only if detection saw AVX2 and FMA on this CPU (its field is private
+//! to its module, and the only constructor runs `is_x86_feature_detected!`); [`Isa`] holds one
+//! token or none. The vector operations are methods of the token, so code that has no token
+//! cannot call them, and the one `unsafe` step, entering a `#[target_feature]` function, is
+//! taken in [`dispatch`] with the token in hand.
+//!
+//! **Written once.** Every algorithm here is a generic `#[inline(always)]` function over
+//! [`Lanes<E>`], the vector trait (splat, load, store, add, fma, max, horizontal max and sum,
+//! a masked flush, 2ⁿ), for an element `E` = `f32` or `f64`. [`dispatch`] runs such a body
+//! (a [`Kernel`]) inside a thin `#[target_feature]` entry point per instruction set, so that
+//! the whole body, inlined there, is compiled for that instruction set. Six implementations
+//! of [`Lanes`] exist: AVX2 + FMA (8 f32 / 4 f64 lanes), AVX-512F (16 / 8) and portable
+//! arrays (8 / 4, with `mul_add` as the fused multiply-add, so the portable path rounds like
+//! the vector paths lane for lane).
+//!
+//! Nothing here imports the rest of the crate: the scalar trait [`Float`](crate::Float)
+//! builds on [`Element`], and everything above reaches vector code through it.
+
+mod exp;
+mod gemm;
+mod isa;
+mod portable;
+mod rows;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+pub use exp::exp_in_place;
+pub use gemm::{Out, Panels, Rows, Shape, gemm};
+pub use isa::{InstructionSet, Isa, instruction_set};
+pub use portable::Portable;
+pub use rows::{scale_row, softmax_row};
+#[cfg(target_arch = "x86_64")]
+pub use x86::{Avx2, Avx512};
+
+use core::fmt::Debug;
+use core::ops::{Add, AddAssign, Mul, MulAssign, Sub, SubAssign};
+
+/// A scalar the vector code works on: `f32` or `f64`. Implemented for those two only, in this
+/// private module, so the trait is sealed.
+pub trait Element:
+    Copy
+    + Default
+    + Debug
+    + PartialOrd
+    + Send
+    + Sync
+    + 'static
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + AddAssign
+    + SubAssign
+    + MulAssign
+{
+    /// Columns of a packed right-hand panel of the micro-kernel: 32 f32 (two zmm, or two
+    /// pairs of ymm), 16 f64. The same on every instruction set, so packing never depends
+    /// on the CPU.
+    const NR: usize;
+    /// Rows of the micro-kernel's register block.
+    const MR: usize = 6;
+    /// 0, 1 and −∞.
+    const ZERO: Self;
+    /// One.
+    const ONE: Self;
+    /// Negative infinity.
+    const NEG_INF: Self;
+    /// `1.5 · 2^(mantissa bits)`: adding it rounds to an integer held in the low mantissa bits.
+    const MAGIC: Self;
+    /// log₂ e.
+    const LOG2E: Self;
+    /// ln 2 split so that `n · LN2_HI` is exact for the `n` that occur (Cody–Waite).
+    const LN2_HI: Self;
+    /// The rest of ln 2: `LN2_HI + LN2_LO ≈ ln 2` to twice the working precision.
+    const LN2_LO: Self;
+    /// Below these `eˣ` and `2ˣ` would be subnormal: they are flushed to `+0`.
+    const EXP_LO: Self;
+    /// See [`Element::EXP_LO`].
+    const EXP2_LO: Self;
+    /// Above these the vector kernels are not valid; the slice functions use `std` there.
+    const EXP_HI: Self;
+    /// See [`Element::EXP_HI`].
+    const EXP2_HI: Self;
+
+    /// `1 + r·q(r)` with `q(r) ≈ (eʳ − 1)/r` on `[−ln2/2, ln2/2]`.
+    fn exp_poly<S: Lanes<Self>>(s: S, r: S::V) -> S::V;
+    /// `1 + r·q(r)` with `q(r) ≈ (2ʳ − 1)/r` on `[−1/2, 1/2]`.
+    fn exp2_poly<S: Lanes<Self>>(s: S, r: S::V) -> S::V;
+    /// `std`'s `exp`, for the lanes above the vector kernel's range.
+    fn std_exp(self) -> Self;
+    /// `std`'s `exp2`.
+    fn std_exp2(self) -> Self;
+    /// `a · b + c` rounded once.
+    fn mul_add(self, b: Self, c: Self) -> Self;
+    /// Runs `k` on the instruction set `isa` (see [`dispatch`]).
+    fn dispatch<K: Kernel<Self>>(isa: Isa, k: K) -> K::Output;
+}
+
+/// The vector operations of one instruction set on one element type: implemented by the
+/// zero-sized tokens ([`Portable`], and on x86-64 `Avx2` and `Avx512`). Holding a token is
+/// the proof that its instruction set may run, so the methods are safe except for the raw
+/// pointer loads and stores.
+///
+/// Every method is `#[inline(always)]` in every implementation: inlined into the
+/// `#[target_feature]` entry point of [`dispatch`], the intrinsics compile for that
+/// instruction set.
+pub trait Lanes<E: Element>: Copy + Send + Sync + 'static {
+    /// A vector of [`Lanes::LANES`] elements.
+    type V: Copy;
+    /// Elements per vector.
+    const LANES: usize;
+
+    /// Every lane `x`.
+    fn splat(self, x: E) -> Self::V;
+    /// `LANES` elements from `p`.
+    ///
+    /// # Safety
+    ///
+    /// `p` must be valid for reading `LANES` elements (no alignment needed).
+    unsafe fn load_ptr(self, p: *const E) -> Self::V;
+    /// `LANES` elements to `p`.
+    ///
+    /// # Safety
+    ///
+    /// `p` must be valid for writing `LANES` elements (no alignment needed).
+    unsafe fn store_ptr(self, p: *mut E, v: Self::V);
+    /// `a + b` lane by lane.
+    fn add(self, a: Self::V, b: Self::V) -> Self::V;
+    /// `a − b`.
+    fn sub(self, a: Self::V, b: Self::V) -> Self::V;
+    /// `a · b`.
+    fn mul(self, a: Self::V, b: Self::V) -> Self::V;
+    /// `a · b + c`, rounded once.
+    fn mul_add(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// `c − a · b`, rounded once.
+    fn neg_mul_add(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// `a` where `a > b`, else `b` (so `b` where either is NaN, as x86's `max`).
+    fn max(self, a: Self::V, b: Self::V) -> Self::V;
+    /// The largest lane.
+    fn reduce_max(self, v: Self::V) -> E;
+    /// The sum of the lanes (in a fixed order per instruction set).
+    fn reduce_sum(self, v: Self::V) -> E;
+    /// `2ⁿ` for `k = n + MAGIC` (n an integer held in the low mantissa bits of `k`), built
+    /// directly in the exponent field; valid for the normal range of `n`.
+    fn pow2_magic(self, k: Self::V) -> Self::V;
+    /// `y`, with 0 in the lanes where `x < lo` (NaN lanes keep `y`).
+    fn zero_below(self, x: Self::V, lo: E, y: Self::V) -> Self::V;
+    /// Whether any lane of `x` is `> hi`.
+    fn any_above(self, x: Self::V, hi: E) -> bool;
+
+    /// The first `LANES` elements of `x` (panics if it is shorter: a bug in the caller).
+    #[inline(always)]
+    fn load(self, x: &[E]) -> Self::V {
+        assert!(x.len() >= Self::LANES);
+        // SAFETY: `x` holds at least LANES readable elements.
+        unsafe { self.load_ptr(x.as_ptr()) }
+    }
+    /// Stores into the first `LANES` elements of `x` (panics if it is shorter).
+    #[inline(always)]
+    fn store(self, x: &mut [E], v: Self::V) {
+        assert!(x.len() >= Self::LANES);
+        // SAFETY: `x` holds at least LANES writable elements.
+        unsafe { self.store_ptr(x.as_mut_ptr(), v) }
+    }
+}
+
+/// A vectorised algorithm: a body generic over the instruction set, run by [`dispatch`].
+///
+/// `run` must be `#[inline(always)]` (and so must everything it calls that uses [`Lanes`]),
+/// so that it compiles inside the `#[target_feature]` entry point.
+pub trait Kernel<E: Element> {
+    /// What the algorithm returns.
+    type Output;
+    /// The algorithm on the instruction set of `s`.
+    fn run<S: Lanes<E>>(self, s: S) -> Self::Output;
+}
+
+/// Runs `k` on `isa`: the one place where the instruction set is matched on. The AVX2 and
+/// AVX-512 arms enter a `#[target_feature]` function, allowed by the token the arm holds.
+#[inline]
+pub fn dispatch<E: Element, K: Kernel<E>>(isa: Isa, k: K) -> K::Output {
+    E::dispatch(isa, k)
+}
+
+/// The match behind [`Element::dispatch`], written once for both element types (whose
+/// implementations satisfy the bounds concretely).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn dispatch_on<E: Element, K: Kernel<E>>(isa: Isa, k: K) -> K::Output
+where
+    Portable: Lanes<E>,
+    Avx2: Lanes<E>,
+    Avx512: Lanes<E>,
+{
+    match isa {
+        Isa::Portable => k.run(Portable),
+        Isa::Avx2(t) => t.vectorize(k),
+        Isa::Avx512(t) => t.vectorize(k),
+    }
+}
+
+/// The match behind [`Element::dispatch`] where only the portable path exists.
+#[cfg(not(target_arch = "x86_64"))]
+#[inline]
+fn dispatch_on<E: Element, K: Kernel<E>>(isa: Isa, k: K) -> K::Output
+where
+    Portable: Lanes<E>,
+{
+    match isa {
+        Isa::Portable => k.run(Portable),
+    }
+}
+
+macro_rules! element {
+    ($t:ident, $nr:expr, $magic:expr, $ln2_hi:expr, $ln2_lo:expr, $lo:expr, $lo2:expr,
+     $hi:expr, $hi2:expr, $poly:ident, $q:ident, $q2:ident) => {
+        impl Element for $t {
+            const NR: usize = $nr;
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            const NEG_INF: Self = $t::NEG_INFINITY;
+            const MAGIC: Self = $magic;
+            const LOG2E: Self = core::$t::consts::LOG2_E;
+            const LN2_HI: Self = $ln2_hi;
+            const LN2_LO: Self = $ln2_lo;
+            const EXP_LO: Self = $lo;
+            const EXP2_LO: Self = $lo2;
+            const EXP_HI: Self = $hi;
+            const EXP2_HI: Self = $hi2;
+
+            #[inline(always)]
+            fn exp_poly<S: Lanes<Self>>(s: S, r: S::V) -> S::V {
+                exp::$poly(s, r, &exp::$q)
+            }
+            #[inline(always)]
+            fn exp2_poly<S: Lanes<Self>>(s: S, r: S::V) -> S::V {
+                exp::$poly(s, r, &exp::$q2)
+            }
+            #[inline(always)]
+            fn std_exp(self) -> Self {
+                self.exp()
+            }
+            #[inline(always)]
+            fn std_exp2(self) -> Self {
+                self.exp2()
+            }
+            #[inline(always)]
+            fn mul_add(self, b: Self, c: Self) -> Self {
+                $t::mul_add(self, b, c)
+            }
+            #[inline]
+            fn dispatch<K: Kernel<Self>>(isa: Isa, k: K) -> K::Output {
+                dispatch_on(isa, k)
+            }
+        }
+    };
+}
+
+// f32: the Cephes split of ln 2 (0.693359375 has 8 trailing zero bits, so n·LN2_HI is exact);
+// degree-5 Horner polynomials. f64: fdlibm's split; degree-10 Estrin polynomials.
+element!(
+    f32,
+    32,
+    12_582_912.0, // 1.5 · 2²³
+    0.693_359_4,
+    -2.121_944_4e-4,
+    -87.336_55, // ln 2⁻¹²⁶
+    -126.0,
+    88.0,
+    127.0,
+    horner,
+    EXP_F32_Q,
+    EXP2_F32_Q
+);
+element!(
+    f64,
+    16,
+    6_755_399_441_055_744.0, // 1.5 · 2⁵²
+    6.931_471_803_691_238e-1,
+    1.908_214_929_270_587_7e-10,
+    -708.396_418_532_264_1, // ln 2⁻¹⁰²²
+    -1022.0,
+    709.0,
+    1023.0,
+    estrin,
+    EXP_F64_Q,
+    EXP2_F64_Q
+);

@@ -1,0 +1,128 @@
+//! The two per-row steps of the online softmax, written once: exponentiate a score row
+//! against its running maximum, and rescale an accumulator row.
+
+use super::exp::exp2;
+use super::{Element, Isa, Kernel, Lanes, dispatch};
+
+/// See [`softmax_row`].
+struct SoftmaxRow<'a, E> {
+    row: &'a mut [E],
+    m_old: E,
+}
+
+impl<E: Element> Kernel<E> for SoftmaxRow<'_, E> {
+    type Output = (E, E);
+
+    #[inline(always)]
+    fn run<S: Lanes<E>>(self, s: S) -> (E, E) {
+        let SoftmaxRow { row, m_old } = self;
+        let l = S::LANES;
+        assert!(row.len().is_multiple_of(l), "score row not padded to {l}");
+        // Two independent chains for the maximum and for the sum: half the latency.
+        let (mut mx0, mut mx1) = (s.splat(m_old), s.splat(m_old));
+        let mut pairs = row.chunks_exact(2 * l);
+        for pair in &mut pairs {
+            mx0 = s.max(mx0, s.load(&pair[..l]));
+            mx1 = s.max(mx1, s.load(&pair[l..]));
+        }
+        if !pairs.remainder().is_empty() {
+            mx0 = s.max(mx0, s.load(pairs.remainder()));
+        }
+        let m_new = s.reduce_max(s.max(mx0, mx1));
+        if m_new == E::NEG_INF {
+            row.fill(E::ZERO);
+            return (m_new, E::ZERO);
+        }
+        let mv = s.splat(m_new);
+        let (mut s0, mut s1) = (s.splat(E::ZERO), s.splat(E::ZERO));
+        let mut pairs = row.chunks_exact_mut(2 * l);
+        for pair in &mut pairs {
+            let (c0, c1) = pair.split_at_mut(l);
+            let p0 = exp2(s, s.sub(s.load(c0), mv));
+            let p1 = exp2(s, s.sub(s.load(c1), mv));
+            s.store(c0, p0);
+            s.store(c1, p1);
+            s0 = s.add(s0, p0);
+            s1 = s.add(s1, p1);
+        }
+        let rest = pairs.into_remainder();
+        if !rest.is_empty() {
+            let p0 = exp2(s, s.sub(s.load(rest), mv));
+            s.store(rest, p0);
+            s0 = s.add(s0, p0);
+        }
+        (m_new, s.reduce_sum(s.add(s0, s1)))
+    }
+}
+
+/// One online-softmax step on a score row in log₂ units (length a multiple of the vector
+/// width; the kernel pads rows to [`Element::NR`]): `m_new = max(m_old, max(row))`,
+/// `row ← 2^(row − m_new)`; returns `(m_new, Σ row)`. If `m_new = −inf` (nothing allowed
+/// yet) the row becomes zeros and `(−inf, 0)` is returned.
+pub fn softmax_row<E: Element>(isa: Isa, row: &mut [E], m_old: E) -> (E, E) {
+    dispatch(isa, SoftmaxRow { row, m_old })
+}
+
+/// See [`scale_row`].
+struct ScaleRow<'a, E> {
+    row: &'a mut [E],
+    alpha: E,
+}
+
+impl<E: Element> Kernel<E> for ScaleRow<'_, E> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<S: Lanes<E>>(self, s: S) {
+        let av = s.splat(self.alpha);
+        let mut chunks = self.row.chunks_exact_mut(S::LANES);
+        for c in &mut chunks {
+            s.store(c, s.mul(s.load(c), av));
+        }
+        for x in chunks.into_remainder() {
+            *x *= self.alpha;
+        }
+    }
+}
+
+/// `row ← alpha · row` (any length).
+pub fn scale_row<E: Element>(isa: Isa, row: &mut [E], alpha: E) {
+    dispatch(isa, ScaleRow { row, alpha });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Against a plain loop on every instruction set: the maximum exactly, the probabilities
+    /// and the sum to rounding; a row with nothing allowed.
+    #[test]
+    fn softmax_row_matches_a_plain_loop() {
+        for isa in Isa::available() {
+            for len in [32, 64, 96, 160] {
+                let x: Vec<f64> = (0..len).map(|j| ((j * 37) % 11) as f64 * 0.7 - 3.0).collect();
+                let m_old = 1.5;
+                let mut row = x.clone();
+                let (m, sum) = softmax_row(isa, &mut row, m_old);
+                let want_m = x.iter().fold(m_old, |a, &b| a.max(b));
+                assert_eq!(m, want_m);
+                let want: Vec<f64> = x.iter().map(|&v| (v - want_m).exp2()).collect();
+                for (a, b) in row.iter().zip(&want) {
+                    assert!((a - b).abs() <= 4e-16 * b, "{isa:?} {a} vs {b}");
+                }
+                let want_sum: f64 = want.iter().sum();
+                assert!((sum - want_sum).abs() <= 1e-14 * want_sum);
+                let mut r32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+                let (m32, s32) = softmax_row(isa, &mut r32, f32::NEG_INFINITY);
+                assert_eq!(m32, 4.0);
+                assert!((s32 as f64 - x.iter().map(|&v| (v - 4.0).exp2()).sum::<f64>()).abs() < 1e-4);
+            }
+            let mut dead = vec![f32::NEG_INFINITY; 32];
+            assert_eq!(softmax_row(isa, &mut dead, f32::NEG_INFINITY), (f32::NEG_INFINITY, 0.0));
+            assert!(dead.iter().all(|&p| p == 0.0));
+            let mut row = vec![1.0_f64; 13];
+            scale_row(isa, &mut row, 0.25);
+            assert!(row.iter().all(|&x| x == 0.25));
+        }
+    }
+}

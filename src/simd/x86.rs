@@ -1,0 +1,331 @@
+//! The x86-64 tokens and their vector types: AVX2 + FMA on ymm registers (8 f32, 4 f64) and
+//! AVX-512F on zmm registers (16 f32, 8 f64).
+//!
+//! A token's field is private to this module and its only constructor runs the CPU's feature
+//! detection, so holding one proves the features; that proof is what every `unsafe` block
+//! below relies on.
+
+use super::{Element, Kernel, Lanes};
+use core::arch::x86_64::*;
+
+/// Proof that this CPU has AVX2 and FMA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Avx2 {
+    _proof: (),
+}
+
+/// Proof that this CPU has AVX-512F, AVX2 and FMA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Avx512 {
+    _proof: (),
+}
+
+impl Avx2 {
+    /// The token, if the CPU has AVX2 and FMA.
+    pub fn detect() -> Option<Self> {
+        (is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+            .then_some(Avx2 { _proof: () })
+    }
+
+    /// Runs `k` compiled for AVX2 + FMA.
+    #[inline]
+    pub fn vectorize<E: Element, K: Kernel<E>>(self, k: K) -> K::Output
+    where
+        Self: Lanes<E>,
+    {
+        #[target_feature(enable = "avx2,fma")]
+        fn entry<E: Element, K: Kernel<E>>(t: Avx2, k: K) -> K::Output
+        where
+            Avx2: Lanes<E>,
+        {
+            k.run(t)
+        }
+        // SAFETY: `self` exists, so detection saw AVX2 and FMA on this CPU.
+        unsafe { entry(self, k) }
+    }
+}
+
+impl Avx512 {
+    /// The token, if the CPU has AVX-512F (with AVX2 and FMA, which every such CPU has; all
+    /// three are checked).
+    pub fn detect() -> Option<Self> {
+        (is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma"))
+        .then_some(Avx512 { _proof: () })
+    }
+
+    /// The AVX2 token: every AVX-512 CPU has AVX2 and FMA (checked in [`Avx512::detect`]).
+    pub fn avx2(self) -> Avx2 {
+        Avx2 { _proof: () }
+    }
+
+    /// Runs `k` compiled for AVX-512F.
+    #[inline]
+    pub fn vectorize<E: Element, K: Kernel<E>>(self, k: K) -> K::Output
+    where
+        Self: Lanes<E>,
+    {
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        fn entry<E: Element, K: Kernel<E>>(t: Avx512, k: K) -> K::Output
+        where
+            Avx512: Lanes<E>,
+        {
+            k.run(t)
+        }
+        // SAFETY: `self` exists, so detection saw AVX-512F, AVX2 and FMA on this CPU.
+        unsafe { entry(self, k) }
+    }
+}
+
+/// The methods shared by the four implementations, from the intrinsics' names. Each body is
+/// one intrinsic call in an `unsafe` block whose safety is the token (`self`).
+macro_rules! lanes {
+    (
+        $tok:ident, $t:ident, $v:ident, $n:literal, $feat:literal,
+        set1: $set1:ident, loadu: $loadu:ident, storeu: $storeu:ident,
+        add: $add:ident, sub: $sub:ident, mul: $mul:ident, fmadd: $fmadd:ident,
+        fnmadd: $fnmadd:ident, max: $max:ident,
+        { $($rest:tt)* }
+    ) => {
+        impl Lanes<$t> for $tok {
+            type V = $v;
+            const LANES: usize = $n;
+
+            #[inline(always)]
+            fn splat(self, x: $t) -> $v {
+                // SAFETY: the token proves the CPU has the instruction set.
+                unsafe { $set1(x) }
+            }
+            #[inline(always)]
+            unsafe fn load_ptr(self, p: *const $t) -> $v {
+                // SAFETY: the caller guarantees LANES readable elements at `p`; the token
+                // proves the instruction set.
+                unsafe { $loadu(p) }
+            }
+            #[inline(always)]
+            unsafe fn store_ptr(self, p: *mut $t, v: $v) {
+                // SAFETY: as in `load_ptr`, for writing.
+                unsafe { $storeu(p, v) }
+            }
+            #[inline(always)]
+            fn add(self, a: $v, b: $v) -> $v {
+                // SAFETY: the token proves the instruction set.
+                unsafe { $add(a, b) }
+            }
+            #[inline(always)]
+            fn sub(self, a: $v, b: $v) -> $v {
+                // SAFETY: the token proves the instruction set.
+                unsafe { $sub(a, b) }
+            }
+            #[inline(always)]
+            fn mul(self, a: $v, b: $v) -> $v {
+                // SAFETY: the token proves the instruction set.
+                unsafe { $mul(a, b) }
+            }
+            #[inline(always)]
+            fn mul_add(self, a: $v, b: $v, c: $v) -> $v {
+                // SAFETY: the token proves the instruction set.
+                unsafe { $fmadd(a, b, c) }
+            }
+            #[inline(always)]
+            fn neg_mul_add(self, a: $v, b: $v, c: $v) -> $v {
+                // SAFETY: the token proves the instruction set.
+                unsafe { $fnmadd(a, b, c) }
+            }
+            #[inline(always)]
+            fn max(self, a: $v, b: $v) -> $v {
+                // SAFETY: the token proves the instruction set.
+                unsafe { $max(a, b) }
+            }
+            $($rest)*
+        }
+    };
+}
+
+lanes!(Avx2, f32, __m256, 8, "avx2,fma",
+    set1: _mm256_set1_ps, loadu: _mm256_loadu_ps, storeu: _mm256_storeu_ps,
+    add: _mm256_add_ps, sub: _mm256_sub_ps, mul: _mm256_mul_ps, fmadd: _mm256_fmadd_ps,
+    fnmadd: _mm256_fnmadd_ps, max: _mm256_max_ps,
+    {
+        #[inline(always)]
+        fn reduce_max(self, x: __m256) -> f32 {
+            // SAFETY: the token proves AVX2.
+            unsafe {
+                let m4 = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps::<1>(x));
+                let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+                _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps::<1>(m2, m2)))
+            }
+        }
+        #[inline(always)]
+        fn reduce_sum(self, x: __m256) -> f32 {
+            // SAFETY: the token proves AVX2.
+            unsafe {
+                let s4 = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps::<1>(x));
+                let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+                _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2)))
+            }
+        }
+        #[inline(always)]
+        fn pow2_magic(self, k: __m256) -> __m256 {
+            let bias = 127 - <f32 as Element>::MAGIC.to_bits() as i32;
+            // SAFETY: the token proves AVX2.
+            unsafe {
+                let e = _mm256_add_epi32(_mm256_castps_si256(k), _mm256_set1_epi32(bias));
+                _mm256_castsi256_ps(_mm256_slli_epi32::<23>(e))
+            }
+        }
+        #[inline(always)]
+        fn zero_below(self, x: __m256, lo: f32, y: __m256) -> __m256 {
+            // SAFETY: the token proves AVX2.
+            unsafe { _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(lo)), y) }
+        }
+        #[inline(always)]
+        fn any_above(self, x: __m256, hi: f32) -> bool {
+            // SAFETY: the token proves AVX2.
+            unsafe { _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(x, _mm256_set1_ps(hi))) != 0 }
+        }
+    }
+);
+
+lanes!(Avx2, f64, __m256d, 4, "avx2,fma",
+    set1: _mm256_set1_pd, loadu: _mm256_loadu_pd, storeu: _mm256_storeu_pd,
+    add: _mm256_add_pd, sub: _mm256_sub_pd, mul: _mm256_mul_pd, fmadd: _mm256_fmadd_pd,
+    fnmadd: _mm256_fnmadd_pd, max: _mm256_max_pd,
+    {
+        #[inline(always)]
+        fn reduce_max(self, x: __m256d) -> f64 {
+            // SAFETY: the token proves AVX2.
+            unsafe {
+                let m2 = _mm_max_pd(_mm256_castpd256_pd128(x), _mm256_extractf128_pd::<1>(x));
+                _mm_cvtsd_f64(_mm_max_sd(m2, _mm_unpackhi_pd(m2, m2)))
+            }
+        }
+        #[inline(always)]
+        fn reduce_sum(self, x: __m256d) -> f64 {
+            // SAFETY: the token proves AVX2.
+            unsafe {
+                let s2 = _mm_add_pd(_mm256_castpd256_pd128(x), _mm256_extractf128_pd::<1>(x));
+                _mm_cvtsd_f64(_mm_add_sd(s2, _mm_unpackhi_pd(s2, s2)))
+            }
+        }
+        #[inline(always)]
+        fn pow2_magic(self, k: __m256d) -> __m256d {
+            let bias = 1023i64.wrapping_sub(<f64 as Element>::MAGIC.to_bits() as i64);
+            // SAFETY: the token proves AVX2.
+            unsafe {
+                let e = _mm256_add_epi64(_mm256_castpd_si256(k), _mm256_set1_epi64x(bias));
+                _mm256_castsi256_pd(_mm256_slli_epi64::<52>(e))
+            }
+        }
+        #[inline(always)]
+        fn zero_below(self, x: __m256d, lo: f64, y: __m256d) -> __m256d {
+            // SAFETY: the token proves AVX2.
+            unsafe { _mm256_andnot_pd(_mm256_cmp_pd::<_CMP_LT_OQ>(x, _mm256_set1_pd(lo)), y) }
+        }
+        #[inline(always)]
+        fn any_above(self, x: __m256d, hi: f64) -> bool {
+            // SAFETY: the token proves AVX2.
+            unsafe { _mm256_movemask_pd(_mm256_cmp_pd::<_CMP_GT_OQ>(x, _mm256_set1_pd(hi))) != 0 }
+        }
+    }
+);
+
+lanes!(Avx512, f32, __m512, 16, "avx512f",
+    set1: _mm512_set1_ps, loadu: _mm512_loadu_ps, storeu: _mm512_storeu_ps,
+    add: _mm512_add_ps, sub: _mm512_sub_ps, mul: _mm512_mul_ps, fmadd: _mm512_fmadd_ps,
+    fnmadd: _mm512_fnmadd_ps, max: _mm512_max_ps,
+    {
+        #[inline(always)]
+        fn reduce_max(self, x: __m512) -> f32 {
+            // SAFETY: the token proves AVX-512F (and AVX2 for the 256-bit half).
+            let (lo, hi) = unsafe {
+                (
+                    _mm512_castps512_ps256(x),
+                    _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(x))),
+                )
+            };
+            let h = self.avx2();
+            <Avx2 as Lanes<f32>>::reduce_max(h, Lanes::<f32>::max(h, lo, hi))
+        }
+        #[inline(always)]
+        fn reduce_sum(self, x: __m512) -> f32 {
+            // SAFETY: the token proves AVX-512F (and AVX2 for the 256-bit half).
+            let (lo, hi) = unsafe {
+                (
+                    _mm512_castps512_ps256(x),
+                    _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(x))),
+                )
+            };
+            let h = self.avx2();
+            <Avx2 as Lanes<f32>>::reduce_sum(h, Lanes::<f32>::add(h, lo, hi))
+        }
+        #[inline(always)]
+        fn pow2_magic(self, k: __m512) -> __m512 {
+            let bias = 127 - <f32 as Element>::MAGIC.to_bits() as i32;
+            // SAFETY: the token proves AVX-512F.
+            unsafe {
+                let e = _mm512_add_epi32(_mm512_castps_si512(k), _mm512_set1_epi32(bias));
+                _mm512_castsi512_ps(_mm512_slli_epi32::<23>(e))
+            }
+        }
+        #[inline(always)]
+        fn zero_below(self, x: __m512, lo: f32, y: __m512) -> __m512 {
+            // SAFETY: the token proves AVX-512F. Keep lanes that are not below `lo` (the
+            // unordered "not less than" keeps NaN).
+            unsafe {
+                let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, _mm512_set1_ps(lo));
+                _mm512_maskz_mov_ps(keep, y)
+            }
+        }
+        #[inline(always)]
+        fn any_above(self, x: __m512, hi: f32) -> bool {
+            // SAFETY: the token proves AVX-512F.
+            unsafe { _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm512_set1_ps(hi)) != 0 }
+        }
+    }
+);
+
+lanes!(Avx512, f64, __m512d, 8, "avx512f",
+    set1: _mm512_set1_pd, loadu: _mm512_loadu_pd, storeu: _mm512_storeu_pd,
+    add: _mm512_add_pd, sub: _mm512_sub_pd, mul: _mm512_mul_pd, fmadd: _mm512_fmadd_pd,
+    fnmadd: _mm512_fnmadd_pd, max: _mm512_max_pd,
+    {
+        #[inline(always)]
+        fn reduce_max(self, x: __m512d) -> f64 {
+            // SAFETY: the token proves AVX-512F (and AVX2 for the 256-bit half).
+            let (lo, hi) = unsafe { (_mm512_castpd512_pd256(x), _mm512_extractf64x4_pd::<1>(x)) };
+            let h = self.avx2();
+            <Avx2 as Lanes<f64>>::reduce_max(h, Lanes::<f64>::max(h, lo, hi))
+        }
+        #[inline(always)]
+        fn reduce_sum(self, x: __m512d) -> f64 {
+            // SAFETY: the token proves AVX-512F (and AVX2 for the 256-bit half).
+            let (lo, hi) = unsafe { (_mm512_castpd512_pd256(x), _mm512_extractf64x4_pd::<1>(x)) };
+            let h = self.avx2();
+            <Avx2 as Lanes<f64>>::reduce_sum(h, Lanes::<f64>::add(h, lo, hi))
+        }
+        #[inline(always)]
+        fn pow2_magic(self, k: __m512d) -> __m512d {
+            let bias = 1023i64.wrapping_sub(<f64 as Element>::MAGIC.to_bits() as i64);
+            // SAFETY: the token proves AVX-512F.
+            unsafe {
+                let e = _mm512_add_epi64(_mm512_castpd_si512(k), _mm512_set1_epi64(bias));
+                _mm512_castsi512_pd(_mm512_slli_epi64::<52>(e))
+            }
+        }
+        #[inline(always)]
+        fn zero_below(self, x: __m512d, lo: f64, y: __m512d) -> __m512d {
+            // SAFETY: the token proves AVX-512F; as for f32, NaN lanes are kept.
+            unsafe {
+                let keep = _mm512_cmp_pd_mask::<_CMP_NLT_UQ>(x, _mm512_set1_pd(lo));
+                _mm512_maskz_mov_pd(keep, y)
+            }
+        }
+        #[inline(always)]
+        fn any_above(self, x: __m512d, hi: f64) -> bool {
+            // SAFETY: the token proves AVX-512F.
+            unsafe { _mm512_cmp_pd_mask::<_CMP_GT_OQ>(x, _mm512_set1_pd(hi)) != 0 }
+        }
+    }
+);

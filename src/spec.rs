@@ -1,0 +1,345 @@
+//! The spec of one attention call: its options, what it returns, and the validated plan
+//! (shapes, scale, softcap) that every path (reference, kernel, backward) computes from.
+//!
+//! The formulas are in [`crate::guide::attention`].
+
+use crate::Float;
+use crate::error::{Axis, Error, Result, check_finite, check_positive};
+use crate::mask::Mask;
+use nalgebra::{DMatrix, DMatrixView, DVector};
+
+#[cfg(doc)]
+use crate::{scaled_attention_reference, scaled_attention_with};
+
+/// Everything about an attention call beyond Q, K, V and the mask.
+///
+/// Built with chained setters from [`AttentionOptions::new`] (or `Default`); passed to
+/// [`scaled_attention_with`] and [`scaled_attention_reference`].
+///
+/// # Examples
+///
+/// ```
+/// use attention_math::{scaled_attention_with, AttentionOptions, Mask};
+/// use nalgebra::DMatrix;
+///
+/// let q = DMatrix::<f64>::from_fn(3, 4, |i, j| (i + j) as f64 * 0.1);
+/// let alibi = DMatrix::<f64>::from_fn(3, 3, |i, j| -0.5 * (i as f64 - j as f64).abs());
+/// let opts = AttentionOptions::new().softcap(30.0).bias(&alibi).return_weights(true);
+/// let out = scaled_attention_with(&q, &q, &q, &Mask::causal(), &opts)?;
+/// assert_eq!(out.weights.unwrap()[(0, 0)], 1.0);
+/// # Ok::<(), attention_math::Error>(())
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct AttentionOptions<'a, T: Float> {
+    pub(crate) scale: Option<T>,
+    pub(crate) softcap: Option<T>,
+    pub(crate) bias: Option<DMatrixView<'a, T>>,
+    pub(crate) weights: bool,
+    pub(crate) threads: Option<usize>,
+}
+
+impl<'a, T: Float> AttentionOptions<'a, T> {
+    /// The defaults: scale `1/√d`, no softcap, no bias, weights not returned.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attention_math::AttentionOptions;
+    ///
+    /// let opts = AttentionOptions::<f32>::new();
+    /// # let _ = opts;
+    /// ```
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Overrides the score scale (default `1/√d`); any finite value is accepted.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attention_math::{scaled_attention_with, AttentionOptions, Mask};
+    /// use nalgebra::dmatrix;
+    ///
+    /// // With scale 0 every key gets the same weight.
+    /// let q = dmatrix![1.0_f64, 2.0];
+    /// let k = dmatrix![1.0_f64, 0.0; 0.0, 5.0];
+    /// let v = dmatrix![2.0_f64; 4.0];
+    /// let out = scaled_attention_with(&q, &k, &v, &Mask::none(), &AttentionOptions::new().scale(0.0))?;
+    /// assert_eq!(out.output[(0, 0)], 3.0);
+    /// # Ok::<(), attention_math::Error>(())
+    /// ```
+    pub fn scale(mut self, scale: T) -> Self {
+        self.scale = Some(scale);
+        self
+    }
+
+    /// Caps the scaled scores smoothly: `S ← c · tanh(S / c)` (Gemma 2, Grok), applied
+    /// before the bias and the mask. `c` must be finite and > 0.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attention_math::{scaled_attention_with, AttentionOptions, Mask};
+    /// use nalgebra::dmatrix;
+    ///
+    /// let q = dmatrix![100.0_f64];
+    /// let k = dmatrix![100.0_f64; 0.0];
+    /// let v = dmatrix![1.0_f64; 0.0];
+    /// let out = scaled_attention_with(&q, &k, &v, &Mask::none(), &AttentionOptions::new().softcap(1.0))?;
+    /// // Scores are capped at tanh(10000) ≈ 1 and 0, so the weight is e/(e+1), not ≈ 1.
+    /// let e = 1.0_f64.exp();
+    /// assert!((out.output[(0, 0)] - e / (e + 1.0)).abs() < 1e-12);
+    /// # Ok::<(), attention_math::Error>(())
+    /// ```
+    pub fn softcap(mut self, cap: T) -> Self {
+        self.softcap = Some(cap);
+        self
+    }
+
+    /// Adds an n x m bias to the scores (ALiBi, relative positions, or an arbitrary
+    /// additive mask: `-inf` entries forbid; NaN and `+inf` are errors).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attention_math::{scaled_attention_with, AttentionOptions, Mask};
+    /// use nalgebra::{dmatrix, DMatrix};
+    ///
+    /// let q = DMatrix::<f64>::zeros(1, 2);
+    /// let v = dmatrix![1.0_f64; 3.0];
+    /// let bias = dmatrix![f64::NEG_INFINITY, 0.0];
+    /// let out = scaled_attention_with(&q, &q.clone().resize(2, 2, 0.0), &v, &Mask::none(),
+    ///     &AttentionOptions::new().bias(&bias))?;
+    /// assert_eq!(out.output[(0, 0)], 3.0);
+    /// # Ok::<(), attention_math::Error>(())
+    /// ```
+    pub fn bias(mut self, bias: impl Into<DMatrixView<'a, T>>) -> Self {
+        self.bias = Some(bias.into());
+        self
+    }
+
+    /// Asks for the n x m attention weights P in [`AttentionOutput::weights`]. This
+    /// materialises the full matrix, which the fast path otherwise never does: with it,
+    /// [`scaled_attention_with`] runs [`scaled_attention_reference`] instead of the tiled
+    /// kernel (same results to rounding, O(n·m) memory, one thread).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attention_math::{scaled_attention_with, AttentionOptions, Mask};
+    /// use nalgebra::DMatrix;
+    ///
+    /// let x = DMatrix::<f32>::identity(3, 3);
+    /// let out = scaled_attention_with(&x, &x, &x, &Mask::causal(), &AttentionOptions::new().return_weights(true))?;
+    /// let w = out.weights.unwrap();
+    /// assert_eq!(w[(0, 0)], 1.0);
+    /// assert_eq!(w[(0, 1)], 0.0);
+    /// # Ok::<(), attention_math::Error>(())
+    /// ```
+    pub fn return_weights(mut self, yes: bool) -> Self {
+        self.weights = yes;
+        self
+    }
+
+    /// Runs the call on a private pool of `threads` worker threads (1 = on the calling
+    /// thread), without touching rayon's global pool. The crate builds one such pool per
+    /// thread count, on first use, and reuses it. By default the call uses the current rayon
+    /// pool. The result is bit-identical for every thread count; 0 is treated as 1, and a count
+    /// above four threads per logical CPU is capped there (a larger pool only adds OS threads
+    /// that wait: `threads(usize::MAX)` must not try to spawn them). The reference
+    /// implementation is always single-threaded.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attention_math::{scaled_attention_with, AttentionOptions, Mask};
+    /// use nalgebra::DMatrix;
+    ///
+    /// let x = DMatrix::<f32>::from_fn(300, 16, |i, j| ((i * 16 + j) as f32 * 0.01).sin());
+    /// let one = scaled_attention_with(&x, &x, &x, &Mask::causal(), &AttentionOptions::new().threads(1))?;
+    /// let two = scaled_attention_with(&x, &x, &x, &Mask::causal(), &AttentionOptions::new().threads(2))?;
+    /// assert_eq!(one, two);
+    /// # Ok::<(), attention_math::Error>(())
+    /// ```
+    pub fn threads(mut self, threads: usize) -> Self {
+        self.threads = Some(threads.max(1));
+        self
+    }
+}
+
+/// What an attention call returns beyond the output: the per-row log-sum-exp (what a
+/// backward pass or a split-KV merge needs) and, if asked for, the weights.
+///
+/// # Examples
+///
+/// ```
+/// use attention_math::{scaled_attention_with, AttentionOptions, Mask};
+/// use nalgebra::DMatrix;
+///
+/// let q = DMatrix::<f64>::zeros(2, 3);
+/// let k = DMatrix::<f64>::zeros(4, 3);
+/// let out = scaled_attention_with(&q, &k, &k, &Mask::none(), &AttentionOptions::new())?;
+/// assert_eq!(out.output.shape(), (2, 3));
+/// assert!((out.lse[0] - 4.0_f64.ln()).abs() < 1e-15); // four scores of 0
+/// assert!(out.weights.is_none());
+/// # Ok::<(), attention_math::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttentionOutput<T: Float> {
+    /// The output O, n x d_v.
+    pub output: DMatrix<T>,
+    /// `lse_i = ln Σ_j exp(S_ij)` over the allowed keys of row i (final scores, after
+    /// scale, softcap and bias); `-inf` for a fully masked row. Length n.
+    pub lse: DVector<T>,
+    /// The weights P (n x m), only if [`AttentionOptions::return_weights`] was set.
+    pub weights: Option<DMatrix<T>>,
+}
+
+/// The validated shape and parameters of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Plan<T> {
+    pub n: usize,
+    pub m: usize,
+    pub d: usize,
+    pub dv: usize,
+    pub scale: T,
+    pub softcap: Option<T>,
+}
+
+/// Checks shapes, finiteness and parameters; the one gate every attention path goes through.
+pub(crate) fn plan<T: Float>(
+    q: &DMatrixView<'_, T>,
+    k: &DMatrixView<'_, T>,
+    v: &DMatrixView<'_, T>,
+    opts: &AttentionOptions<'_, T>,
+) -> Result<Plan<T>> {
+    let (n, d) = q.shape();
+    let (m, dv) = (k.nrows(), v.ncols());
+    if k.ncols() != d {
+        return Err(Error::DimensionMismatch {
+            arg: "k",
+            axis: Axis::Cols,
+            found: k.ncols(),
+            other: "q",
+            other_axis: Axis::Cols,
+            expected: d,
+        });
+    }
+    if v.nrows() != m {
+        return Err(Error::DimensionMismatch {
+            arg: "v",
+            axis: Axis::Rows,
+            found: v.nrows(),
+            other: "k",
+            other_axis: Axis::Rows,
+            expected: m,
+        });
+    }
+    check_finite("q", q)?;
+    check_finite("k", k)?;
+    check_finite("v", v)?;
+    if let Some(bias) = &opts.bias {
+        if bias.shape() != (n, m) {
+            return Err(Error::ShapeMismatch {
+                arg: "bias",
+                found: bias.shape(),
+                expected: (n, m),
+            });
+        }
+        for j in 0..m {
+            for i in 0..n {
+                let b = bias[(i, j)];
+                if b.is_nan_value() || b == T::INFINITY {
+                    return Err(Error::NonFinite {
+                        arg: "bias",
+                        row: i,
+                        col: j,
+                    });
+                }
+            }
+        }
+    }
+    if let Some(c) = opts.softcap {
+        check_positive("softcap", c)?;
+    }
+    let scale = match opts.scale {
+        Some(s) if !s.is_finite() => {
+            return Err(Error::InvalidParameter {
+                name: "scale",
+                value: s.as_f64(),
+                requirement: "must be finite",
+            });
+        }
+        Some(s) => s,
+        None if d == 0 => T::one(),
+        None => T::one() / T::of_usize(d).sqrt(),
+    };
+    Ok(Plan {
+        n,
+        m,
+        d,
+        dv,
+        scale,
+        softcap: opts.softcap,
+    })
+}
+
+impl<T: Float> Plan<T> {
+    /// The final score of one pair from its raw dot product `q_i · k_j`, before masking.
+    #[inline]
+    pub(crate) fn score(&self, dot: T, bias: Option<T>) -> T {
+        let mut s = self.scale * dot;
+        if let Some(c) = self.softcap {
+            s = c * (s / c).tanh();
+        }
+        match bias {
+            Some(b) => s + b,
+            None => s,
+        }
+    }
+
+    /// The derivative of [`Plan::score`] with respect to the raw dot product:
+    /// `scale` without a softcap, `scale · (1 − tanh²(scale · dot / c))` with one (the bias
+    /// is additive and does not enter). Computed as `scale / cosh²(·)`, which keeps its
+    /// relative accuracy where `tanh` saturates and tends to 0, never NaN, as `|dot|` grows.
+    #[inline]
+    pub(crate) fn score_grad(&self, dot: T) -> T {
+        match self.softcap {
+            None => self.scale,
+            Some(c) => {
+                let ch = (self.scale * dot / c).cosh();
+                self.scale / (ch * ch)
+            }
+        }
+    }
+}
+
+/// One validated attention call: inputs, mask, bias and the plan from [`plan`].
+pub(crate) struct Problem<'a, T: Float> {
+    pub q: DMatrixView<'a, T>,
+    pub k: DMatrixView<'a, T>,
+    pub v: DMatrixView<'a, T>,
+    pub mask: &'a Mask,
+    pub bias: Option<DMatrixView<'a, T>>,
+    pub plan: Plan<T>,
+}
+
+/// Validates one call and bundles it for the kernel.
+pub(crate) fn problem<'a, T: Float>(
+    q: DMatrixView<'a, T>,
+    k: DMatrixView<'a, T>,
+    v: DMatrixView<'a, T>,
+    mask: &'a Mask,
+    opts: &AttentionOptions<'a, T>,
+) -> Result<Problem<'a, T>> {
+    let plan = plan(&q, &k, &v, opts)?;
+    Ok(Problem {
+        q,
+        k,
+        v,
+        mask,
+        bias: opts.bias,
+        plan,
+    })
+}
