@@ -99,15 +99,8 @@ pub fn scaled_attention_with<'q, 'k, 'v, T: Float>(
         return scaled_attention_reference(q, k, v, mask, opts);
     }
     let problem = problem(q, k, v, mask, opts)?;
-    // With fewer than four query tiles, handing them to a pool costs more (moving the call to
-    // a worker, a scratch tile per thread) than the split saves: measured 0.89-0.91x of one
-    // thread at n = 256 in f32. The calling thread computes the same bits.
-    let threads = if problem.q.nrows().div_ceil(kernel::tile::<T>().0) < 4 {
-        Some(1)
-    } else {
-        opts.threads
-    };
-    Ok(kernel::with_threads(threads, |exec| kernel::run(&problem, exec)))
+    let mut out = kernel::attend(std::slice::from_ref(&problem), 1, opts.threads);
+    Ok(out.pop().expect("one problem, one result"))
 }
 
 /// The reference implementation: builds the n x m score matrix, applies scale, softcap,

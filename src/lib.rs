@@ -36,9 +36,9 @@ pub use grad::{
 };
 pub use mask::{Block, Mask, MaskGrid};
 pub use multihead::{Heads, multi_head_attention};
-pub use spec::{AttentionOptions, AttentionOutput};
 pub use simd::{InstructionSet, instruction_set};
 pub use softmax::{
-    exp_in_place, log_softmax, log_softmax_in_place, log_softmax_rows, logsumexp, logsumexp_rows, softmax,
-    softmax_in_place, softmax_rows, softmax_with_temperature,
+    exp_in_place, log_softmax, log_softmax_in_place, log_softmax_rows, logsumexp, logsumexp_rows,
+    softmax, softmax_in_place, softmax_rows, softmax_with_temperature,
 };
+pub use spec::{AttentionOptions, AttentionOutput};

@@ -4,12 +4,11 @@
 //! [`crate::guide::multi_head`].
 
 use crate::Float;
-use crate::spec::{AttentionOptions, AttentionOutput, problem};
 use crate::error::{Error, Result};
-use crate::kernel::{self, Exec};
+use crate::kernel;
 use crate::mask::Mask;
+use crate::spec::{AttentionOptions, problem};
 use nalgebra::{DMatrix, DMatrixView};
-use rayon::prelude::*;
 
 /// How many query heads and key-value heads an attention layer has.
 ///
@@ -189,13 +188,9 @@ pub fn multi_head_attention<'q, 'k, 'v, T: Float>(
             )
         })
         .collect::<Result<Vec<_>>>()?;
-    // Heads run in parallel, each one's query tiles too; every head is computed by the same
+    // Heads (or, decoding, GQA groups) run in parallel; every head is computed by the same
     // arithmetic whatever thread runs it, so the result does not depend on the thread count.
-    let outputs: Vec<AttentionOutput<T>> =
-        kernel::with_threads(opts.threads, |exec| match exec {
-            Exec::Inline => problems.iter().map(|p| kernel::run(p, exec)).collect(),
-            Exec::Pool => problems.par_iter().map(|p| kernel::run(p, exec)).collect(),
-        });
+    let outputs = kernel::attend(&problems, heads.group_size(), opts.threads);
     let mut out = DMatrix::zeros(q.nrows(), heads.query * dv);
     for (h, o) in outputs.iter().enumerate() {
         out.columns_mut(h * dv, dv).copy_from(&o.output);

@@ -26,11 +26,17 @@ fn the_requested_instruction_set_is_the_one_in_use() {
 #[test]
 fn every_path_computes_the_same_attention() {
     // Whatever the instruction set in use, the public functions agree with the reference.
-    use attention_math::{AttentionOptions, Mask, scaled_attention_reference, scaled_attention_with};
+    use attention_math::{
+        AttentionOptions, Mask, scaled_attention_reference, scaled_attention_with,
+    };
     use nalgebra::DMatrix;
     let x = DMatrix::<f32>::from_fn(130, 24, |i, j| ((i * 24 + j) as f32 * 0.37).sin());
     let opts = AttentionOptions::new();
     let fast = scaled_attention_with(&x, &x, &x, &Mask::causal(), &opts).unwrap();
     let slow = scaled_attention_reference(&x, &x, &x, &Mask::causal(), &opts).unwrap();
-    assert!((fast.output - slow.output).amax() < 1e-5, "{}", instruction_set());
+    assert!(
+        (fast.output - slow.output).amax() < 1e-5,
+        "{}",
+        instruction_set()
+    );
 }

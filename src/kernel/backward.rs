@@ -18,8 +18,8 @@
 //! parallel (dQ), each block recomputed in both. On one thread the passes fuse into one, with
 //! dQ_I updated in the very same order, so every thread count gives the same bits.
 
-use super::pack::{self, round_up};
 use super::Exec;
+use super::pack::{self, round_up};
 use crate::Float;
 use crate::mask::Block;
 use crate::simd::{self, Isa, Out, Panels, Rows, Shape};
@@ -30,7 +30,11 @@ use rayon::prelude::*;
 /// Queries and keys per block: multiples of MR, and of lcm(MR, NR) for keys (a key block is
 /// both the columns of the score block and the rows of the dK, dV products).
 pub(crate) fn tiles<T: Float>() -> (usize, usize) {
-    if size_of::<T>() == 4 { (96, 96) } else { (48, 96) }
+    if size_of::<T>() == 4 {
+        (96, 96)
+    } else {
+        (48, 96)
+    }
 }
 
 /// The gradients, in the shapes of the inputs; `dbias` if the call had a bias.
@@ -235,7 +239,14 @@ impl<T: Float> Ctx<'_, T> {
     }
 
     /// `dV_J += Pᵀ dO_I` and `dK_J += dXᵀ Q_I` from the block in `scr`.
-    fn add_dk_dv(&self, i0: usize, br: usize, bc: usize, scr: &Scratch<T>, out: &mut KeyOut<'_, T>) {
+    fn add_dk_dv(
+        &self,
+        i0: usize,
+        br: usize,
+        bc: usize,
+        scr: &Scratch<T>,
+        out: &mut KeyOut<'_, T>,
+    ) {
         let (rows, cm) = (round_up(br, T::MR), round_up(bc, T::MR));
         let pk = &self.packed;
         let stride = pk.n_pad * T::NR;
@@ -335,7 +346,13 @@ impl<T: Float> Ctx<'_, T> {
     }
 
     /// Pass 2, one query block: dQ_I over every key block.
-    fn query_block(&self, keys: &[(usize, usize)], (i0, i1): (usize, usize), dq: &mut [T], scr: &mut Scratch<T>) {
+    fn query_block(
+        &self,
+        keys: &[(usize, usize)],
+        (i0, i1): (usize, usize),
+        dq: &mut [T],
+        scr: &mut Scratch<T>,
+    ) {
         for &(j0, j1) in keys {
             if self.block((i0, i1), (j0, j1), scr, None) {
                 self.add_dq(i1 - i0, (j0, j1 - j0), scr, dq);
@@ -379,7 +396,11 @@ pub(crate) fn backward<T: Float>(
     let plan = p.plan;
     let (n, m, d, dv) = (plan.n, plan.m, plan.d, plan.dv);
     assert!(
-        tq > 0 && tk > 0 && tq.is_multiple_of(T::MR) && tk.is_multiple_of(T::MR) && tk.is_multiple_of(T::NR),
+        tq > 0
+            && tk > 0
+            && tq.is_multiple_of(T::MR)
+            && tk.is_multiple_of(T::MR)
+            && tk.is_multiple_of(T::NR),
         "backward tiles {tq} x {tk} do not fit the micro-kernel"
     );
     let n_pad = round_up(n, T::MR);
@@ -444,7 +465,11 @@ pub(crate) fn backward<T: Float>(
         );
         queries
             .par_iter()
-            .zip(split(&mut dq[..q_blocks.last().map_or(0, |b| b.1) * d_pad], d_pad, &q_blocks))
+            .zip(split(
+                &mut dq[..q_blocks.last().map_or(0, |b| b.1) * d_pad],
+                d_pad,
+                &q_blocks,
+            ))
             .for_each_init(
                 || Scratch::new(tq, tk),
                 |scr, (&query, dq)| ctx.query_block(&keys, query, dq, scr),

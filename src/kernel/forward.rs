@@ -59,13 +59,7 @@ pub(crate) fn forward<T: Float>(
 ) -> (DMatrix<T>, DVector<T>) {
     let Plan { n, m, dv, .. } = p.plan;
     let br = tile::<T>().0;
-    let log2e = T::of_f64(std::f64::consts::LOG2_E);
-    // Without a softcap the whole chain up to exp is linear in q: fold scale·log₂e into Q
-    // once and every score comes out of the product in log₂ units, ready for exp2.
-    let q_factor = match p.plan.softcap {
-        None => p.plan.scale * log2e,
-        Some(_) => p.plan.scale,
-    };
+    let q_factor = q_factor(&p.plan);
     let m_pad = round_up(m, T::NR);
     let dv_pad = round_up(dv, T::NR);
     let packed = Packed {
@@ -163,23 +157,13 @@ fn query_tile<T: Float>(
             let row = &mut scr.s[r * bc..r * bc + cols_pad];
             finish_scores(p, q0 + r, k0, &mut row[..cols], block == Block::Partial);
             row[cols..].fill(T::NEG_INFINITY);
-            let m_old = scr.max[r];
-            let (m_new, sum) = simd::softmax_row(isa, row, m_old);
-            if m_new == T::NEG_INFINITY {
-                continue; // nothing allowed so far: P = 0, O and the sum stay 0
-            }
-            if m_new > m_old {
-                // O ← α·O, ℓ ← α·ℓ with α = 2^(m_old − m_new) (0 while m_old = −inf, when O
-                // is still 0 and needs no rescaling).
-                let alpha = (m_old - m_new).exp2();
-                scr.sum[r] = scr.sum[r] * alpha + sum;
-                if m_old != T::NEG_INFINITY {
-                    simd::scale_row(isa, &mut scr.o[r * dv_pad..(r + 1) * dv_pad], alpha);
-                }
-                scr.max[r] = m_new;
-            } else {
-                scr.sum[r] += sum;
-            }
+            online_step(
+                isa,
+                row,
+                &mut scr.max[r],
+                &mut scr.sum[r],
+                &mut scr.o[r * dv_pad..(r + 1) * dv_pad],
+            );
         }
         // Padded query rows r >= rows kept S = 0 (zero rows of Q), i.e. P = 0.
         if dv > 0 {
@@ -212,21 +196,15 @@ fn query_tile<T: Float>(
     // masked row, whose O_r is 0), then the output one column segment at a time: the
     // segments of one tile are n apart in memory, so writing them row by row would thrash
     // the cache sets.
-    let ln2 = T::of_f64(std::f64::consts::LN_2);
     let mut exact = Vec::new();
     for (r, l) in lse.iter_mut().enumerate() {
-        let (max, sum) = (scr.max[r], scr.sum[r]);
-        scr.inv[r] = T::zero();
-        if sum > T::zero() && sum.is_finite() && max.is_finite() {
-            scr.inv[r] = T::one() / sum;
-            *l = (max + sum.log2()) * ln2;
-        } else if sum == T::zero() {
-            // Fully masked row: output 0, lse −inf.
-            *l = T::NEG_INFINITY;
-        } else {
-            // A score overflowed to ±inf or NaN (finite inputs whose products exceed the
-            // range): this row is recomputed exactly as the reference does, below.
-            exact.push(r);
+        match row_end(scr.max[r], scr.sum[r]) {
+            RowEnd::Normal { inv, lse } => (scr.inv[r], *l) = (inv, lse),
+            RowEnd::Masked => (scr.inv[r], *l) = (T::zero(), T::NEG_INFINITY),
+            RowEnd::Exact => {
+                scr.inv[r] = T::zero();
+                exact.push(r);
+            }
         }
     }
     for (c, column) in out.iter_mut().enumerate() {
@@ -243,9 +221,81 @@ fn query_tile<T: Float>(
     }
 }
 
+/// The factor packed into Q. Without a softcap the whole chain up to exp is linear in q:
+/// folding `scale·log₂e` into Q once makes every score leave the product in log₂ units, ready
+/// for exp2. With a softcap the products stay in natural units (see [`finish_scores`]).
+pub(super) fn q_factor<T: Float>(plan: &Plan<T>) -> T {
+    match plan.softcap {
+        None => plan.scale * T::of_f64(std::f64::consts::LOG2_E),
+        Some(_) => plan.scale,
+    }
+}
+
+/// One online-softmax step for one row: `row` (scores in log₂ units, padded with −inf to a
+/// multiple of the vector width) becomes `P = 2^(row − max')` with `max' = max(max, row)`;
+/// the running `sum` and the accumulator row `o` are rescaled by `α = 2^(max − max')` when
+/// the maximum moves, and `Σ P` is added to the sum. The caller then adds `P · V` to `o`.
+pub(super) fn online_step<T: Float>(
+    isa: Isa,
+    row: &mut [T],
+    max: &mut T,
+    sum: &mut T,
+    o: &mut [T],
+) {
+    let m_old = *max;
+    let (m_new, row_sum) = simd::softmax_row(isa, row, m_old);
+    if m_new == T::NEG_INFINITY {
+        return; // nothing allowed so far: P = 0, O and the sum stay 0
+    }
+    if m_new > m_old {
+        // O ← α·O, ℓ ← α·ℓ with α = 2^(m_old − m_new) (0 while m_old = −inf, when O is
+        // still 0 and needs no rescaling).
+        let alpha = (m_old - m_new).exp2();
+        *sum = *sum * alpha + row_sum;
+        if m_old != T::NEG_INFINITY {
+            simd::scale_row(isa, o, alpha);
+        }
+        *max = m_new;
+    } else {
+        *sum += row_sum;
+    }
+}
+
+/// How a row ends, from its running maximum (log₂ units) and sum.
+pub(super) enum RowEnd<T> {
+    /// The output row is `O / sum`; `lse` in natural units.
+    Normal { inv: T, lse: T },
+    /// No allowed key: output 0, lse −inf.
+    Masked,
+    /// A score overflowed to ±inf or NaN (finite inputs whose products exceed the range): the
+    /// row is recomputed exactly as the reference does, by [`exact_row`].
+    Exact,
+}
+
+/// See [`RowEnd`].
+pub(super) fn row_end<T: Float>(max: T, sum: T) -> RowEnd<T> {
+    if sum > T::zero() && sum.is_finite() && max.is_finite() {
+        let lse = (max + sum.log2()) * T::of_f64(std::f64::consts::LN_2);
+        RowEnd::Normal {
+            inv: T::one() / sum,
+            lse,
+        }
+    } else if sum == T::zero() {
+        RowEnd::Masked
+    } else {
+        RowEnd::Exact
+    }
+}
+
 /// Turns the raw products of one row of a tile into final scores in log₂ units: softcap,
 /// bias, and (in a partial tile) the mask.
-fn finish_scores<T: Float>(p: &Problem<'_, T>, i: usize, k0: usize, row: &mut [T], partial: bool) {
+pub(super) fn finish_scores<T: Float>(
+    p: &Problem<'_, T>,
+    i: usize,
+    k0: usize,
+    row: &mut [T],
+    partial: bool,
+) {
     let log2e = T::of_f64(std::f64::consts::LOG2_E);
     match (p.plan.softcap, &p.bias) {
         (None, None) => {}
@@ -284,7 +334,7 @@ fn finish_scores<T: Float>(p: &Problem<'_, T>, i: usize, k0: usize, row: &mut [T
 
 /// Row i the reference's way (its scores, [`logsumexp`], [`softmax_in_place`]): the output
 /// row and the log-sum-exp. Only reached when a score is not finite.
-fn exact_row<T: Float>(p: &Problem<'_, T>, i: usize) -> (Vec<T>, T) {
+pub(super) fn exact_row<T: Float>(p: &Problem<'_, T>, i: usize) -> (Vec<T>, T) {
     let Plan { n, m, dv, .. } = p.plan;
     let mut row: Vec<T> = (0..m)
         .map(|j| {

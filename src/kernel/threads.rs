@@ -21,8 +21,11 @@ impl Exec {
 
 /// The largest private pool: four threads per logical CPU. More only adds OS threads that
 /// wait, and `threads(usize::MAX)` must not try to spawn them.
+/// Computed once: `available_parallelism` reads the affinity mask and cgroup files, tens of
+/// microseconds that a small call cannot afford.
 pub(crate) fn max_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get()) * 4
+    static MAX: OnceLock<usize> = OnceLock::new();
+    *MAX.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()) * 4)
 }
 
 /// Runs `f` as [`AttentionOptions::threads`](crate::AttentionOptions::threads) asks: `None`

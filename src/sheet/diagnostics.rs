@@ -14,8 +14,8 @@
 //! ([`rms_normalize_rows`], applied to Q and K per head before the dot product, as in
 //! ViT-22B and OLMo 2), which bounds every logit by `scale · d`.
 
-use crate::Float;
 use crate::AttentionOptions;
+use crate::Float;
 use crate::attention::scaled_attention_with;
 use crate::entropy::entropy_rows;
 use crate::error::{Result, check_positive};

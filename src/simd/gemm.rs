@@ -69,7 +69,14 @@ pub struct Shape {
 
 /// Checks that every access of the product stays inside the operands; the vector loop's raw
 /// pointers rely on it. A failure is a bug in the caller, never a user error.
-fn check_bounds<T>(mr: usize, nr: usize, s: Shape, a: &Rows<'_, T>, b: &Panels<'_, T>, c: &Out<'_, T>) {
+fn check_bounds<T>(
+    mr: usize,
+    nr: usize,
+    s: Shape,
+    a: &Rows<'_, T>,
+    b: &Panels<'_, T>,
+    c: &Out<'_, T>,
+) {
     assert!(
         s.rows.is_multiple_of(mr) && s.ncols.is_multiple_of(nr),
         "tile not padded: {s:?}"
@@ -131,7 +138,11 @@ unsafe fn block<E: Element, S: Lanes<E>, const MR: usize, const NV: usize>(
         for (i, acc_i) in acc.iter().enumerate() {
             for (v, &x) in acc_i.iter().enumerate() {
                 let cp = c.add(i * c_rs + v * S::LANES);
-                let r = if accumulate { s.add(s.load_ptr(cp), x) } else { x };
+                let r = if accumulate {
+                    s.add(s.load_ptr(cp), x)
+                } else {
+                    x
+                };
                 s.store_ptr(cp, r);
             }
         }
@@ -236,7 +247,11 @@ mod tests {
                             let dot = (0..k).fold(T::ZERO, |acc, t| {
                                 acc + a[i * a_rs + t] * b[p * p_stride + t * nr + lane]
                             });
-                            if accumulate { c0[i * c_rs + j] + dot } else { dot }
+                            if accumulate {
+                                c0[i * c_rs + j] + dot
+                            } else {
+                                dot
+                            }
                         } else {
                             c0[i * c_rs + j] // outside the product: untouched
                         };
@@ -271,7 +286,10 @@ mod tests {
                     k,
                     accumulate: false,
                 },
-                Rows { data: &a, stride: k },
+                Rows {
+                    data: &a,
+                    stride: k,
+                },
                 Panels {
                     data: &b,
                     stride: k * 32,
@@ -304,7 +322,10 @@ mod tests {
                 k: 4,
                 accumulate: false,
             },
-            Rows { data: &a, stride: 4 },
+            Rows {
+                data: &a,
+                stride: 4,
+            },
             Panels {
                 data: &b,
                 stride: 128,

@@ -220,6 +220,9 @@ mod tests {
             assert_eq!(format!(" {} ", k.to_string().to_uppercase()).parse(), Ok(k));
         }
         let e = "sse2".parse::<InstructionSet>().unwrap_err();
-        assert_eq!(e, "`sse2` is not an instruction set: expected portable, avx2 or avx512");
+        assert_eq!(
+            e,
+            "`sse2` is not an instruction set: expected portable, avx2 or avx512"
+        );
     }
 }

@@ -100,7 +100,9 @@ mod tests {
     fn softmax_row_matches_a_plain_loop() {
         for isa in Isa::available() {
             for len in [32, 64, 96, 160] {
-                let x: Vec<f64> = (0..len).map(|j| ((j * 37) % 11) as f64 * 0.7 - 3.0).collect();
+                let x: Vec<f64> = (0..len)
+                    .map(|j| ((j * 37) % 11) as f64 * 0.7 - 3.0)
+                    .collect();
                 let m_old = 1.5;
                 let mut row = x.clone();
                 let (m, sum) = softmax_row(isa, &mut row, m_old);
@@ -115,10 +117,15 @@ mod tests {
                 let mut r32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
                 let (m32, s32) = softmax_row(isa, &mut r32, f32::NEG_INFINITY);
                 assert_eq!(m32, 4.0);
-                assert!((s32 as f64 - x.iter().map(|&v| (v - 4.0).exp2()).sum::<f64>()).abs() < 1e-4);
+                assert!(
+                    (s32 as f64 - x.iter().map(|&v| (v - 4.0).exp2()).sum::<f64>()).abs() < 1e-4
+                );
             }
             let mut dead = vec![f32::NEG_INFINITY; 32];
-            assert_eq!(softmax_row(isa, &mut dead, f32::NEG_INFINITY), (f32::NEG_INFINITY, 0.0));
+            assert_eq!(
+                softmax_row(isa, &mut dead, f32::NEG_INFINITY),
+                (f32::NEG_INFINITY, 0.0)
+            );
             assert!(dead.iter().all(|&p| p == 0.0));
             let mut row = vec![1.0_f64; 13];
             scale_row(isa, &mut row, 0.25);

@@ -1,0 +1,325 @@
+//! The decode path: a few queries (one new token, or a short chunk, of every query head of a
+//! GQA group) against a long cache of keys and values.
+//!
+//! The work per key is a few dot products, so the cost is reading K and V, and the layout
+//! nalgebra already has serves it: K is column-major, so for a block of keys `j0 .. j1` the
+//! scores of every query row of the group accumulate down contiguous column segments,
+//!
+//! ```text
+//!   for each column c of K:   S[r, j0..j1] += q[r, c] · K[j0..j1, c]     (every row r)
+//!   for each column c of V:   O[r, c]      += Σ_j P[r, j] · V[j, c]       (every row r)
+//! ```
+//!
+//! with nothing packed and nothing padded: each cached key is read once per group, not once
+//! per query head. The keys are cut into chunks of [`CHUNK`] (fixed, so the split does not
+//! depend on the thread count); chunks run in parallel, each with its own running maximum,
+//! sum and accumulator (the online softmax of the tiled path), and the partial results are
+//! merged in chunk order, flash-decoding style: the same bits for any thread count.
+
+use super::Exec;
+use super::forward::{RowEnd, exact_row, finish_scores, online_step, q_factor, row_end};
+use crate::Float;
+use crate::mask::Block;
+use crate::simd::{self, Element, Isa, Kernel, Lanes};
+use crate::spec::Problem;
+use nalgebra::{DMatrix, DMatrixView, DVector};
+use rayon::prelude::*;
+
+/// Keys per block: the scores of one block are `rows x BLOCK` (in L1).
+const BLOCK: usize = 256;
+/// Keys per chunk: the unit of parallel work (a multiple of [`BLOCK`]).
+pub(crate) const CHUNK: usize = 2048;
+/// The most query rows (heads of a group x queries) one pass handles.
+pub(crate) const MAX_ROWS: usize = 8;
+
+/// Whether `rows` query rows against `m` keys go the decode path.
+pub(crate) fn suits(rows: usize, m: usize) -> bool {
+    rows > 0 && rows <= MAX_ROWS && m >= 2 * rows
+}
+
+/// `S[r, ..bc] = Σ_c q[r, c] · K[j0 + .., c]` for `R` rows (see the module docs).
+struct Scores<'a, E, const R: usize> {
+    /// The query rows, row-major `R x d`, already multiplied by the plan's factor.
+    q: &'a [E],
+    k: DMatrixView<'a, E>,
+    j0: usize,
+    bc: usize,
+    /// `R` rows of `stride` scores.
+    s: &'a mut [E],
+    stride: usize,
+}
+
+impl<E: Element + nalgebra::Scalar, const R: usize> Kernel<E> for Scores<'_, E, R> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<S: Lanes<E>>(self, s: S) {
+        let Scores {
+            q,
+            k,
+            j0,
+            bc,
+            s: out,
+            stride,
+        } = self;
+        let d = k.ncols();
+        let l = S::LANES;
+        let full = bc / l * l;
+        for row in out.chunks_exact_mut(stride).take(R) {
+            row[..bc].fill(E::ZERO);
+        }
+        for c in 0..d {
+            let column = k.column(c);
+            let col = &column.as_slice()[j0..j0 + bc];
+            let qc: [E; R] = core::array::from_fn(|r| q[r * d + c]);
+            let qv: [S::V; R] = core::array::from_fn(|r| s.splat(qc[r]));
+            for j in (0..full).step_by(l) {
+                let kv = s.load(&col[j..]);
+                for r in 0..R {
+                    let o = &mut out[r * stride + j..];
+                    s.store(o, s.mul_add(qv[r], kv, s.load(o)));
+                }
+            }
+            for j in full..bc {
+                for r in 0..R {
+                    let o = &mut out[r * stride + j];
+                    *o = qc[r].mul_add(col[j], *o);
+                }
+            }
+        }
+    }
+}
+
+/// `O[r, c] += Σ_j P[r, j] · V[j0 + j, c]` for `R` rows.
+struct Values<'a, E, const R: usize> {
+    /// `R` rows of probabilities, `stride` apart.
+    p: &'a [E],
+    stride: usize,
+    v: DMatrixView<'a, E>,
+    j0: usize,
+    bc: usize,
+    /// `R` accumulator rows of `ostride`.
+    o: &'a mut [E],
+    ostride: usize,
+}
+
+impl<E: Element + nalgebra::Scalar, const R: usize> Kernel<E> for Values<'_, E, R> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<S: Lanes<E>>(self, s: S) {
+        let Values {
+            p,
+            stride,
+            v,
+            j0,
+            bc,
+            o,
+            ostride,
+        } = self;
+        let l = S::LANES;
+        let full = bc / l * l;
+        for c in 0..v.ncols() {
+            let column = v.column(c);
+            let col = &column.as_slice()[j0..j0 + bc];
+            let mut acc: [S::V; R] = [s.splat(E::ZERO); R];
+            for j in (0..full).step_by(l) {
+                let vv = s.load(&col[j..]);
+                for (r, a) in acc.iter_mut().enumerate() {
+                    *a = s.mul_add(s.load(&p[r * stride + j..]), vv, *a);
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                let mut sum = s.reduce_sum(*a);
+                for j in full..bc {
+                    sum = p[r * stride + j].mul_add(col[j], sum);
+                }
+                o[r * ostride + c] += sum;
+            }
+        }
+    }
+}
+
+/// Runs `Scores` or `Values` with the row count as a constant (1, 2, 4 or 8 rows; the
+/// caller pads to one of them).
+macro_rules! with_rows {
+    ($rows:expr, $isa:expr, $op:ident { $($f:ident: $v:expr),* $(,)? }) => {
+        match $rows {
+            1 => simd::dispatch($isa, $op::<_, 1> { $($f: $v),* }),
+            2 => simd::dispatch($isa, $op::<_, 2> { $($f: $v),* }),
+            3 | 4 => simd::dispatch($isa, $op::<_, 4> { $($f: $v),* }),
+            _ => simd::dispatch($isa, $op::<_, 8> { $($f: $v),* }),
+        }
+    };
+}
+
+/// One query row: which head's problem and which of its queries.
+#[derive(Clone, Copy)]
+struct RowOf {
+    head: usize,
+    query: usize,
+}
+
+/// The running state of one chunk: per row the maximum (log₂ units), the sum, and the
+/// unnormalised output (`dv` per row).
+struct Partial<T> {
+    max: Vec<T>,
+    sum: Vec<T>,
+    o: Vec<T>,
+}
+
+/// Attention for the heads `problems` (all with the same K, V, mask and options: one GQA
+/// group), whose queries together are at most [`MAX_ROWS`] rows. Returns each head's output
+/// (n x d_v) and log-sum-exp, as the tiled forward pass would.
+pub(crate) fn decode<T: Float>(
+    problems: &[&Problem<'_, T>],
+    isa: Isa,
+    exec: Exec,
+) -> Vec<(DMatrix<T>, DVector<T>)> {
+    let first = problems[0];
+    let plan = first.plan;
+    let (n, m, d, dv) = (plan.n, plan.m, plan.d, plan.dv);
+    let rows: Vec<RowOf> = (0..problems.len())
+        .flat_map(|head| (0..n).map(move |query| RowOf { head, query }))
+        .collect();
+    let count = rows.len();
+    debug_assert!(count <= MAX_ROWS);
+    // The kernel's row count: 1, 2, 4 or 8, padded with zero query rows (scores 0, then
+    // masked: their results are never read).
+    let padded = count.next_power_of_two();
+    let factor = q_factor(&plan);
+    let mut q = vec![T::zero(); padded * d];
+    for (r, row) in rows.iter().enumerate() {
+        let qh = &problems[row.head].q;
+        for c in 0..d {
+            q[r * d + c] = qh[(row.query, c)] * factor;
+        }
+    }
+    let chunks: Vec<usize> = (0..m).step_by(CHUNK).collect();
+    let run = |&c0: &usize| chunk(problems, &rows, &q, padded, c0, (c0 + CHUNK).min(m), isa);
+    let partials: Vec<Partial<T>> = if exec.parallel() && chunks.len() > 1 {
+        chunks.par_iter().map(run).collect()
+    } else {
+        chunks.iter().map(run).collect()
+    };
+    // Merge the chunks in order: M = max of the maxima, every sum and accumulator rescaled
+    // by 2^(max_k − M).
+    let mut results: Vec<(DMatrix<T>, DVector<T>)> = problems
+        .iter()
+        .map(|_| (DMatrix::zeros(n, dv), DVector::zeros(n)))
+        .collect();
+    for (r, row) in rows.iter().enumerate() {
+        let big = partials.iter().fold(
+            T::NEG_INFINITY,
+            |a, p| if p.max[r] > a { p.max[r] } else { a },
+        );
+        let mut sum = T::zero();
+        let mut o = vec![T::zero(); dv];
+        if big != T::NEG_INFINITY {
+            for p in &partials {
+                if p.max[r] == T::NEG_INFINITY {
+                    continue;
+                }
+                let w = (p.max[r] - big).exp2();
+                sum += p.sum[r] * w;
+                for (oc, &pc) in o.iter_mut().zip(&p.o[r * dv..(r + 1) * dv]) {
+                    *oc += pc * w;
+                }
+            }
+        }
+        let (out, lse) = &mut results[row.head];
+        match row_end(big, sum) {
+            RowEnd::Normal { inv, lse: l } => {
+                for (c, &oc) in o.iter().enumerate() {
+                    out[(row.query, c)] = oc * inv;
+                }
+                lse[row.query] = l;
+            }
+            RowEnd::Masked => lse[row.query] = T::NEG_INFINITY,
+            RowEnd::Exact => {
+                let (exact, l) = exact_row(problems[row.head], row.query);
+                for (c, x) in exact.into_iter().enumerate() {
+                    out[(row.query, c)] = x;
+                }
+                lse[row.query] = l;
+            }
+        }
+    }
+    results
+}
+
+/// One chunk of keys `c0 .. c1` for every row.
+fn chunk<T: Float>(
+    problems: &[&Problem<'_, T>],
+    rows: &[RowOf],
+    q: &[T],
+    padded: usize,
+    c0: usize,
+    c1: usize,
+    isa: Isa,
+) -> Partial<T> {
+    let first = problems[0];
+    let plan = first.plan;
+    let (n, m, dv) = (plan.n, plan.m, plan.dv);
+    let count = rows.len();
+    let stride = BLOCK.next_multiple_of(T::NR);
+    let mut s = vec![T::zero(); padded * stride];
+    let mut part = Partial {
+        max: vec![T::NEG_INFINITY; count],
+        sum: vec![T::zero(); count],
+        o: vec![T::zero(); padded * dv],
+    };
+    for j0 in (c0..c1).step_by(BLOCK) {
+        let bc = BLOCK.min(c1 - j0);
+        let block = first.mask.classify(0..n, j0..j0 + bc, n, m);
+        if block == Block::Empty {
+            continue;
+        }
+        with_rows!(
+            padded,
+            isa,
+            Scores {
+                q: q,
+                k: first.k,
+                j0: j0,
+                bc: bc,
+                s: &mut s,
+                stride: stride,
+            }
+        );
+        let width = bc.next_multiple_of(T::NR);
+        for (r, row) in rows.iter().enumerate() {
+            let scores = &mut s[r * stride..r * stride + width];
+            let p = problems[row.head];
+            finish_scores(p, row.query, j0, &mut scores[..bc], block == Block::Partial);
+            scores[bc..].fill(T::NEG_INFINITY);
+            online_step(
+                isa,
+                scores,
+                &mut part.max[r],
+                &mut part.sum[r],
+                &mut part.o[r * dv..(r + 1) * dv],
+            );
+        }
+        // Padded rows: P = 0 (their scores were never exponentiated; zero them).
+        for r in count..padded {
+            s[r * stride..(r + 1) * stride].fill(T::zero());
+        }
+        if dv > 0 {
+            with_rows!(
+                padded,
+                isa,
+                Values {
+                    p: &s,
+                    stride: stride,
+                    v: first.v,
+                    j0: j0,
+                    bc: bc,
+                    o: &mut part.o,
+                    ostride: dv,
+                }
+            );
+        }
+    }
+    part
+}
