@@ -728,8 +728,8 @@ mod tests {
             let p1 = Objective::PrefixLm { prefix_len: 1 };
             assert_eq!(p1.loss_mask(n), Objective::Causal.loss_mask(n));
             assert_eq!(
-                p1.attention_mask().to_dense(n, n),
-                Mask::causal().to_dense(n, n)
+                p1.attention_mask().to_dense(n, n).unwrap(),
+                Mask::causal().to_dense(n, n).unwrap()
             );
         }
         assert_eq!(
