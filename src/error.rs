@@ -278,8 +278,9 @@ pub(crate) fn try_matrix<T: nalgebra::Scalar>(
         what,
         shape: (rows, cols),
     })?;
-    // Column-major, nalgebra's storage order.
-    for j in 0..cols {
+    // Column-major, nalgebra's storage order. (An empty matrix may still have 2^64 − 1
+    // columns: do not loop over them.)
+    for j in (0..cols).take(if len == 0 { 0 } else { cols }) {
         for i in 0..rows {
             v.push(f(i, j));
         }
