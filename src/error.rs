@@ -255,13 +255,19 @@ pub(crate) fn try_vec<T: Clone>(
     cols: usize,
     value: T,
 ) -> Result<Vec<T>> {
+    let mut v = try_with_capacity(what, rows, cols)?;
+    v.resize(rows * cols, value); // checked by try_with_capacity
+    Ok(v)
+}
+
+/// An empty vector with room for `rows · cols` entries, allocated fallibly as [`try_vec`].
+pub(crate) fn try_with_capacity<T>(what: &'static str, rows: usize, cols: usize) -> Result<Vec<T>> {
     let len = checked_len::<T>(what, rows, cols)?;
     let mut v = Vec::new();
     v.try_reserve_exact(len).map_err(|_| Error::TooLarge {
         what,
         shape: (rows, cols),
     })?;
-    v.resize(len, value);
     Ok(v)
 }
 
@@ -272,12 +278,8 @@ pub(crate) fn try_matrix<T: nalgebra::Scalar>(
     cols: usize,
     mut f: impl FnMut(usize, usize) -> T,
 ) -> Result<nalgebra::DMatrix<T>> {
-    let len = checked_len::<T>(what, rows, cols)?;
-    let mut v = Vec::new();
-    v.try_reserve_exact(len).map_err(|_| Error::TooLarge {
-        what,
-        shape: (rows, cols),
-    })?;
+    let mut v = try_with_capacity(what, rows, cols)?;
+    let len = rows * cols; // checked by try_with_capacity
     // Column-major, nalgebra's storage order. (An empty matrix may still have 2^64 − 1
     // columns: do not loop over them.)
     for j in (0..cols).take(if len == 0 { 0 } else { cols }) {
