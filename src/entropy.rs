@@ -5,7 +5,7 @@
 
 use crate::Float;
 use crate::error::{Error, Result};
-use crate::softmax::{Peak, peak, reduce_rows, shifted_sum};
+use crate::softmax::{Peak, peak, reduce_rows, shifted_rest};
 use nalgebra::{DMatrixView, DVector};
 
 /// `p ln p` with the limit `0 ln 0 = 0`.
@@ -59,7 +59,8 @@ pub fn entropy_bits<T: Float>(p: &[T]) -> T {
 /// all-zero weights. `c` entries of `+inf` give `ln c`; a NaN gives NaN.
 ///
 /// It is evaluated on the shifted logits `z_i = s_i − max`, as `Σ_i p_i (L − z_i)` with
-/// `L = ln Σ_j exp(z_j)` in `[0, ln m]` and `p_i = exp(z_i − L)`: every term is
+/// `L = ln Σ_j exp(z_j)` in `[0, ln m]` (as `ln_1p` of the sum without the maximum's 1, accurate
+/// for nearly one-hot rows) and `p_i = exp(z_i − L)`: every term is
 /// non-negative and no large number is subtracted from another, so huge logits keep their
 /// entropy (`[1e8, 1e8]` in f32 gives `ln 2`, where `lse(s) − s_i` would round to 0).
 ///
@@ -85,7 +86,7 @@ pub fn entropy_from_logits<T: Float>(s: &[T]) -> T {
         Peak::Nothing => T::zero(),
         Peak::Infinite { count } => T::of_usize(count).ln(),
         Peak::Finite(max) => {
-            let lse = shifted_sum(s, max).ln();
+            let lse = shifted_rest(s, max).ln_1p();
             // Σ p_i (L − z_i): each term is >= 0, so the sum cannot cancel below zero.
             s.iter().fold(T::zero(), |acc, &si| {
                 let gap = lse - (si - max);

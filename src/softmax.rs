@@ -41,19 +41,31 @@ pub(crate) fn peak<T: Float>(x: &[T]) -> Peak<T> {
     }
 }
 
-/// `Σ_j exp(x_j − max)`, at least 1 because the maximum contributes exp(0).
+/// `Σ_j exp(x_j − max)` over every entry but the first maximum (which contributes exactly
+/// `exp(0) = 1`), so that `ln Σ_j exp(x_j − max) = ln_1p(rest)` keeps full relative accuracy
+/// when the other entries are small (a nearly one-hot row), where `ln(1 + rest)` would lose
+/// `rest`'s low bits to the rounding of `1 + rest`.
 ///
 /// Exponentiates through a small stack buffer with the kernel's vectorised exp.
-pub(crate) fn shifted_sum<T: Float>(x: &[T], max: T) -> T {
+pub(crate) fn shifted_rest<T: Float>(x: &[T], max: T) -> T {
+    let skip = x.iter().position(|&v| v == max);
     let mut buf = [T::zero(); 256];
-    x.chunks(buf.len()).fold(T::zero(), |acc, chunk| {
+    let mut acc = T::zero();
+    for (c, chunk) in x.chunks(buf.len()).enumerate() {
         let buf = &mut buf[..chunk.len()];
         for (b, &xi) in buf.iter_mut().zip(chunk) {
             *b = xi - max;
         }
+        if let Some(k) = skip
+            .and_then(|k| k.checked_sub(c * 256))
+            .filter(|&k| k < chunk.len())
+        {
+            buf[k] = T::NEG_INFINITY;
+        }
         exp_in_place(buf);
-        buf.iter().fold(acc, |acc, &e| acc + e)
-    })
+        acc = buf.iter().fold(acc, |acc, &e| acc + e);
+    }
+    acc
 }
 
 /// Log-sum-exp, `ln Σ_j exp(x_j)`, computed as `max + ln Σ_j exp(x_j − max)`.
@@ -61,8 +73,11 @@ pub(crate) fn shifted_sum<T: Float>(x: &[T], max: T) -> T {
 /// Returns `-inf` for an empty slice or one whose entries are all `-inf`, `+inf` if any
 /// entry is `+inf`, NaN if any entry is NaN.
 ///
-/// Accuracy: the shifted sum lies in `[1, m]`, so nothing overflows or underflows that
-/// matters; the absolute error is at most about `(|max| + ln m + m + 2) · ε` (ε the type's
+/// It is evaluated as `max + ln_1p(Σ_{j ≠ k} exp(x_j − max))` with `k` the first maximum:
+/// the sum lies in `[0, m − 1]`, so nothing overflows or underflows that matters, and
+/// `ln_1p` keeps `lse − max` relatively accurate when the row is nearly one-hot.
+///
+/// Accuracy: the absolute error is at most about `(|max| + ln m + m + 2) · ε` (ε the type's
 /// epsilon), which is the function's own conditioning for large `|max|`. Terms more than
 /// about 87 (f32) or 708 (f64) below the maximum are flushed to 0 by the exponential, which
 /// changes the sum by less than one ulp.
@@ -84,7 +99,7 @@ pub fn logsumexp<T: Float>(x: &[T]) -> T {
         Peak::Nan => T::NAN,
         Peak::Nothing => T::NEG_INFINITY,
         Peak::Infinite { .. } => T::INFINITY,
-        Peak::Finite(max) => max + shifted_sum(x, max).ln(),
+        Peak::Finite(max) => max + shifted_rest(x, max).ln_1p(),
     }
 }
 
@@ -190,8 +205,9 @@ pub fn log_softmax_in_place<T: Float>(x: &mut [T]) {
         }
         Peak::Finite(max) => {
             // (x_i − max) − ln Σ exp(x_j − max): subtracting the large max first keeps the
-            // small differences exact.
-            let log_sum = shifted_sum(x, max).ln();
+            // small differences exact, and ln_1p keeps the log-probability of a nearly
+            // certain entry (−ln_1p(rest) ≈ −rest) relatively accurate.
+            let log_sum = shifted_rest(x, max).ln_1p();
             for xi in x.iter_mut() {
                 *xi = (*xi - max) - log_sum;
             }
@@ -204,8 +220,10 @@ pub fn log_softmax_in_place<T: Float>(x: &mut [T]) {
 ///
 /// Empty in, empty out; all `-inf` in, all `-inf` out (ln 0).
 ///
-/// Accuracy: `(x_i − max) − ln Σ_j exp(x_j − max)` has an absolute error of at most about
-/// `(|x_i − max| + ln m + m) · ε`; nothing underflows, however negative the result.
+/// Accuracy: `(x_i − max) − ln_1p(Σ_{j ≠ k} exp(x_j − max))` (k the first maximum) has an
+/// absolute error of at most about `(|x_i − max| + ln m + m) · ε`, and the entry at the
+/// maximum of a nearly one-hot row (`≈ −Σ_{j≠k} p_j`) keeps a relative error of a few ε;
+/// nothing underflows, however negative the result.
 ///
 /// # Examples
 ///

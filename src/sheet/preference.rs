@@ -141,12 +141,18 @@ pub fn dpo_loss<T: Float>(pair: &PairLogProbs<T>, beta: T) -> Result<T> {
 /// PPO's clipped surrogate loss over tokens: `−mean_t min(ρ_t A_t, clip(ρ_t, 1−ε, 1+ε) A_t)`
 /// with `ρ_t = exp(ln π_t − ln π_old,t)`.
 ///
-/// A token with `A_t = 0` contributes exactly 0 (even when `ρ_t` overflows to `+inf`, where
-/// `ρ_t A_t` would be NaN). If the sum of the terms overflows while the mean does not, the
-/// mean is recomputed as `Σ_t term_t / n`. Accuracy: a relative error of about
-/// `(|ln π_t − ln π_old,t| + 3) · ε` per ratio, and `n · ε` relative to `Σ_t |term_t|` for the
-/// mean. A ratio that overflows with a negative advantage gives `+inf`, the rounded value of
-/// a loss that exceeds the type's range.
+/// Each term is evaluated as `min(ρ_t, 1+ε) A_t` for `A_t > 0` and `max(ρ_t, 1−ε) A_t` for
+/// `A_t < 0` (the same function, with no `inf · 0`): a token with `A_t = 0` contributes
+/// exactly 0 even when `ρ_t` overflows, and an overflowing `ρ_t` with a small negative
+/// advantage is taken as `−exp(ln π_t − ln π_old,t + ln|A_t|)`, finite when the product is.
+/// If the sum of the terms overflows while the mean does not, the mean is recomputed with
+/// `A_t / n`. A term beyond the type's range gives the infinite loss it rounds to. With
+/// `epsilon < 1` the result is never NaN for finite inputs; with `epsilon >= 1` and
+/// advantages near the type's maximum, a positive and a negative term can both overflow and
+/// the mean is NaN (its true value is outside the range either way).
+///
+/// Accuracy: a relative error of about `(|ln π_t − ln π_old,t| + 3) · ε` per term, and
+/// `n · ε` relative to `Σ_t |term_t|` for the mean.
 ///
 /// # Errors
 ///
@@ -201,21 +207,35 @@ pub fn ppo_clipped_loss<T: Float>(
         }
     }
     let (lo, hi) = (T::one() - epsilon, T::one() + epsilon);
-    let term = |t: usize| {
-        let a = advantages[t];
+    // min(ρA, clip(ρ, lo, hi) A) is min(ρ, hi) A for A > 0 and max(ρ, lo) A for A < 0.
+    // `scale` is 1, or 1/n when the plain sum overflows.
+    let term = |t: usize, scale: T| {
+        let a = advantages[t] * scale;
         if a == T::zero() {
-            return T::zero();
+            return T::zero(); // even when ρ overflows (inf · 0)
         }
-        let ratio = (logp[t] - logp_old[t]).exp();
-        let clipped = ratio.max(lo).min(hi);
-        (ratio * a).min(clipped * a)
+        let d = logp[t] - logp_old[t];
+        let ratio = d.exp();
+        if a > T::zero() {
+            ratio.min(hi) * a
+        } else if ratio > lo {
+            if ratio.is_finite() {
+                ratio * a
+            } else {
+                // ρ overflowed; ρ |A| may not: e^{d + ln|A|}.
+                -(d + (-a).ln()).exp()
+            }
+        } else {
+            lo * a
+        }
     };
     let n = T::of_usize(logp.len());
-    let total = (0..logp.len()).fold(T::zero(), |acc, t| acc + term(t));
+    let total = (0..logp.len()).fold(T::zero(), |acc, t| acc + term(t, T::one()));
     let mean = if total.is_finite() {
         total / n
     } else {
-        (0..logp.len()).fold(T::zero(), |acc, t| acc + term(t) / n)
+        let inv_n = T::one() / n;
+        (0..logp.len()).fold(T::zero(), |acc, t| acc + term(t, inv_n))
     };
     Ok(-mean)
 }
@@ -338,6 +358,11 @@ mod tests {
         // Overflowing ratio, positive advantage: the clipped term (1 + ε) A.
         let loss = ppo_clipped_loss(&[100.0_f32], &[0.0], &[2.0], 0.25).unwrap();
         assert_eq!(loss, -2.5);
+        // ρ = e^100 overflows f32, ρ · A = -e^100 · 1e-38 = -2.7e5 does not.
+        let a = -1e-38_f32;
+        let loss = ppo_clipped_loss(&[100.0_f32], &[0.0], &[a], 0.2).unwrap() as f64;
+        let want = 100.0_f64.exp() * -(a as f64);
+        assert!((loss / want - 1.0).abs() < 1e-4, "{loss} vs {want}");
         // The sum overflows, the mean does not: each term is 1.2 · 3e38 > max / 2.
         let loss = ppo_clipped_loss(&[1.0_f32, 1.0], &[0.0, 0.0], &[2.5e38, 2.5e38], 0.2).unwrap();
         assert!(
