@@ -42,7 +42,7 @@ pub struct AttentionDiagnostics<T: Float> {
 /// cannot underflow (that weight is at least 1/m). This materialises the n x m weights, so
 /// use it on a probe batch, not inside a training step.
 ///
-/// Accuracy: the entropy is that of [`entropy_rows`](crate::entropy_rows) on the weights
+/// Accuracy: the entropy is that of [`entropy_rows`] on the weights
 /// (relative `(m + 2) · ε`); the max logit has an absolute error of about
 /// `ε · (|lse_i| + ln m + 2)`.
 ///
