@@ -117,7 +117,7 @@ fn main() -> Result<(), attention_math::Error> {
     let mut hidden = Vec::new();
     for objective in objectives {
         let mask = objective.attention_mask();
-        let loss_mask = objective.loss_mask(n);
+        let loss_mask = objective.loss_mask(n)?;
         let (h, logits) = model.run(&tokens, &mask)?;
         let ce = objective.loss(&logits, &tokens)?;
         let (mean, grad) = cross_entropy_grad(&logits, &tokens, &loss_mask, Reduction::Mean)?;
@@ -182,11 +182,11 @@ fn main() -> Result<(), attention_math::Error> {
     let row = Packed::new([
         (8, Objective::PrefixLm { prefix_len: 4 }),
         (4, Objective::Causal),
-    ]);
+    ])?;
     println!("\npacked row [A B C D a b c d][w x y z] (prefix_lm(4), causal):");
     print!("{}", row.attention_mask().grid(row.len(), row.len()));
     let lm: String = row
-        .loss_mask(row.len())
+        .loss_mask(row.len())?
         .iter()
         .map(|&s| if s { "x " } else { ". " })
         .collect();

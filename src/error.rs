@@ -133,6 +133,16 @@ pub enum Error {
         /// What was empty.
         what: &'static str,
     },
+    /// A buffer sized by the caller cannot be allocated: its number of entries overflows
+    /// `usize`, its size in bytes exceeds `isize::MAX` (Rust's limit for one allocation), or
+    /// the allocator refused it. Nothing was allocated or computed.
+    TooLarge {
+        /// What was to be allocated, naming the arguments that size it
+        /// (for example `"the n x m dense mask"`).
+        what: &'static str,
+        /// Its shape, (rows, columns); a vector has one column.
+        shape: (usize, usize),
+    },
 }
 
 impl fmt::Display for Error {
@@ -193,6 +203,11 @@ impl fmt::Display for Error {
                 "{arg} has {len} columns, which do not split evenly into {heads} heads"
             ),
             Error::Empty { what } => write!(f, "{what} is empty"),
+            Error::TooLarge { what, shape } => write!(
+                f,
+                "{what} ({} x {} entries) is too large to allocate",
+                shape.0, shape.1
+            ),
         }
     }
 }
@@ -211,6 +226,69 @@ impl std::error::Error for Error {}
 /// # Ok::<(), attention_math::Error>(())
 /// ```
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// The number of entries of a `rows x cols` buffer of `T`, checked: an [`Error::TooLarge`]
+/// naming `what` if `rows · cols` overflows `usize` or `rows · cols · size_of::<T>()` exceeds
+/// `isize::MAX` bytes (the most one Rust allocation may hold).
+///
+/// Every buffer whose size comes from the caller goes through this (or through [`try_vec`]
+/// and [`try_matrix`], which use it), so a size never wraps and never reaches nalgebra or
+/// `Vec` as a "capacity overflow" panic.
+pub(crate) fn checked_len<T>(what: &'static str, rows: usize, cols: usize) -> Result<usize> {
+    let too_large = || Error::TooLarge {
+        what,
+        shape: (rows, cols),
+    };
+    let len = rows.checked_mul(cols).ok_or_else(too_large)?;
+    match len.checked_mul(std::mem::size_of::<T>()) {
+        Some(bytes) if bytes <= isize::MAX as usize => Ok(len),
+        _ => Err(too_large()),
+    }
+}
+
+/// A vector of `rows · cols` copies of `value`, allocated fallibly: [`Error::TooLarge`] if the
+/// size is not representable (see [`checked_len`]) or the allocator refuses it, instead of a
+/// panic or an abort.
+pub(crate) fn try_vec<T: Clone>(
+    what: &'static str,
+    rows: usize,
+    cols: usize,
+    value: T,
+) -> Result<Vec<T>> {
+    let mut v = try_with_capacity(what, rows, cols)?;
+    v.resize(rows * cols, value); // checked by try_with_capacity
+    Ok(v)
+}
+
+/// An empty vector with room for `rows · cols` entries, allocated fallibly as [`try_vec`].
+pub(crate) fn try_with_capacity<T>(what: &'static str, rows: usize, cols: usize) -> Result<Vec<T>> {
+    let len = checked_len::<T>(what, rows, cols)?;
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| Error::TooLarge {
+        what,
+        shape: (rows, cols),
+    })?;
+    Ok(v)
+}
+
+/// A `rows x cols` matrix with entry `(i, j) = f(i, j)`, allocated through [`try_vec`].
+pub(crate) fn try_matrix<T: nalgebra::Scalar>(
+    what: &'static str,
+    rows: usize,
+    cols: usize,
+    mut f: impl FnMut(usize, usize) -> T,
+) -> Result<nalgebra::DMatrix<T>> {
+    let mut v = try_with_capacity(what, rows, cols)?;
+    let len = rows * cols; // checked by try_with_capacity
+    // Column-major, nalgebra's storage order. (An empty matrix may still have 2^64 − 1
+    // columns: do not loop over them.)
+    for j in (0..cols).take(if len == 0 { 0 } else { cols }) {
+        for i in 0..rows {
+            v.push(f(i, j));
+        }
+    }
+    Ok(nalgebra::DMatrix::from_vec(rows, cols, v))
+}
 
 /// Checks that a scalar parameter is finite and strictly positive.
 pub(crate) fn check_positive<T: crate::Float>(name: &'static str, value: T) -> Result<()> {
@@ -283,6 +361,36 @@ mod tests {
             e.to_string(),
             "softcap = -1 is invalid: it must be finite and > 0"
         );
+    }
+
+    #[test]
+    fn sizes_are_checked_never_wrapped() {
+        // 2^32 x 2^32 wraps to 0 in usize arithmetic.
+        let e = checked_len::<bool>("the n x m dense mask", 1 << 32, 1 << 32).unwrap_err();
+        assert_eq!(
+            e,
+            Error::TooLarge {
+                what: "the n x m dense mask",
+                shape: (1 << 32, 1 << 32)
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "the n x m dense mask (4294967296 x 4294967296 entries) is too large to allocate"
+        );
+        // Fits in usize but not in isize::MAX bytes.
+        assert!(checked_len::<f32>("x", 1 << 33, 1 << 29).is_err());
+        assert!(checked_len::<u8>("x", 1 << 33, 1 << 29).is_ok());
+        assert_eq!(checked_len::<f64>("x", 3, 4), Ok(12));
+        assert_eq!(checked_len::<f64>("x", usize::MAX, 0), Ok(0));
+        // 2^62 entries of 8 bytes: an Err before any allocation is attempted.
+        assert!(matches!(
+            try_vec("x", 1 << 31, 1 << 31, 0.0_f64),
+            Err(Error::TooLarge { .. })
+        ));
+        assert_eq!(try_vec("x", 2, 3, 1u8).unwrap(), vec![1; 6]);
+        let m = try_matrix("x", 2, 3, |i, j| 10 * i + j).unwrap();
+        assert_eq!(m, nalgebra::dmatrix![0, 1, 2; 10, 11, 12]);
     }
 
     #[test]

@@ -2,8 +2,19 @@
 //!
 //! The math and the design are in `src/guide/masks.md`, rendered as
 //! [`crate::guide::masks`].
+//!
+//! # Representation
+//!
+//! A mask is stored flattened, as a postfix program over its leaves (the named rules,
+//! document ids and closures) and the combinators `and`, `or` and `not`. Every evaluation
+//! ([`Mask::allows_in`], [`Mask::classify`], [`Mask::row_run`]), `Display`, `Clone` and
+//! `Drop` is one loop over that program with an explicit value stack, never a recursion, so a
+//! mask of any depth (say 100,000 chained `and`s) works on a thread with a small stack, such as
+//! a rayon worker. Position arithmetic is done in `u128`, where `i + m`, `j + n` and `j + w`
+//! cannot overflow for any `usize` inputs.
 
 use crate::Float;
+use crate::error::{Result, try_matrix};
 use nalgebra::DMatrix;
 use std::fmt;
 use std::ops::Range;
@@ -12,14 +23,38 @@ use std::sync::Arc;
 /// A rule deciding which keys each query may attend to; see the [guide](crate::guide::masks) for the
 /// rules and each constructor for an example.
 ///
-/// Cloning is cheap: closures and document ids are shared, not copied.
+/// Cloning is cheap: the rule is shared, not copied. Masks of any depth are safe: every
+/// evaluation is iterative (see the module's source for the representation).
 #[derive(Clone)]
-pub struct Mask(Rule);
+pub struct Mask(Arc<Program>);
+
+/// A mask as a postfix program: leaves push a value, `And` / `Or` pop two and push one,
+/// `Not` replaces the top. `height` is the most values on the stack at once.
+#[derive(Clone)]
+struct Program {
+    ops: Vec<Op>,
+    height: usize,
+}
 
 #[derive(Clone)]
-enum Rule {
+enum Op {
+    Leaf(Leaf),
+    /// `swapped`: the operands were stored in the opposite order of the call
+    /// (`a.and(b)` stored as `b a And`), which only `Display` needs to know since the
+    /// operation is commutative.
+    And {
+        swapped: bool,
+    },
+    Or {
+        swapped: bool,
+    },
+    Not,
+}
+
+#[derive(Clone)]
+enum Leaf {
     All,
-    /// `j <= i + offset`, where `offset` is 0 (top-left) or `m − n` (bottom-right).
+    /// `j <= i` (top-left) or `j + n <= i + m` (bottom-right).
     Causal {
         bottom_right: bool,
     },
@@ -28,9 +63,6 @@ enum Rule {
     KeyPadding(usize),
     Documents(Arc<[usize]>),
     Fn(Arc<dyn Fn(usize, usize) -> bool + Send + Sync>),
-    And(Box<Mask>, Box<Mask>),
-    Or(Box<Mask>, Box<Mask>),
-    Not(Box<Mask>),
 }
 
 /// How a rectangular block of (query, key) pairs relates to a mask; see [`Mask::classify`].
@@ -64,12 +96,203 @@ impl Block {
     }
 }
 
-/// Signed `a − b` for positions, which are far below `isize::MAX` for any real sequence.
-fn diff(a: usize, b: usize) -> isize {
-    a as isize - b as isize
+/// Widens a position for arithmetic that cannot overflow (`u128` holds any sum of two `usize`).
+fn wide(x: usize) -> u128 {
+    x as u128
 }
 
+/// A run of keys `start..end`, as a `Copy` pair for the evaluation stack.
+type Run = Option<(usize, usize)>;
+
+impl Leaf {
+    /// May query `i` attend to key `j` in an n x m attention?
+    fn allows(&self, n: usize, m: usize, i: usize, j: usize) -> bool {
+        match self {
+            Leaf::All => true,
+            Leaf::Causal {
+                bottom_right: false,
+            } => j <= i,
+            Leaf::Causal { bottom_right: true } => wide(j) + wide(n) <= wide(i) + wide(m),
+            Leaf::PrefixLm(p) => j < *p || j <= i,
+            // `i - j` cannot underflow once `j <= i`.
+            Leaf::SlidingWindow(w) => j <= i && i - j <= *w,
+            Leaf::KeyPadding(len) => j < *len,
+            Leaf::Documents(ids) => match (ids.get(i), ids.get(j)) {
+                (Some(a), Some(b)) => a == b,
+                _ => false,
+            },
+            Leaf::Fn(f) => f(i, j),
+        }
+    }
+
+    /// The class of the non-empty block of queries `r0 ..= r1` x keys `c0 ..= c1`.
+    fn classify(
+        &self,
+        n: usize,
+        m: usize,
+        (r0, r1): (usize, usize),
+        (c0, c1): (usize, usize),
+    ) -> Block {
+        let decide = |full: bool, empty: bool| {
+            if full {
+                Block::Full
+            } else if empty {
+                Block::Empty
+            } else {
+                Block::Partial
+            }
+        };
+        match self {
+            Leaf::All => Block::Full,
+            Leaf::Causal {
+                bottom_right: false,
+            } => decide(c1 <= r0, c0 > r1),
+            Leaf::Causal { bottom_right: true } => decide(
+                wide(c1) + wide(n) <= wide(r0) + wide(m),
+                wide(c0) + wide(n) > wide(r1) + wide(m),
+            ),
+            Leaf::PrefixLm(p) => decide(c1 < *p || c1 <= r0, c0 >= *p && c0 > r1),
+            Leaf::SlidingWindow(w) => decide(
+                c1 <= r0 && wide(r1) <= wide(c0) + wide(*w),
+                c0 > r1 || wide(r0) > wide(c1) + wide(*w),
+            ),
+            Leaf::KeyPadding(len) => decide(c1 < *len, c0 >= *len),
+            Leaf::Documents(ids) => {
+                // The documents of positions a ..= b, and whether all of them have one.
+                let span = |a: usize, b: usize| {
+                    let inside = &ids[a.min(ids.len())..b.saturating_add(1).min(ids.len())];
+                    let lo = inside.iter().min().copied();
+                    let hi = inside.iter().max().copied();
+                    (lo.zip(hi), b < ids.len())
+                };
+                match (span(r0, r1), span(c0, c1)) {
+                    ((Some((qa, qb)), q_all), (Some((ka, kb)), k_all)) => decide(
+                        q_all && k_all && qa == qb && ka == kb && qa == ka,
+                        qb < ka || kb < qa,
+                    ),
+                    // Every query or every key lies past the ids: no document.
+                    _ => Block::Empty,
+                }
+            }
+            Leaf::Fn(_) => Block::Partial,
+        }
+    }
+
+    /// The allowed keys of query `i` within `c0..c1`, if they form one run.
+    fn run(&self, n: usize, m: usize, i: usize, (c0, c1): (usize, usize)) -> Run {
+        // The allowed keys are lo..hi (hi exclusive), clipped to c0..c1.
+        let clip = |lo: u128, hi: u128| {
+            let a = lo.clamp(wide(c0), wide(c1));
+            let b = hi.clamp(a, wide(c1));
+            // Both lie in c0..=c1, so they fit in usize.
+            Some((a as usize, b as usize))
+        };
+        match self {
+            Leaf::All => clip(0, u128::MAX),
+            Leaf::Causal {
+                bottom_right: false,
+            } => clip(0, wide(i) + 1),
+            // j <= i + m − n  <=>  j < i + m + 1 − n.
+            Leaf::Causal { bottom_right: true } => {
+                clip(0, (wide(i) + wide(m) + 1).saturating_sub(wide(n)))
+            }
+            Leaf::PrefixLm(p) => clip(0, wide(*p).max(wide(i) + 1)),
+            Leaf::SlidingWindow(w) => clip(wide(i.saturating_sub(*w)), wide(i) + 1),
+            Leaf::KeyPadding(len) => clip(0, wide(*len)),
+            Leaf::Documents(_) | Leaf::Fn(_) => None,
+        }
+    }
+
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Leaf::All => f.write_str("none"),
+            Leaf::Causal { bottom_right } => f.write_str(if *bottom_right {
+                "causal_bottom_right"
+            } else {
+                "causal"
+            }),
+            Leaf::PrefixLm(p) => write!(f, "prefix_lm({p})"),
+            Leaf::SlidingWindow(w) => write!(f, "sliding_window({w})"),
+            Leaf::KeyPadding(len) => write!(f, "key_padding({len})"),
+            Leaf::Documents(ids) => write!(f, "documents({} positions)", ids.len()),
+            Leaf::Fn(_) => f.write_str("from_fn(..)"),
+        }
+    }
+}
+
+/// Stack slots kept inline by [`Mask::fold`]; deeper programs use a heap buffer.
+const INLINE_STACK: usize = 16;
+
 impl Mask {
+    fn leaf(leaf: Leaf) -> Self {
+        Mask(Arc::new(Program {
+            ops: vec![Op::Leaf(leaf)],
+            height: 1,
+        }))
+    }
+
+    /// `self op other` as one program. The longer operand's program is extended in place
+    /// when this mask holds its only reference, so chaining n combinators costs O(n) in
+    /// total, whichever side the chain grows on.
+    fn combine(self, other: Mask, op: fn(bool) -> Op) -> Self {
+        let swapped = other.0.ops.len() > self.0.ops.len();
+        let (first, second) = if swapped {
+            (other, self)
+        } else {
+            (self, other)
+        };
+        let mut program = Arc::unwrap_or_clone(first.0);
+        program.height = program.height.max(second.0.height + 1);
+        program.ops.extend_from_slice(&second.0.ops);
+        program.ops.push(op(swapped));
+        Mask(Arc::new(program))
+    }
+
+    /// Evaluates the program bottom-up with an explicit stack: `leaf` gives each leaf's
+    /// value, the other functions combine them. `init` only fills unused stack slots.
+    fn fold<V: Copy>(
+        &self,
+        init: V,
+        leaf: impl Fn(&Leaf) -> V,
+        and: impl Fn(V, V) -> V,
+        or: impl Fn(V, V) -> V,
+        not: impl Fn(V) -> V,
+    ) -> V {
+        let Program { ops, height } = &*self.0;
+        if let [Op::Leaf(l)] = ops.as_slice() {
+            return leaf(l);
+        }
+        let mut inline = [init; INLINE_STACK];
+        let mut heap = Vec::new();
+        let stack: &mut [V] = if *height <= INLINE_STACK {
+            &mut inline
+        } else {
+            heap.resize(*height, init);
+            &mut heap
+        };
+        // A well-formed postfix program (the only kind `Mask` builds) never under- or
+        // overflows this stack: `height` was computed along with `ops`.
+        let mut top = 0;
+        for op in ops {
+            match op {
+                Op::Leaf(l) => {
+                    stack[top] = leaf(l);
+                    top += 1;
+                }
+                Op::And { .. } => {
+                    top -= 1;
+                    stack[top - 1] = and(stack[top - 1], stack[top]);
+                }
+                Op::Or { .. } => {
+                    top -= 1;
+                    stack[top - 1] = or(stack[top - 1], stack[top]);
+                }
+                Op::Not => stack[top - 1] = not(stack[top - 1]),
+            }
+        }
+        stack[0]
+    }
+
     /// No mask: every query attends to every key.
     ///
     /// # Examples
@@ -80,7 +303,7 @@ impl Mask {
     /// assert!(Mask::none().allows(0, 99));
     /// ```
     pub fn none() -> Self {
-        Mask(Rule::All)
+        Mask::leaf(Leaf::All)
     }
 
     /// Causal, top-left aligned: query `i` sees keys `j <= i`.
@@ -100,7 +323,7 @@ impl Mask {
     /// assert_eq!(causal.grid(3, 3).to_string(), "x . .\nx x .\nx x x\n");
     /// ```
     pub fn causal() -> Self {
-        Mask(Rule::Causal {
+        Mask::leaf(Leaf::Causal {
             bottom_right: false,
         })
     }
@@ -124,7 +347,7 @@ impl Mask {
     /// assert_eq!(m.grid(2, 4).to_string(), "x x x .\nx x x x\n");
     /// ```
     pub fn causal_bottom_right() -> Self {
-        Mask(Rule::Causal { bottom_right: true })
+        Mask::leaf(Leaf::Causal { bottom_right: true })
     }
 
     /// Prefix LM with a prefix of `prefix_len` tokens: query `i` sees key `j` iff
@@ -145,7 +368,7 @@ impl Mask {
     /// assert!(m.allows(3, 3) && !m.allows(2, 3));
     /// ```
     pub fn prefix_lm(prefix_len: usize) -> Self {
-        Mask(Rule::PrefixLm(prefix_len))
+        Mask::leaf(Leaf::PrefixLm(prefix_len))
     }
 
     /// Causal sliding window of width `w`: query `i` sees keys `i − w ..= i`, at most
@@ -160,7 +383,7 @@ impl Mask {
     /// assert_eq!(m.grid(4, 4).to_string(), "x . . .\nx x . .\n. x x .\n. . x x\n");
     /// ```
     pub fn sliding_window(w: usize) -> Self {
-        Mask(Rule::SlidingWindow(w))
+        Mask::leaf(Leaf::SlidingWindow(w))
     }
 
     /// Key padding: only the first `valid_len` keys are real; key `j` is visible iff
@@ -175,7 +398,7 @@ impl Mask {
     /// assert!(m.allows(5, 1) && !m.allows(0, 2));
     /// ```
     pub fn key_padding(valid_len: usize) -> Self {
-        Mask(Rule::KeyPadding(valid_len))
+        Mask::leaf(Leaf::KeyPadding(valid_len))
     }
 
     /// Packed sequences: position `i` belongs to document `ids[i]`, and a query sees a key
@@ -197,7 +420,7 @@ impl Mask {
     /// );
     /// ```
     pub fn documents(ids: impl Into<Vec<usize>>) -> Self {
-        Mask(Rule::Documents(ids.into().into()))
+        Mask::leaf(Leaf::Documents(ids.into().into()))
     }
 
     /// Any rule: query `i` sees key `j` iff `f(i, j)`.
@@ -214,7 +437,7 @@ impl Mask {
     /// assert!(even_keys.allows(1, 4) && !even_keys.allows(1, 3));
     /// ```
     pub fn from_fn(f: impl Fn(usize, usize) -> bool + Send + Sync + 'static) -> Self {
-        Mask(Rule::Fn(Arc::new(f)))
+        Mask::leaf(Leaf::Fn(Arc::new(f)))
     }
 
     /// Intersection: allowed iff both masks allow.
@@ -228,7 +451,7 @@ impl Mask {
     /// assert!(m.allows(3, 1) && !m.allows(3, 2) && !m.allows(0, 1));
     /// ```
     pub fn and(self, other: Mask) -> Self {
-        Mask(Rule::And(Box::new(self), Box::new(other)))
+        self.combine(other, |swapped| Op::And { swapped })
     }
 
     /// Union: allowed iff either mask allows.
@@ -243,7 +466,7 @@ impl Mask {
     /// assert!(m.allows(9, 0) && m.allows(9, 8) && !m.allows(9, 5));
     /// ```
     pub fn or(self, other: Mask) -> Self {
-        Mask(Rule::Or(Box::new(self), Box::new(other)))
+        self.combine(other, |swapped| Op::Or { swapped })
     }
 
     /// Complement: allowed iff `self` does not allow.
@@ -260,7 +483,9 @@ impl Mask {
     /// ```
     #[allow(clippy::should_implement_trait)]
     pub fn not(self) -> Self {
-        Mask(Rule::Not(Box::new(self)))
+        let mut program = Arc::unwrap_or_clone(self.0);
+        program.ops.push(Op::Not);
+        Mask(Arc::new(program))
     }
 
     /// May query `query` attend to key `key`? Evaluated as for a square shape (n = m);
@@ -275,13 +500,14 @@ impl Mask {
     /// assert!(!Mask::causal().allows(1, 2));
     /// ```
     pub fn allows(&self, query: usize, key: usize) -> bool {
-        self.eval(query, key, 0)
+        self.allows_in(0, 0, query, key)
     }
 
     /// May query `query` attend to key `key` when there are `n` queries and `m` keys?
     ///
     /// Equal to [`Mask::allows`] for every mask but [`Mask::causal_bottom_right`] (alone
-    /// or inside a combination), whose diagonal is shifted by `m − n`.
+    /// or inside a combination), whose diagonal is shifted by `m − n`. Any `usize` values
+    /// are valid (no arithmetic can overflow); positions past `n` or `m` follow the same rules.
     ///
     /// # Examples
     ///
@@ -291,28 +517,18 @@ impl Mask {
     /// let m = Mask::causal_bottom_right();
     /// assert!(m.allows_in(1, 5, 0, 4)); // one query, five keys: it sees them all
     /// assert!(!Mask::causal().allows_in(1, 5, 0, 4));
+    /// // More queries than keys, at the largest sizes: the first n − m queries see nothing.
+    /// assert!(!m.allows_in(usize::MAX, 1, 0, 0));
+    /// assert!(m.allows_in(usize::MAX, 1, usize::MAX - 1, 0));
     /// ```
     pub fn allows_in(&self, n: usize, m: usize, query: usize, key: usize) -> bool {
-        self.eval(query, key, diff(m, n))
-    }
-
-    /// `offset` shifts the bottom-right causal diagonal (m − n).
-    fn eval(&self, i: usize, j: usize, offset: isize) -> bool {
-        match &self.0 {
-            Rule::All => true,
-            Rule::Causal { bottom_right } => diff(j, i) <= if *bottom_right { offset } else { 0 },
-            Rule::PrefixLm(p) => j < *p || j <= i,
-            Rule::SlidingWindow(w) => j <= i && i - j <= *w,
-            Rule::KeyPadding(len) => j < *len,
-            Rule::Documents(ids) => match (ids.get(i), ids.get(j)) {
-                (Some(a), Some(b)) => a == b,
-                _ => false,
-            },
-            Rule::Fn(f) => f(i, j),
-            Rule::And(a, b) => a.eval(i, j, offset) && b.eval(i, j, offset),
-            Rule::Or(a, b) => a.eval(i, j, offset) || b.eval(i, j, offset),
-            Rule::Not(a) => !a.eval(i, j, offset),
-        }
+        self.fold(
+            false,
+            |leaf| leaf.allows(n, m, query, key),
+            |a, b| a && b,
+            |a, b| a || b,
+            |a| !a,
+        )
     }
 
     /// Classifies the block of queries `rows` x keys `cols` of an n x m attention as
@@ -339,58 +555,14 @@ impl Mask {
         if rows.is_empty() || cols.is_empty() {
             return Block::Empty;
         }
-        self.classify_nonempty(&rows, &cols, diff(m, n))
-    }
-
-    fn classify_nonempty(&self, rows: &Range<usize>, cols: &Range<usize>, offset: isize) -> Block {
-        let (r0, r1) = (rows.start, rows.end - 1);
-        let (c0, c1) = (cols.start, cols.end - 1);
-        let decide = |full: bool, empty: bool| {
-            if full {
-                Block::Full
-            } else if empty {
-                Block::Empty
-            } else {
-                Block::Partial
-            }
-        };
-        match &self.0 {
-            Rule::All => Block::Full,
-            Rule::Causal { bottom_right } => {
-                let o = if *bottom_right { offset } else { 0 };
-                decide(diff(c1, r0) <= o, diff(c0, r1) > o)
-            }
-            Rule::PrefixLm(p) => decide(c1 < *p || c1 <= r0, c0 >= *p && c0 > r1),
-            Rule::SlidingWindow(w) => decide(
-                c1 <= r0 && diff(r1, c0) <= *w as isize,
-                c0 > r1 || diff(r0, c1) > *w as isize,
-            ),
-            Rule::KeyPadding(len) => decide(c1 < *len, c0 >= *len),
-            Rule::Documents(ids) => {
-                let span = |r: &Range<usize>| {
-                    let inside = &ids[r.start.min(ids.len())..r.end.min(ids.len())];
-                    let lo = inside.iter().min().copied();
-                    let hi = inside.iter().max().copied();
-                    (lo.zip(hi), r.end <= ids.len())
-                };
-                match (span(rows), span(cols)) {
-                    ((Some((qa, qb)), q_all), (Some((ka, kb)), k_all)) => decide(
-                        q_all && k_all && qa == qb && ka == kb && qa == ka,
-                        qb < ka || kb < qa,
-                    ),
-                    // Every query or every key lies past the ids: no document.
-                    _ => Block::Empty,
-                }
-            }
-            Rule::Fn(_) => Block::Partial,
-            Rule::And(a, b) => a
-                .classify_nonempty(rows, cols, offset)
-                .and(b.classify_nonempty(rows, cols, offset)),
-            Rule::Or(a, b) => a
-                .classify_nonempty(rows, cols, offset)
-                .or(b.classify_nonempty(rows, cols, offset)),
-            Rule::Not(a) => a.classify_nonempty(rows, cols, offset).not(),
-        }
+        let (r, c) = ((rows.start, rows.end - 1), (cols.start, cols.end - 1));
+        self.fold(
+            Block::Empty,
+            |leaf| leaf.classify(n, m, r, c),
+            Block::and,
+            Block::or,
+            Block::not,
+        )
     }
 
     /// The keys of `cols` that query `i` of an n x m attention may attend to, if they form
@@ -405,87 +577,88 @@ impl Mask {
         n: usize,
         m: usize,
     ) -> Option<Range<usize>> {
-        self.run_in(i, &cols, diff(m, n))
-    }
-
-    fn run_in(&self, i: usize, cols: &Range<usize>, offset: isize) -> Option<Range<usize>> {
-        // The allowed keys j in lo..hi (signed, hi exclusive), clipped to `cols`.
-        let clip = |lo: isize, hi: isize| {
-            let (c0, c1) = (cols.start as isize, cols.end as isize);
-            let a = lo.clamp(c0, c1);
-            Some(a as usize..hi.clamp(a, c1) as usize)
-        };
-        let i_ = i as isize;
-        match &self.0 {
-            Rule::All => clip(0, isize::MAX),
-            Rule::Causal { bottom_right } => {
-                let o = if *bottom_right { offset } else { 0 };
-                clip(0, i_ + o + 1)
-            }
-            Rule::PrefixLm(p) => clip(0, (*p as isize).max(i_ + 1)),
-            Rule::SlidingWindow(w) => clip(i_ - *w as isize, i_ + 1),
-            Rule::KeyPadding(len) => clip(0, *len as isize),
-            Rule::Documents(_) | Rule::Fn(_) => None,
-            Rule::And(a, b) => {
-                let (ra, rb) = (a.run_in(i, cols, offset)?, b.run_in(i, cols, offset)?);
-                let start = ra.start.max(rb.start);
-                Some(start..ra.end.min(rb.end).max(start))
-            }
-            Rule::Or(a, b) => {
-                let (ra, rb) = (a.run_in(i, cols, offset)?, b.run_in(i, cols, offset)?);
-                if ra.is_empty() {
-                    Some(rb)
-                } else if rb.is_empty() {
-                    Some(ra)
-                } else if ra.start <= rb.end && rb.start <= ra.end {
-                    Some(ra.start.min(rb.start)..ra.end.max(rb.end))
+        let (c0, c1) = (cols.start, cols.end.max(cols.start));
+        let run = self.fold(
+            None,
+            |leaf| leaf.run(n, m, i, (c0, c1)),
+            |a: Run, b: Run| {
+                let ((a0, a1), (b0, b1)) = (a?, b?);
+                let start = a0.max(b0);
+                Some((start, a1.min(b1).max(start)))
+            },
+            |a: Run, b: Run| {
+                let ((a0, a1), (b0, b1)) = (a?, b?);
+                if a0 == a1 {
+                    Some((b0, b1))
+                } else if b0 == b1 {
+                    Some((a0, a1))
+                } else if a0 <= b1 && b0 <= a1 {
+                    Some((a0.min(b0), a1.max(b1)))
                 } else {
                     None
                 }
-            }
-            Rule::Not(a) => {
-                let r = a.run_in(i, cols, offset)?;
-                if r.is_empty() {
-                    Some(cols.clone())
-                } else if r.start == cols.start {
-                    Some(r.end..cols.end)
-                } else if r.end == cols.end {
-                    Some(cols.start..r.start)
+            },
+            |a: Run| {
+                let (a0, a1) = a?;
+                if a0 == a1 {
+                    Some((c0, c1))
+                } else if a0 == c0 {
+                    Some((a1, c1))
+                } else if a1 == c1 {
+                    Some((c0, a0))
                 } else {
                     None
                 }
-            }
-        }
+            },
+        )?;
+        Some(run.0..run.1)
     }
 
     /// The mask as an n x m boolean matrix: entry (i, j) is [`Mask::allows_in`]`(n, m, i, j)`.
     ///
+    /// # Errors
+    ///
+    /// [`Error::TooLarge`](crate::Error::TooLarge) if n x m entries cannot be allocated
+    /// (the count overflows `usize`, exceeds `isize::MAX` bytes, or the allocator refuses it).
+    ///
     /// # Examples
     ///
     /// ```
-    /// use attention_math::Mask;
+    /// use attention_math::{Error, Mask};
     /// use nalgebra::dmatrix;
     ///
-    /// assert_eq!(Mask::causal().to_dense(2, 2), dmatrix![true, false; true, true]);
+    /// assert_eq!(Mask::causal().to_dense(2, 2)?, dmatrix![true, false; true, true]);
+    /// // 2^32 x 2^32 entries would wrap to 0 in usize arithmetic: an error, not a wrap.
+    /// assert!(matches!(Mask::causal().to_dense(1 << 32, 1 << 32), Err(Error::TooLarge { .. })));
+    /// # Ok::<(), Error>(())
     /// ```
-    pub fn to_dense(&self, n: usize, m: usize) -> DMatrix<bool> {
-        DMatrix::from_fn(n, m, |i, j| self.allows_in(n, m, i, j))
+    pub fn to_dense(&self, n: usize, m: usize) -> Result<DMatrix<bool>> {
+        try_matrix("the n x m dense mask", n, m, |i, j| {
+            self.allows_in(n, m, i, j)
+        })
     }
 
     /// The mask as an additive n x m bias: 0 where allowed, `-inf` where not. Adding it to
     /// the scores before the softmax is the same as masking.
     ///
+    /// # Errors
+    ///
+    /// [`Error::TooLarge`](crate::Error::TooLarge) if n x m entries of `T` cannot be
+    /// allocated.
+    ///
     /// # Examples
     ///
     /// ```
-    /// use attention_math::Mask;
+    /// use attention_math::{Error, Mask};
     /// use nalgebra::dmatrix;
     ///
-    /// let b = Mask::causal().to_bias::<f32>(2, 2);
+    /// let b = Mask::causal().to_bias::<f32>(2, 2)?;
     /// assert_eq!(b, dmatrix![0.0, f32::NEG_INFINITY; 0.0, 0.0]);
+    /// assert!(matches!(Mask::causal().to_bias::<f32>(1 << 33, 1 << 31), Err(Error::TooLarge { .. })));
+    /// # Ok::<(), Error>(())
     /// ```
-    pub fn to_bias<T: Float>(&self, n: usize, m: usize) -> DMatrix<T> {
-        DMatrix::from_fn(n, m, |i, j| {
+    pub fn to_bias<T: Float>(&self, n: usize, m: usize) -> Result<DMatrix<T>> {
+        try_matrix("the n x m mask bias", n, m, |i, j| {
             if self.allows_in(n, m, i, j) {
                 T::zero()
             } else {
@@ -525,24 +698,62 @@ impl Default for Mask {
 }
 
 impl fmt::Display for Mask {
-    /// The rule as an expression, e.g. `documents(3) & causal`.
+    /// The rule as an expression, e.g. `(documents(3 positions) & causal)`. Printed
+    /// iteratively, in time linear in the size of the mask, whatever its depth.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.0 {
-            Rule::All => f.write_str("none"),
-            Rule::Causal { bottom_right } => f.write_str(if *bottom_right {
-                "causal_bottom_right"
-            } else {
-                "causal"
-            }),
-            Rule::PrefixLm(p) => write!(f, "prefix_lm({p})"),
-            Rule::SlidingWindow(w) => write!(f, "sliding_window({w})"),
-            Rule::KeyPadding(len) => write!(f, "key_padding({len})"),
-            Rule::Documents(ids) => write!(f, "documents({} positions)", ids.len()),
-            Rule::Fn(_) => f.write_str("from_fn(..)"),
-            Rule::And(a, b) => write!(f, "({a} & {b})"),
-            Rule::Or(a, b) => write!(f, "({a} | {b})"),
-            Rule::Not(a) => write!(f, "!{a}"),
+        let ops = &self.0.ops;
+        // start[k]: the index of the first op of the subexpression that ends at op k.
+        let mut start = Vec::with_capacity(ops.len());
+        for (k, op) in ops.iter().enumerate() {
+            let s = match op {
+                Op::Leaf(_) => k,
+                Op::Not => start[k - 1],
+                Op::And { .. } | Op::Or { .. } => start[start[k - 1] - 1],
+            };
+            start.push(s);
         }
+        enum Task {
+            Expr(usize),
+            Text(&'static str),
+        }
+        let mut tasks = vec![Task::Expr(ops.len() - 1)];
+        while let Some(task) = tasks.pop() {
+            let k = match task {
+                Task::Text(t) => {
+                    f.write_str(t)?;
+                    continue;
+                }
+                Task::Expr(k) => k,
+            };
+            let (symbol, swapped) = match &ops[k] {
+                Op::Leaf(leaf) => {
+                    leaf.fmt(f)?;
+                    continue;
+                }
+                Op::Not => {
+                    f.write_str("!")?;
+                    tasks.push(Task::Expr(k - 1));
+                    continue;
+                }
+                Op::And { swapped } => (" & ", *swapped),
+                Op::Or { swapped } => (" | ", *swapped),
+            };
+            // Stored operands: left ends just before the right one starts.
+            let (left, right) = (start[k - 1] - 1, k - 1);
+            let (a, b) = if swapped {
+                (right, left)
+            } else {
+                (left, right)
+            };
+            f.write_str("(")?;
+            tasks.extend([
+                Task::Text(")"),
+                Task::Expr(b),
+                Task::Text(symbol),
+                Task::Expr(a),
+            ]);
+        }
+        Ok(())
     }
 }
 
@@ -702,6 +913,149 @@ mod tests {
         let m = Mask::documents(vec![0, 1]).and(!Mask::causal());
         assert_eq!(m.to_string(), "(documents(2 positions) & !causal)");
         assert_eq!(format!("{:?}", Mask::none()), "Mask(none)");
+    }
+
+    /// Chains far deeper than any thread's stack allows a recursion over: evaluation,
+    /// classification, runs, display, clone and drop all stay iterative.
+    #[test]
+    fn deep_chains_do_not_recurse() {
+        let depth = 20_000;
+        let mut and_chain = Mask::none();
+        let mut or_chain = Mask::key_padding(0);
+        let mut not_chain = Mask::causal();
+        let mut right_chain = Mask::none();
+        for _ in 0..depth {
+            and_chain = and_chain.and(Mask::causal());
+            or_chain = or_chain.or(Mask::key_padding(3));
+            not_chain = not_chain.not();
+            right_chain = Mask::sliding_window(2).and(right_chain);
+        }
+        // Run everything on a thread with a deliberately small stack.
+        std::thread::Builder::new()
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                for i in 0..6 {
+                    for j in 0..6 {
+                        assert_eq!(and_chain.allows(i, j), j <= i);
+                        assert_eq!(or_chain.allows(i, j), j < 3);
+                        assert_eq!(not_chain.allows(i, j), j <= i); // an even number of nots
+                        assert_eq!(right_chain.allows(i, j), j <= i && i - j <= 2);
+                    }
+                }
+                assert_eq!(and_chain.classify(4..8, 0..4, 8, 8), Block::Full);
+                assert_eq!(and_chain.classify(0..4, 4..8, 8, 8), Block::Empty);
+                assert_eq!(or_chain.classify(0..8, 0..3, 8, 8), Block::Full);
+                assert_eq!(and_chain.row_run(5, 0..8, 8, 8), Some(0..6));
+                assert_eq!(right_chain.row_run(5, 0..8, 8, 8), Some(3..6));
+                assert_eq!(not_chain.row_run(2, 0..8, 8, 8), Some(0..3));
+                let text = and_chain.to_string();
+                assert!(text.starts_with("((((") && text.ends_with("causal) & causal)"));
+                assert_eq!(text.matches("causal").count(), depth);
+                let copy = right_chain.clone();
+                drop(right_chain);
+                assert!(copy.allows(2, 0));
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    /// Window, padding and prefix parameters at the ends of `usize` never wrap.
+    #[test]
+    fn huge_parameters_do_not_wrap() {
+        let causal = Mask::causal();
+        let big = [usize::MAX, usize::MAX - 1, usize::MAX / 2, 1 << 63];
+        for w in big {
+            let window = Mask::sliding_window(w);
+            let padded = Mask::key_padding(w).and(Mask::causal());
+            let prefix = Mask::prefix_lm(w);
+            for (n, m) in [(9, 9), (5, 11), (11, 4)] {
+                for i in 0..n {
+                    for j in 0..m {
+                        assert_eq!(window.allows_in(n, m, i, j), j <= i, "w = {w}");
+                        assert_eq!(padded.allows_in(n, m, i, j), j <= i, "w = {w}");
+                        assert!(prefix.allows_in(n, m, i, j));
+                    }
+                    for c0 in 0..m {
+                        for c1 in c0..=m {
+                            let want = causal.row_run(i, c0..c1, n, m);
+                            assert_eq!(window.row_run(i, c0..c1, n, m), want, "w = {w}");
+                            assert_eq!(padded.row_run(i, c0..c1, n, m), want, "w = {w}");
+                        }
+                    }
+                }
+                for r0 in 0..n {
+                    for c0 in 0..m {
+                        let (rows, cols) = (r0..(r0 + 3).min(n), c0..(c0 + 4).min(m));
+                        let want = causal.classify(rows.clone(), cols.clone(), n, m);
+                        assert_eq!(window.classify(rows.clone(), cols.clone(), n, m), want);
+                        assert_eq!(padded.classify(rows.clone(), cols.clone(), n, m), want);
+                        assert_eq!(prefix.classify(rows, cols, n, m), Block::Full);
+                    }
+                }
+            }
+            // Positions near the top of usize.
+            let top = usize::MAX;
+            assert!(window.allows(top, 0) == (top <= w));
+            assert!(window.allows(top, top) && !window.allows(top - 1, top));
+            assert_eq!(
+                window.row_run(top, top - 3..top, top, top),
+                Some(top - 3..top)
+            );
+        }
+    }
+
+    /// Bottom-right alignment at extreme shapes: `j <= i + m − n` evaluated without overflow,
+    /// including n > m and n, m at usize::MAX.
+    #[test]
+    fn bottom_right_at_extreme_shapes() {
+        let br = Mask::causal_bottom_right();
+        let top = usize::MAX;
+        // n > m: the first n − m queries see nothing.
+        assert!(!br.allows_in(top, 1, top - 2, 0));
+        assert!(br.allows_in(top, 1, top - 1, 0));
+        assert_eq!(br.classify(0..top - 1, 0..1, top, 1), Block::Empty);
+        assert_eq!(br.classify(top - 1..top, 0..1, top, 1), Block::Full);
+        assert_eq!(br.row_run(0, 0..1, top, 1), Some(0..0));
+        assert_eq!(br.row_run(top - 1, 0..1, top, 1), Some(0..1));
+        // m > n: one query against usize::MAX keys sees them all.
+        assert!(br.allows_in(1, top, 0, top - 1));
+        assert_eq!(br.classify(0..1, 0..top, 1, top), Block::Full);
+        assert_eq!(br.row_run(0, 5..top, 1, top), Some(5..top));
+        // n = m = usize::MAX is the square case.
+        assert!(br.allows_in(top, top, 3, 3) && !br.allows_in(top, top, 3, 4));
+        assert_eq!(br.classify(0..4, 4..8, top, top), Block::Empty);
+        // Reversed and empty column ranges give empty runs, never a panic.
+        #[allow(clippy::reversed_empty_ranges)]
+        let reversed = 5..2;
+        assert_eq!(br.row_run(3, reversed, 8, 8).map(|r| r.len()), Some(0));
+        assert_eq!(Mask::causal().classify(0..0, 0..4, 4, 4), Block::Empty);
+    }
+
+    #[test]
+    fn dense_and_bias_sizes_are_checked() {
+        use crate::Error;
+        let c = Mask::causal();
+        assert_eq!(
+            c.to_dense(1 << 32, 1 << 32).unwrap_err(),
+            Error::TooLarge {
+                what: "the n x m dense mask",
+                shape: (1 << 32, 1 << 32)
+            }
+        );
+        assert!(matches!(
+            c.to_bias::<f32>(1 << 33, 1 << 31),
+            Err(Error::TooLarge { .. })
+        ));
+        assert!(matches!(
+            c.to_bias::<f64>(usize::MAX, 2),
+            Err(Error::TooLarge { .. })
+        ));
+        assert_eq!(c.to_dense(usize::MAX, 0).unwrap().shape(), (usize::MAX, 0));
+        assert_eq!(
+            c.to_bias::<f64>(2, 3).unwrap(),
+            nalgebra::dmatrix![0.0, f64::NEG_INFINITY, f64::NEG_INFINITY; 0.0, 0.0, f64::NEG_INFINITY]
+        );
     }
 
     #[test]

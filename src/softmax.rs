@@ -35,7 +35,7 @@ pub fn exp_in_place<T: Float>(x: &mut [T]) {
 }
 
 /// What a row reduces to before normalising.
-enum Peak<T> {
+pub(crate) enum Peak<T> {
     /// A NaN entry: the result is NaN everywhere.
     Nan,
     /// Empty, or every entry is `-inf`: no mass anywhere.
@@ -46,7 +46,7 @@ enum Peak<T> {
     Finite(T),
 }
 
-fn peak<T: Float>(x: &[T]) -> Peak<T> {
+pub(crate) fn peak<T: Float>(x: &[T]) -> Peak<T> {
     let mut max = T::NEG_INFINITY;
     for &xi in x {
         if xi.is_nan_value() {
@@ -67,25 +67,46 @@ fn peak<T: Float>(x: &[T]) -> Peak<T> {
     }
 }
 
-/// `Σ_j exp(x_j − max)`, at least 1 because the maximum contributes exp(0).
+/// `Σ_j exp(x_j − max)` over every entry but the first maximum (which contributes exactly
+/// `exp(0) = 1`), so that `ln Σ_j exp(x_j − max) = ln_1p(rest)` keeps full relative accuracy
+/// when the other entries are small (a nearly one-hot row), where `ln(1 + rest)` would lose
+/// `rest`'s low bits to the rounding of `1 + rest`.
 ///
 /// Exponentiates through a small stack buffer with the kernel's vectorised exp.
-fn shifted_sum<T: Float>(x: &[T], max: T) -> T {
+pub(crate) fn shifted_rest<T: Float>(x: &[T], max: T) -> T {
+    let skip = x.iter().position(|&v| v == max);
     let mut buf = [T::zero(); 256];
-    x.chunks(buf.len()).fold(T::zero(), |acc, chunk| {
+    let mut acc = T::zero();
+    for (c, chunk) in x.chunks(buf.len()).enumerate() {
         let buf = &mut buf[..chunk.len()];
         for (b, &xi) in buf.iter_mut().zip(chunk) {
             *b = xi - max;
         }
+        if let Some(k) = skip
+            .and_then(|k| k.checked_sub(c * 256))
+            .filter(|&k| k < chunk.len())
+        {
+            buf[k] = T::NEG_INFINITY;
+        }
         exp_in_place(buf);
-        buf.iter().fold(acc, |acc, &e| acc + e)
-    })
+        acc = buf.iter().fold(acc, |acc, &e| acc + e);
+    }
+    acc
 }
 
 /// Log-sum-exp, `ln Σ_j exp(x_j)`, computed as `max + ln Σ_j exp(x_j − max)`.
 ///
 /// Returns `-inf` for an empty slice or one whose entries are all `-inf`, `+inf` if any
 /// entry is `+inf`, NaN if any entry is NaN.
+///
+/// It is evaluated as `max + ln_1p(Σ_{j ≠ k} exp(x_j − max))` with `k` the first maximum:
+/// the sum lies in `[0, m − 1]`, so nothing overflows or underflows that matters, and
+/// `ln_1p` keeps `lse − max` relatively accurate when the row is nearly one-hot.
+///
+/// Accuracy: the absolute error is at most about `(|max| + ln m + m + 2) · ε` (ε the type's
+/// epsilon), which is the function's own conditioning for large `|max|`. Terms more than
+/// about 87 (f32) or 708 (f64) below the maximum are flushed to 0 by the exponential, which
+/// changes the sum by less than one ulp.
 ///
 /// # Examples
 ///
@@ -104,7 +125,7 @@ pub fn logsumexp<T: Float>(x: &[T]) -> T {
         Peak::Nan => T::NAN,
         Peak::Nothing => T::NEG_INFINITY,
         Peak::Infinite { .. } => T::INFINITY,
-        Peak::Finite(max) => max + shifted_sum(x, max).ln(),
+        Peak::Finite(max) => max + shifted_rest(x, max).ln_1p(),
     }
 }
 
@@ -150,6 +171,12 @@ pub fn softmax_in_place<T: Float>(x: &mut [T]) {
 /// The result sums to 1 unless the input is empty or all `-inf` (then it is all zeros,
 /// the convention for a fully masked attention row). Subtracting the maximum makes it
 /// exact for huge finite logits and invariant to adding a constant to every entry.
+///
+/// Accuracy: each weight has a relative error of at most about `(|x_i − max| + m + 2) · ε`:
+/// the rounding of `x_i − max` (amplified by the exponential: the conditioning of softmax
+/// itself), 1 ulp from the exponential and `m` roundings in the sum. Weights below the
+/// smallest normal float (`exp(x_i − max)` under about `1e-38` in f32, `1e-308` in f64) are
+/// flushed to 0; [`log_softmax`] keeps them.
 ///
 /// # Examples
 ///
@@ -204,8 +231,9 @@ pub fn log_softmax_in_place<T: Float>(x: &mut [T]) {
         }
         Peak::Finite(max) => {
             // (x_i − max) − ln Σ exp(x_j − max): subtracting the large max first keeps the
-            // small differences exact.
-            let log_sum = shifted_sum(x, max).ln();
+            // small differences exact, and ln_1p keeps the log-probability of a nearly
+            // certain entry (−ln_1p(rest) ≈ −rest) relatively accurate.
+            let log_sum = shifted_rest(x, max).ln_1p();
             for xi in x.iter_mut() {
                 *xi = (*xi - max) - log_sum;
             }
@@ -217,6 +245,11 @@ pub fn log_softmax_in_place<T: Float>(x: &mut [T]) {
 /// without ever forming a probability, so it stays finite where softmax underflows to 0.
 ///
 /// Empty in, empty out; all `-inf` in, all `-inf` out (ln 0).
+///
+/// Accuracy: `(x_i − max) − ln_1p(Σ_{j ≠ k} exp(x_j − max))` (k the first maximum) has an
+/// absolute error of at most about `(|x_i − max| + ln m + m) · ε`, and the entry at the
+/// maximum of a nearly one-hot row (`≈ −Σ_{j≠k} p_j`) keeps a relative error of a few ε;
+/// nothing underflows, however negative the result.
 ///
 /// # Examples
 ///
@@ -237,6 +270,16 @@ pub fn log_softmax<T: Float>(x: &[T]) -> Vec<T> {
 ///
 /// `t < 1` sharpens the distribution, `t > 1` flattens it; `t = 1` is [`softmax`].
 ///
+/// The temperature is applied to the shifted logits, `(x_i − max) / t`, never to `x_i`
+/// alone: `x_i / t` overflows for a small `t` (in f32, `[1, 2] / 1e-40` is `[inf, inf]`, which
+/// would give `[0.5, 0.5]` instead of `[0, 1]`). If `x_i − max` itself overflows (logits of
+/// opposite signs near the type's maximum), it is computed as `x_i / t − max / t`, which is
+/// then finite or correctly `-inf`. Edge cases (`-inf`, `+inf`, NaN, empty) are those of
+/// [`softmax`], which `x / t` leaves unchanged.
+///
+/// Accuracy: as [`softmax`] on the logits `x / t`, with one more rounding per shifted logit:
+/// relative error at most about `(|x_i − max| / t + m + 3) · ε` per weight.
+///
 /// # Errors
 ///
 /// [`Error::InvalidParameter`](crate::Error::InvalidParameter) unless `t` is finite and > 0.
@@ -253,10 +296,27 @@ pub fn log_softmax<T: Float>(x: &[T]) -> Vec<T> {
 ///     assert!((a - b).abs() < 1e-15);
 /// }
 /// assert!(softmax_with_temperature(&x, 0.0).is_err());
+/// // A tiny temperature is the argmax, not an overflow.
+/// assert_eq!(softmax_with_temperature(&[1.0_f32, 2.0], 1e-40)?, vec![0.0, 1.0]);
+/// // A huge one flattens logits whose difference overflows.
+/// let flat = softmax_with_temperature(&[-3e38_f32, 3e38], 3e38)?;
+/// assert!((flat[0] - 1.0 / (1.0 + 2.0_f32.exp())).abs() < 1e-6);
+/// # Ok::<(), attention_math::Error>(())
 /// ```
 pub fn softmax_with_temperature<T: Float>(x: &[T], t: T) -> Result<Vec<T>> {
     check_positive("temperature", t)?;
-    let mut out: Vec<T> = x.iter().map(|&xi| xi / t).collect();
+    let mut out = x.to_vec();
+    if let Peak::Finite(max) = peak(x) {
+        for xi in out.iter_mut() {
+            let shifted = *xi - max;
+            *xi = if shifted == T::NEG_INFINITY && xi.is_finite() {
+                // x_i < 0 < max here, so neither quotient is NaN.
+                *xi / t - max / t
+            } else {
+                shifted / t
+            };
+        }
+    }
     softmax_in_place(&mut out);
     Ok(out)
 }
@@ -397,6 +457,38 @@ mod tests {
         let lp = log_softmax(&[0.0_f32, -200.0]);
         assert_eq!(lp, vec![0.0, -200.0]);
         assert_eq!(softmax(&[0.0_f32, -200.0])[1], 0.0);
+    }
+
+    #[test]
+    fn temperature_is_applied_after_the_shift() {
+        // Before: x / t overflowed to [inf, inf] in f32 and gave [0.5, 0.5].
+        assert_eq!(
+            softmax_with_temperature(&[1.0_f32, 2.0], 1e-40).unwrap(),
+            vec![0.0, 1.0]
+        );
+        assert_eq!(
+            softmax_with_temperature(&[1.0_f64, 2.0], 1e-300).unwrap(),
+            vec![0.0, 1.0]
+        );
+        // The difference overflows, the quotient does not: softmax([-1, 1]) = (σ(-2), σ(2)).
+        let p = softmax_with_temperature(&[-3e38_f32, 3e38], 3e38).unwrap();
+        let want = 1.0 / (1.0 + 2.0_f64.exp());
+        assert!((p[0] as f64 - want).abs() < 1e-6 && (p[1] as f64 - (1.0 - want)).abs() < 1e-6);
+        let ninf = f64::NEG_INFINITY;
+        assert_eq!(
+            softmax_with_temperature(&[ninf, 0.0, ninf], 1e-300).unwrap(),
+            vec![0.0, 1.0, 0.0]
+        );
+        assert_eq!(
+            softmax_with_temperature(&[f64::INFINITY, 0.0], 5.0).unwrap(),
+            vec![1.0, 0.0]
+        );
+        assert!(
+            softmax_with_temperature(&[f64::NAN, 0.0], 5.0)
+                .unwrap()
+                .iter()
+                .all(|p| p.is_nan())
+        );
     }
 
     #[test]

@@ -98,20 +98,20 @@ fn degenerate_lengths() {
         Objective::PrefixLm { prefix_len: 3 },
         Objective::PromptMasked { prompt_len: 0 },
     ] {
-        assert!(o.loss_mask(0).is_empty());
-        assert_eq!(o.loss_mask(1), [false]);
+        assert!(o.loss_mask(0).unwrap().is_empty());
+        assert_eq!(o.loss_mask(1).unwrap(), [false]);
         assert_eq!(o.scored_count(0), 0);
     }
     // p >= n: nothing scored, and the prefix LM attends everywhere.
     let o = Objective::PrefixLm { prefix_len: 6 };
-    assert_eq!(o.loss_mask(5), [false; 5]);
+    assert_eq!(o.loss_mask(5).unwrap(), [false; 5]);
     assert_eq!(
-        o.attention_mask().to_dense(5, 5),
-        Mask::none().to_dense(5, 5)
+        o.attention_mask().to_dense(5, 5).unwrap(),
+        Mask::none().to_dense(5, 5).unwrap()
     );
     // p = n - 1: exactly the last token is a target.
     assert_eq!(
-        Objective::PrefixLm { prefix_len: 4 }.loss_mask(5),
+        Objective::PrefixLm { prefix_len: 4 }.loss_mask(5).unwrap(),
         [false, false, false, true, false]
     );
 }
@@ -246,7 +246,8 @@ fn packed_prefix_documents_grid() {
         (4, Objective::PrefixLm { prefix_len: 2 }),
         (3, Objective::PromptMasked { prompt_len: 2 }),
         (3, Objective::PrefixLm { prefix_len: 5 }),
-    ]);
+    ])
+    .unwrap();
     assert_eq!(
         row.attention_mask().grid(11, 11).to_string(),
         "x x . . . . . . . . .\n\
@@ -262,13 +263,13 @@ fn packed_prefix_documents_grid() {
          . . . . . . . . . . .\n"
     );
     assert_eq!(
-        row.loss_mask(11),
+        row.loss_mask(11).unwrap(),
         [
             false, true, true, false, false, true, false, false, false, false, false
         ]
     );
     // Cutting the row drops the prediction that would read past the cut.
-    assert_eq!(row.loss_mask(3), [false, true, false]);
+    assert_eq!(row.loss_mask(3).unwrap(), [false, true, false]);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -317,13 +318,13 @@ proptest! {
         let tokens = s.tokens(n, vocab);
         let causal = Objective::Causal;
         for zero in [Objective::PrefixLm { prefix_len: 0 }, Objective::PromptMasked { prompt_len: 0 }] {
-            prop_assert_eq!(zero.loss_mask(n), causal.loss_mask(n));
-            prop_assert_eq!(zero.attention_mask().to_dense(n, n), causal.attention_mask().to_dense(n, n));
+            prop_assert_eq!(zero.loss_mask(n).unwrap(), causal.loss_mask(n).unwrap());
+            prop_assert_eq!(zero.attention_mask().to_dense(n, n).unwrap(), causal.attention_mask().to_dense(n, n).unwrap());
             prop_assert_eq!(zero.loss(&logits, &tokens).unwrap(), causal.loss(&logits, &tokens).unwrap());
-            let mask = zero.loss_mask(n);
+            let mask = zero.loss_mask(n).unwrap();
             prop_assert_eq!(
                 cross_entropy_grad(&logits, &tokens, &mask, Reduction::Sum).unwrap(),
-                cross_entropy_grad(&logits, &tokens, &causal.loss_mask(n), Reduction::Sum).unwrap()
+                cross_entropy_grad(&logits, &tokens, &causal.loss_mask(n).unwrap(), Reduction::Sum).unwrap()
             );
         }
     }
@@ -333,7 +334,7 @@ proptest! {
     fn scored_count_is_n_minus_max_p_1(n in 0usize..20, o in objective(24), seed: u64) {
         let expected = n.saturating_sub(o.condition_len().max(1));
         prop_assert_eq!(o.scored_count(n), expected);
-        let mask = o.loss_mask(n);
+        let mask = o.loss_mask(n).unwrap();
         prop_assert_eq!(mask.len(), n);
         prop_assert_eq!(mask.iter().filter(|m| **m).count(), expected);
         prop_assert!(n == 0 || !mask[n - 1]);
@@ -423,7 +424,7 @@ proptest! {
         pad in 0usize..3,
         seed: u64,
     ) {
-        let row = Packed::new(examples.clone());
+        let row = Packed::new(examples.clone()).unwrap();
         let n = row.len() + pad;
         let (d, vocab) = (3, 5);
         let mut s = Stream(seed);
@@ -434,7 +435,7 @@ proptest! {
         let packed_out = scaled_attention(&q, &k, &v, &row.attention_mask()).unwrap();
         let packed_ce = row.loss(&logits, &tokens).unwrap();
         let (_, packed_grad) =
-            cross_entropy_grad(&logits, &tokens, &row.loss_mask(n), Reduction::Sum).unwrap();
+            cross_entropy_grad(&logits, &tokens, &row.loss_mask(n).unwrap(), Reduction::Sum).unwrap();
 
         let (mut sum, mut count) = (0.0, 0);
         for (range, o) in row.documents() {
@@ -446,7 +447,7 @@ proptest! {
             let ce = o.loss(logits.rows(start, len), &tokens[range.clone()]).unwrap();
             prop_assert_eq!(&ce.per_position[..], &packed_ce.per_position[range.clone()]);
             let (_, grad) = cross_entropy_grad(
-                logits.rows(start, len), &tokens[range.clone()], &o.loss_mask(len), Reduction::Sum,
+                logits.rows(start, len), &tokens[range.clone()], &o.loss_mask(len).unwrap(), Reduction::Sum,
             ).unwrap();
             prop_assert_eq!(&grad, &packed_grad.rows(start, len).into_owned());
             sum += ce.sum;
@@ -462,7 +463,7 @@ proptest! {
         // across a document boundary.
         let ids = row.document_ids();
         let mask = row.attention_mask();
-        let lm = row.loss_mask(n);
+        let lm = row.loss_mask(n).unwrap();
         for (range, o) in row.documents() {
             let local = o.attention_mask();
             for i in 0..n {
@@ -488,7 +489,7 @@ proptest! {
         examples in prop::collection::vec((1usize..6, objective(6)), 1..5),
         tile in 1usize..5,
     ) {
-        let row = Packed::new(examples);
+        let row = Packed::new(examples).unwrap();
         let n = row.len();
         let mask = row.attention_mask();
         let ids = row.document_ids();
@@ -520,13 +521,13 @@ proptest! {
         scale in prop_oneof![Just(1.0), Just(10.0), Just(1e4)],
         seed: u64,
     ) {
-        let row = Packed::new(examples);
+        let row = Packed::new(examples).unwrap();
         let n = row.len();
         let vocab = 6;
         let mut s = Stream(seed);
         let logits = s.matrix(n, vocab, scale);
         let tokens = s.tokens(n, vocab);
-        let mask = row.loss_mask(n);
+        let mask = row.loss_mask(n).unwrap();
         let ce64 = cross_entropy(&logits, &tokens, &mask).unwrap();
         let ce32 = cross_entropy(&cast::<f32>(&logits), &tokens, &mask).unwrap();
         prop_assert_eq!(ce64.count, ce32.count);

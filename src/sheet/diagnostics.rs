@@ -18,7 +18,7 @@ use crate::AttentionOptions;
 use crate::Float;
 use crate::attention::scaled_attention_with;
 use crate::entropy::entropy_rows;
-use crate::error::{Result, check_positive};
+use crate::error::{Result, check_positive, checked_len};
 use crate::mask::Mask;
 use nalgebra::{DMatrix, DMatrixView, DVector};
 
@@ -43,9 +43,15 @@ pub struct AttentionDiagnostics<T: Float> {
 /// cannot underflow (that weight is at least 1/m). This materialises the n x m weights, so
 /// use it on a probe batch, not inside a training step.
 ///
+/// Accuracy: the entropy is that of [`entropy_rows`] on the weights
+/// (relative `(m + 2) · ε`); the max logit has an absolute error of about
+/// `ε · (|lse_i| + ln m + 2)`.
+///
 /// # Errors
 ///
-/// Those of [`scaled_attention_with`] (V is not needed; its shape is not checked).
+/// Those of [`scaled_attention_with`] (V is not needed; its shape is not checked), and
+/// [`Error::TooLarge`](crate::Error::TooLarge) if the n x m weights cannot be allocated,
+/// checked before the attention runs.
 ///
 /// # Examples
 ///
@@ -71,6 +77,7 @@ pub fn diagnose<'q, 'k, T: Float>(
 ) -> Result<AttentionDiagnostics<T>> {
     let (q, k) = (q.into(), k.into());
     let (n, m) = (q.nrows(), k.nrows());
+    checked_len::<T>("the n x m attention weights", n, m)?;
     let no_values = DMatrix::<T>::zeros(m, 0);
     let out = scaled_attention_with(q, k, &no_values, mask, &opts.clone().return_weights(true))?;
     let weights = out.weights.expect("weights were requested");
@@ -100,6 +107,10 @@ pub fn diagnose<'q, 'k, T: Float>(
 
 /// Soft-capping of one logit: `c · tanh(x / c)`, smooth, odd, ≈ x for |x| ≪ c, bounded by c.
 ///
+/// For `|x / c| < √ε` the result is `x` itself (`tanh u = u (1 − u²/3 + ...)` there, so this is
+/// exact to rounding), which keeps tiny logits whose quotient `x / c` would underflow.
+/// `x = ±inf` gives `±c`; NaN gives NaN. Accuracy: a relative error of a few ε.
+///
 /// # Errors
 ///
 /// [`Error::InvalidParameter`](crate::Error::InvalidParameter) unless `c` is finite and > 0.
@@ -112,16 +123,33 @@ pub fn diagnose<'q, 'k, T: Float>(
 /// assert!((softcap(0.1_f64, 50.0)? - 0.1).abs() < 1e-6);
 /// assert!((softcap(1e6_f64, 50.0)? - 50.0).abs() < 1e-12);
 /// assert!(softcap(1.0_f32, 0.0).is_err());
+/// // x / c underflows to 0 in f32, the capped value is still x.
+/// assert_eq!(softcap(1e-30_f32, 1e20)?, 1e-30);
 /// # Ok::<(), attention_math::Error>(())
 /// ```
 pub fn softcap<T: Float>(x: T, c: T) -> Result<T> {
     check_positive("softcap", c)?;
-    Ok(c * (x / c).tanh())
+    let u = x / c;
+    Ok(if u.abs() < T::EPSILON.sqrt() {
+        x
+    } else {
+        c * u.tanh()
+    })
 }
 
 /// RMS-normalises every row: `x_i ← x_i / sqrt(mean_j x_ij² + eps)`, the parameter-free
 /// part of QK-norm. Apply it to each head's Q and K before attention: then
 /// `|q_i · k_j| <= d` and the default scale bounds every logit by `√d`.
+///
+/// Each row is scaled by its largest magnitude `a` before squaring:
+/// `x_i / sqrt(mean x² + eps) = (x_i / a) / sqrt(mean (x / a)² + eps / a²)`, so rows of
+/// huge entries (1e20 in f32, whose squares overflow) and of tiny ones (whose squares
+/// underflow) are normalised correctly. When `eps / a²` overflows, `a² · mean (x/a)²` is
+/// below `eps · ε` and the row is `x / √eps`. A row holding NaN becomes all NaN and a row
+/// holding an infinity gets NaN there and 0 elsewhere, as the direct formula gives.
+///
+/// Accuracy: a relative error of about `(d + 4) · ε` per entry (the mean of squares adds
+/// terms of one sign).
 ///
 /// # Errors
 ///
@@ -138,6 +166,9 @@ pub fn softcap<T: Float>(x: T, c: T) -> Result<T> {
 /// let rms = (12.5_f64 + 1e-12).sqrt();
 /// assert!((y[(0, 0)] - 3.0 / rms).abs() < 1e-15);
 /// assert_eq!(y[(1, 1)], 0.0); // a zero row stays zero
+/// // Squares that would overflow: the RMS of (3e20, 4e20) is 3.54e20, not inf.
+/// let big = rms_normalize_rows(&dmatrix![3e20_f32, 4e20], 1e-6)?;
+/// assert!((big[(0, 0)] - 3.0 / 12.5_f32.sqrt()).abs() < 1e-6);
 /// # Ok::<(), attention_math::Error>(())
 /// ```
 pub fn rms_normalize_rows<'a, T: Float>(
@@ -148,8 +179,42 @@ pub fn rms_normalize_rows<'a, T: Float>(
     let mut y = x.into().into_owned();
     let d = T::of_usize(y.ncols().max(1));
     for mut row in y.row_iter_mut() {
-        let mean_sq = row.iter().fold(T::zero(), |acc, &v| acc + v * v) / d;
-        row /= (mean_sq + eps).sqrt();
+        let mut a = T::zero();
+        let mut nan = false;
+        for &v in row.iter() {
+            nan |= v.is_nan_value();
+            if v.abs() > a {
+                a = v.abs();
+            }
+        }
+        if nan {
+            row.fill(T::NAN);
+            continue;
+        }
+        if !a.is_finite() || a == T::zero() {
+            // Infinite entries (the direct formula: inf / inf = NaN, finite / inf = 0), or
+            // an all-zero row, which stays zero.
+            let mean_sq = row.iter().fold(T::zero(), |acc, &v| acc + v * v) / d;
+            row /= (mean_sq + eps).sqrt();
+            continue;
+        }
+        let t = eps / a / a;
+        if t.is_finite() {
+            let s = row.iter().fold(T::zero(), |acc, &v| {
+                let r = v / a;
+                acc + r * r
+            }) / d;
+            let inv = T::one() / ((s + t).sqrt() * a);
+            if inv.is_finite() {
+                row *= inv;
+            } else {
+                // (s + t)·a underflowed: divide in two steps instead.
+                let root = (s + t).sqrt();
+                row.apply(|v| *v = (*v / a) / root);
+            }
+        } else {
+            row /= eps.sqrt();
+        }
     }
     Ok(y)
 }
@@ -193,6 +258,69 @@ mod tests {
                 assert_eq!(diag.normalized_entropy[i], 0.0);
             }
         }
+    }
+
+    /// Before: the squares of 1e20 overflowed (the row became 0) and those of 1e-23
+    /// underflowed in f32 (the row came out 40% too large).
+    #[test]
+    fn rms_scales_before_squaring() {
+        let x = nalgebra::dmatrix![3e20_f32, -4e20; 3e-23, 4e-23; 0.0, 0.0];
+        let eps = 1e-45_f32; // subnormal: 1.4e-45
+        let y = rms_normalize_rows(&x, eps).unwrap();
+        for i in 0..2 {
+            let row = [x[(i, 0)] as f64, x[(i, 1)] as f64];
+            let ms = (row[0] * row[0] + row[1] * row[1]) / 2.0;
+            for j in 0..2 {
+                let want = row[j] / (ms + eps as f64).sqrt();
+                let got = y[(i, j)] as f64;
+                assert!(
+                    (got - want).abs() < 1e-6 * want.abs(),
+                    "({i}, {j}): {got} vs {want}"
+                );
+            }
+        }
+        assert_eq!((y[(2, 0)], y[(2, 1)]), (0.0, 0.0));
+        // eps dominates a tiny row: x / sqrt(eps + tiny) ≈ x / √eps.
+        let y = rms_normalize_rows(&nalgebra::dmatrix![1e-40_f64, 0.0], 1.0).unwrap();
+        assert_eq!(y[(0, 0)], 1e-40);
+        let y = rms_normalize_rows(&nalgebra::dmatrix![f64::NAN, 1.0; f64::INFINITY, 1.0], 1e-6)
+            .unwrap();
+        assert!(y[(0, 0)].is_nan() && y[(0, 1)].is_nan());
+        assert!(y[(1, 0)].is_nan() && y[(1, 1)] == 0.0);
+        // Against f64 on random-ish rows.
+        let x = DMatrix::<f64>::from_fn(5, 7, |i, j| {
+            ((i * 7 + j) as f64 * 0.61).sin() * 10f64.powi(i as i32 * 3 - 6)
+        });
+        let y = rms_normalize_rows(&x, 1e-12).unwrap();
+        for i in 0..5 {
+            let ms = x.row(i).iter().map(|v| v * v).sum::<f64>() / 7.0;
+            for j in 0..7 {
+                let want = x[(i, j)] / (ms + 1e-12).sqrt();
+                assert!(
+                    (y[(i, j)] - want).abs() <= 1e-14 * want.abs().max(1e-300),
+                    "{i} {j}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn softcap_keeps_tiny_logits_and_caps_infinities() {
+        assert_eq!(softcap(1e-30_f32, 1e20).unwrap(), 1e-30);
+        assert_eq!(softcap(f64::INFINITY, 30.0).unwrap(), 30.0);
+        assert_eq!(softcap(f64::NEG_INFINITY, 30.0).unwrap(), -30.0);
+        assert!(softcap(f64::NAN, 30.0).unwrap().is_nan());
+        let (x, c) = (0.5_f64, 30.0);
+        assert!((softcap(x, c).unwrap() - c * (x / c).tanh()).abs() < 1e-16);
+    }
+
+    #[test]
+    fn diagnose_checks_the_weights_size_first() {
+        let q = DMatrix::<f32>::zeros(1 << 32, 0);
+        assert!(matches!(
+            diagnose(&q, &q, &Mask::none(), &AttentionOptions::new()),
+            Err(crate::Error::TooLarge { .. })
+        ));
     }
 
     #[test]

@@ -47,7 +47,7 @@
 //! through the crate's [`log_softmax`], so logits of ±1e4 (or 1e30) are fine.
 
 use crate::Float;
-use crate::error::{Error, Result, check_finite};
+use crate::error::{Error, Result, check_finite, try_matrix, try_vec};
 use crate::mask::Mask;
 use crate::softmax::{log_softmax, softmax};
 use nalgebra::{DMatrix, DMatrixView};
@@ -170,17 +170,24 @@ impl Objective {
     /// token `i + 1` counts, i.e. `i` is in [`Objective::scored_positions`]. Length n; the
     /// last entry is always `false`.
     ///
+    /// # Errors
+    ///
+    /// [`Error::TooLarge`] if n entries cannot be allocated (n near `usize::MAX`).
+    ///
     /// # Examples
     ///
     /// ```
-    /// use attention_math::sheet::lm::Objective;
+    /// use attention_math::{Error, sheet::lm::Objective};
     ///
-    /// let m = Objective::PrefixLm { prefix_len: 2 }.loss_mask(5);
+    /// let m = Objective::PrefixLm { prefix_len: 2 }.loss_mask(5)?;
     /// assert_eq!(m, [false, true, true, true, false]);
+    /// assert!(matches!(Objective::Causal.loss_mask(usize::MAX), Err(Error::TooLarge { .. })));
+    /// # Ok::<(), Error>(())
     /// ```
-    pub fn loss_mask(&self, n: usize) -> Vec<bool> {
-        let scored = self.scored_positions(n);
-        (0..n).map(|i| scored.contains(&i)).collect()
+    pub fn loss_mask(&self, n: usize) -> Result<Vec<bool>> {
+        let mut mask = try_vec("the loss mask of n positions", n, 1, false)?;
+        mask[self.scored_positions(n)].fill(true);
+        Ok(mask)
     }
 
     /// The objective's cross-entropy: [`cross_entropy`] with n = `logits.nrows()` and this
@@ -188,7 +195,8 @@ impl Objective {
     ///
     /// # Errors
     ///
-    /// Those of [`cross_entropy`] (the loss mask is always well formed here).
+    /// Those of [`cross_entropy`] (the loss mask is always well formed here); the length of
+    /// `tokens` is checked before the loss mask is built.
     ///
     /// # Examples
     ///
@@ -210,7 +218,21 @@ impl Objective {
         tokens: &[usize],
     ) -> Result<CrossEntropy<T>> {
         let logits = logits.into();
-        cross_entropy(logits, tokens, &self.loss_mask(logits.nrows()))
+        check_tokens(&logits, tokens)?;
+        cross_entropy(logits, tokens, &self.loss_mask(logits.nrows())?)
+    }
+}
+
+/// `tokens` must have one entry per row of `logits`.
+fn check_tokens<T: Float>(logits: &DMatrixView<'_, T>, tokens: &[usize]) -> Result<()> {
+    if tokens.len() == logits.nrows() {
+        Ok(())
+    } else {
+        Err(Error::LengthMismatch {
+            arg: "tokens",
+            found: tokens.len(),
+            expected: logits.nrows(),
+        })
     }
 }
 
@@ -247,9 +269,9 @@ impl fmt::Display for Objective {
 /// let row = Packed::new([
 ///     (3, Objective::PrefixLm { prefix_len: 2 }),
 ///     (3, Objective::Causal),
-/// ]);
+/// ])?;
 /// assert_eq!(row.document_ids(), &[0, 0, 0, 1, 1, 1]);
-/// assert_eq!(row.loss_mask(6), [false, true, false, true, true, false]);
+/// assert_eq!(row.loss_mask(6)?, [false, true, false, true, true, false]);
 /// assert_eq!(
 ///     row.attention_mask().grid(6, 6).to_string(),
 ///     "x x . . . .\n\
@@ -259,6 +281,7 @@ impl fmt::Display for Objective {
 ///      . . . x x .\n\
 ///      . . . x x x\n"
 /// );
+/// # Ok::<(), attention_math::Error>(())
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Packed {
@@ -270,24 +293,40 @@ impl Packed {
     /// Packs examples given as `(length, objective)` pairs, in order. Example `k` gets
     /// document id `k`; an example of length 0 takes no position.
     ///
+    /// # Errors
+    ///
+    /// [`Error::TooLarge`] if the total length overflows `usize` or its document ids (one
+    /// `usize` per position) cannot be allocated.
+    ///
     /// # Examples
     ///
     /// ```
-    /// use attention_math::sheet::lm::{Objective, Packed};
+    /// use attention_math::{Error, sheet::lm::{Objective, Packed}};
     ///
-    /// let row = Packed::new([(2, Objective::Causal), (0, Objective::Causal), (1, Objective::Causal)]);
+    /// let row = Packed::new([(2, Objective::Causal), (0, Objective::Causal), (1, Objective::Causal)])?;
     /// assert_eq!(row.len(), 3);
     /// assert_eq!(row.document_ids(), &[0, 0, 2]);
+    /// let huge = Packed::new([(1, Objective::Causal), (usize::MAX, Objective::Causal)]);
+    /// assert!(matches!(huge, Err(Error::TooLarge { .. })));
+    /// # Ok::<(), Error>(())
     /// ```
-    pub fn new(examples: impl IntoIterator<Item = (usize, Objective)>) -> Self {
+    pub fn new(examples: impl IntoIterator<Item = (usize, Objective)>) -> Result<Self> {
+        const WHAT: &str = "the packed row's document ids";
         let mut documents = Vec::new();
         let mut ids = Vec::new();
         for (k, (len, objective)) in examples.into_iter().enumerate() {
             let start = ids.len();
-            ids.resize(start + len, k);
-            documents.push((start..start + len, objective));
+            let too_large = Error::TooLarge {
+                what: WHAT,
+                shape: (start.saturating_add(len), 1),
+            };
+            let end = start.checked_add(len).ok_or(too_large.clone())?;
+            crate::error::checked_len::<usize>(WHAT, end, 1)?;
+            ids.try_reserve(len).map_err(|_| too_large)?;
+            ids.resize(end, k);
+            documents.push((start..end, objective));
         }
-        Packed { documents, ids }
+        Ok(Packed { documents, ids })
     }
 
     /// Total number of packed positions, `Σ len_k`.
@@ -297,7 +336,8 @@ impl Packed {
     /// ```
     /// use attention_math::sheet::lm::{Objective, Packed};
     ///
-    /// assert_eq!(Packed::new([(4, Objective::Causal), (3, Objective::Causal)]).len(), 7);
+    /// assert_eq!(Packed::new([(4, Objective::Causal), (3, Objective::Causal)])?.len(), 7);
+    /// # Ok::<(), attention_math::Error>(())
     /// ```
     pub fn len(&self) -> usize {
         self.ids.len()
@@ -310,7 +350,8 @@ impl Packed {
     /// ```
     /// use attention_math::sheet::lm::Packed;
     ///
-    /// assert!(Packed::new([]).is_empty());
+    /// assert!(Packed::new([])?.is_empty());
+    /// # Ok::<(), attention_math::Error>(())
     /// ```
     pub fn is_empty(&self) -> bool {
         self.ids.is_empty()
@@ -323,8 +364,9 @@ impl Packed {
     /// ```
     /// use attention_math::sheet::lm::{Objective, Packed};
     ///
-    /// let row = Packed::new([(1, Objective::Causal), (2, Objective::Causal)]);
+    /// let row = Packed::new([(1, Objective::Causal), (2, Objective::Causal)])?;
     /// assert_eq!(row.document_ids(), &[0, 1, 1]);
+    /// # Ok::<(), attention_math::Error>(())
     /// ```
     pub fn document_ids(&self) -> &[usize] {
         &self.ids
@@ -338,8 +380,9 @@ impl Packed {
     /// ```
     /// use attention_math::sheet::lm::{Objective, Packed};
     ///
-    /// let row = Packed::new([(2, Objective::Causal), (3, Objective::PrefixLm { prefix_len: 1 })]);
+    /// let row = Packed::new([(2, Objective::Causal), (3, Objective::PrefixLm { prefix_len: 1 })])?;
     /// assert_eq!(row.documents()[1], (2..5, Objective::PrefixLm { prefix_len: 1 }));
+    /// # Ok::<(), attention_math::Error>(())
     /// ```
     pub fn documents(&self) -> &[(Range<usize>, Objective)] {
         &self.documents
@@ -362,11 +405,12 @@ impl Packed {
     /// use attention_math::sheet::lm::{Objective, Packed};
     /// use attention_math::Block;
     ///
-    /// let row = Packed::new([(4, Objective::Causal), (4, Objective::PrefixLm { prefix_len: 3 })]);
+    /// let row = Packed::new([(4, Objective::Causal), (4, Objective::PrefixLm { prefix_len: 3 })])?;
     /// let m = row.attention_mask();
     /// assert!(m.allows(4, 6) && !m.allows(4, 7) && !m.allows(5, 3));
     /// // A kernel can skip the off-diagonal blocks.
     /// assert_eq!(m.classify(4..8, 0..4, 8, 8), Block::Empty);
+    /// # Ok::<(), attention_math::Error>(())
     /// ```
     pub fn attention_mask(&self) -> Mask {
         let prefixes: Vec<Range<usize>> = self
@@ -391,17 +435,23 @@ impl Packed {
     /// document whose objective scores it (in document-local positions) and `i + 1 < n`.
     /// Padding positions (`i >= len`) are never scored; n < [`Packed::len`] cuts the row.
     ///
+    /// # Errors
+    ///
+    /// [`Error::TooLarge`] if n entries cannot be allocated.
+    ///
     /// # Examples
     ///
     /// ```
     /// use attention_math::sheet::lm::{Objective, Packed};
     ///
-    /// let row = Packed::new([(3, Objective::Causal), (2, Objective::Causal)]);
+    /// let row = Packed::new([(3, Objective::Causal), (2, Objective::Causal)])?;
     /// // Position 2 ends document 0: it does not predict position 3.
-    /// assert_eq!(row.loss_mask(6), [true, true, false, true, false, false]);
+    /// assert_eq!(row.loss_mask(6)?, [true, true, false, true, false, false]);
+    /// assert!(row.loss_mask(usize::MAX).is_err());
+    /// # Ok::<(), attention_math::Error>(())
     /// ```
-    pub fn loss_mask(&self, n: usize) -> Vec<bool> {
-        let mut mask = vec![false; n];
+    pub fn loss_mask(&self, n: usize) -> Result<Vec<bool>> {
+        let mut mask = try_vec("the loss mask of n positions", n, 1, false)?;
         for (range, objective) in &self.documents {
             let local = objective.scored_positions(range.len());
             for i in local {
@@ -411,7 +461,7 @@ impl Packed {
                 }
             }
         }
-        mask
+        Ok(mask)
     }
 
     /// The packed row's cross-entropy: [`cross_entropy`] with n = `logits.nrows()` and
@@ -419,7 +469,8 @@ impl Packed {
     ///
     /// # Errors
     ///
-    /// Those of [`cross_entropy`].
+    /// Those of [`cross_entropy`]; the length of `tokens` is checked before the loss mask is
+    /// built.
     ///
     /// # Examples
     ///
@@ -427,7 +478,7 @@ impl Packed {
     /// use attention_math::sheet::lm::{Objective, Packed};
     /// use nalgebra::DMatrix;
     ///
-    /// let row = Packed::new([(3, Objective::Causal), (3, Objective::PromptMasked { prompt_len: 2 })]);
+    /// let row = Packed::new([(3, Objective::Causal), (3, Objective::PromptMasked { prompt_len: 2 })])?;
     /// let logits = DMatrix::<f64>::zeros(6, 4);
     /// let ce = row.loss(&logits, &[0, 1, 2, 3, 0, 1])?;
     /// assert_eq!(ce.count, 3); // positions 0, 1 and 4
@@ -440,7 +491,8 @@ impl Packed {
         tokens: &[usize],
     ) -> Result<CrossEntropy<T>> {
         let logits = logits.into();
-        cross_entropy(logits, tokens, &self.loss_mask(logits.nrows()))
+        check_tokens(&logits, tokens)?;
+        cross_entropy(logits, tokens, &self.loss_mask(logits.nrows())?)
     }
 }
 
@@ -548,13 +600,7 @@ fn scored_targets<T: Float>(
     loss_mask: &[bool],
 ) -> Result<Vec<(usize, usize)>> {
     let (n, vocab) = logits.shape();
-    if tokens.len() != n {
-        return Err(Error::LengthMismatch {
-            arg: "tokens",
-            found: tokens.len(),
-            expected: n,
-        });
-    }
+    check_tokens(logits, tokens)?;
     if loss_mask.len() != n {
         return Err(Error::LengthMismatch {
             arg: "loss_mask",
@@ -604,6 +650,10 @@ fn row_of<T: Float>(logits: &DMatrixView<'_, T>, i: usize) -> Vec<T> {
 /// The log-softmax subtracts the row maximum, so any finite logits work (±1e4 in `f32`).
 /// Nothing scored gives a sum of 0; its [`mean`](CrossEntropy::mean) is an error.
 ///
+/// Accuracy: each loss `(max − s_t) + ln Σ_j exp(s_j − max)` has an absolute error of at
+/// most about `(|s_t − max| + ln V + V) · ε` (V the vocabulary size); the sum adds `n · ε`
+/// relative (its terms are non-negative).
+///
 /// # Errors
 ///
 /// - [`Error::LengthMismatch`] if `tokens` or `loss_mask` does not have length n;
@@ -634,7 +684,7 @@ pub fn cross_entropy<'a, T: Float>(
 ) -> Result<CrossEntropy<T>> {
     let logits = logits.into();
     let scored = scored_targets(&logits, tokens, loss_mask)?;
-    let mut per_position = vec![T::zero(); logits.nrows()];
+    let mut per_position = try_vec("the n per-position losses", logits.nrows(), 1, T::zero())?;
     let mut sum = T::zero();
     for &(i, target) in &scored {
         let loss = -log_softmax(&row_of(&logits, i))[target];
@@ -688,7 +738,12 @@ pub fn cross_entropy_grad<'a, T: Float>(
         Reduction::Mean if scored.is_empty() => return Err(no_scored_position()),
         Reduction::Mean => T::one() / T::of_usize(scored.len()),
     };
-    let mut grad = DMatrix::<T>::zeros(logits.nrows(), logits.ncols());
+    let mut grad = try_matrix(
+        "the n x vocab gradient",
+        logits.nrows(),
+        logits.ncols(),
+        |_, _| T::zero(),
+    )?;
     let mut sum = T::zero();
     for &(i, target) in &scored {
         let row = row_of(&logits, i);
@@ -709,14 +764,14 @@ mod tests {
     #[test]
     fn seed_example_loss_rows() {
         let n = 8;
-        let causal = Objective::Causal.loss_mask(n);
+        let causal = Objective::Causal.loss_mask(n).unwrap();
         assert_eq!(causal, [true, true, true, true, true, true, true, false]);
         for objective in [
             Objective::PrefixLm { prefix_len: 4 },
             Objective::PromptMasked { prompt_len: 4 },
         ] {
             assert_eq!(
-                objective.loss_mask(n),
+                objective.loss_mask(n).unwrap(),
                 [false, false, false, true, true, true, true, false]
             );
         }
@@ -727,13 +782,14 @@ mod tests {
         for n in 0..6 {
             let p1 = Objective::PrefixLm { prefix_len: 1 };
             assert_eq!(p1.loss_mask(n), Objective::Causal.loss_mask(n));
+            assert_eq!(p1.loss_mask(n).unwrap().len(), n);
             assert_eq!(
-                p1.attention_mask().to_dense(n, n),
-                Mask::causal().to_dense(n, n)
+                p1.attention_mask().to_dense(n, n).unwrap(),
+                Mask::causal().to_dense(n, n).unwrap()
             );
         }
         assert_eq!(
-            Objective::PrefixLm { prefix_len: 2 }.loss_mask(4),
+            Objective::PrefixLm { prefix_len: 2 }.loss_mask(4).unwrap(),
             [false, true, true, false]
         );
     }
@@ -759,6 +815,50 @@ mod tests {
         // Exact on a block inside one range and on a block between ranges.
         assert_eq!(m.classify(0..4, 7..10, 18, 18), Block::Full);
         assert_eq!(m.classify(0..4, 10..12, 18, 18), Block::Empty);
+    }
+
+    /// Before: `vec![false; n]` / `collect` of n entries panicked with "capacity overflow"
+    /// (or aborted out of memory), and `start + len` wrapped in `Packed::new`.
+    #[test]
+    fn caller_sized_buffers_are_checked() {
+        let too_large = |e: Error| matches!(e, Error::TooLarge { .. });
+        assert!(too_large(
+            Objective::Causal.loss_mask(usize::MAX).unwrap_err()
+        ));
+        assert!(too_large(
+            Objective::PrefixLm { prefix_len: 3 }
+                .loss_mask(1 << 62)
+                .unwrap_err()
+        ));
+        let row = Packed::new([(2, Objective::Causal)]).unwrap();
+        assert!(too_large(row.loss_mask(usize::MAX).unwrap_err()));
+        let e = Packed::new([(3, Objective::Causal), (usize::MAX - 1, Objective::Causal)]);
+        assert_eq!(
+            e.unwrap_err(),
+            Error::TooLarge {
+                what: "the packed row's document ids",
+                shape: (usize::MAX, 1)
+            }
+        );
+        assert!(too_large(
+            Packed::new([(1 << 62, Objective::Causal)]).unwrap_err()
+        ));
+        // 2^60 rows of zero logits hold no data; the tokens' length is checked first, so no
+        // 2^60-entry loss mask is ever built.
+        let logits = DMatrix::<f32>::zeros(1 << 60, 0);
+        let e = Objective::Causal.loss(&logits, &[0, 1]).unwrap_err();
+        assert_eq!(
+            e,
+            Error::LengthMismatch {
+                arg: "tokens",
+                found: 2,
+                expected: 1 << 60
+            }
+        );
+        assert!(matches!(
+            row.loss(&logits, &[]),
+            Err(Error::LengthMismatch { .. })
+        ));
     }
 
     #[test]

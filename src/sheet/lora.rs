@@ -23,8 +23,19 @@
 //! which, unlike LoRA, cannot be merged away (the nonlinearity), so it adds inference latency.
 
 use crate::Float;
-use crate::error::{Axis, Error, Result};
-use nalgebra::{DMatrix, DMatrixView};
+use crate::error::{Axis, Error, Result, try_matrix};
+use nalgebra::{DMatrix, DMatrixView, DMatrixViewMut};
+
+/// `a · b` (n x k times k x p) into a freshly allocated, size-checked n x p matrix named `what`.
+fn product<T: Float>(
+    what: &'static str,
+    a: &DMatrixView<'_, T>,
+    b: &DMatrixView<'_, T>,
+) -> Result<DMatrix<T>> {
+    let mut out = try_matrix(what, a.nrows(), b.ncols(), |_, _| T::zero())?;
+    out.gemm(T::one(), a, b, T::zero());
+    Ok(out)
+}
 
 fn check_inner(
     arg: &'static str,
@@ -49,6 +60,11 @@ fn check_inner(
 
 /// A frozen linear layer `W` (d_in x d_out) with a LoRA update `(α/r) A B`.
 ///
+/// The fields are private so that their shapes always agree (`A` is d_in x r, `B` is
+/// r x d_out): read them with [`w`](Self::w), [`a`](Self::a), [`b`](Self::b), edit entries
+/// through [`a_mut`](Self::a_mut) / [`b_mut`](Self::b_mut) (views of fixed shape), and
+/// replace a factor with the checked [`set_a`](Self::set_a) / [`set_b`](Self::set_b).
+///
 /// # Examples
 ///
 /// ```
@@ -59,8 +75,8 @@ fn check_inner(
 /// let mut layer = LoraLinear::new(w, 2, 4.0)?; // rank 2, alpha 4
 /// let x = DMatrix::<f64>::from_fn(3, 4, |i, j| (i + j) as f64);
 /// assert_eq!(layer.forward(&x)?, x); // B = 0: exactly the base layer
-/// layer.b[(0, 0)] = 1.0;
-/// layer.a[(0, 0)] = 0.5;
+/// layer.b_mut()[(0, 0)] = 1.0;
+/// layer.a_mut()[(0, 0)] = 0.5;
 /// let merged = layer.merged();
 /// assert!((layer.forward(&x)? - &x * &merged).amax() < 1e-12);
 /// assert_eq!(layer.trainable_parameters(), 2 * (4 + 4));
@@ -69,13 +85,13 @@ fn check_inner(
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoraLinear<T: Float> {
     /// The frozen base weight, d_in x d_out.
-    pub w: DMatrix<T>,
+    w: DMatrix<T>,
     /// The down projection A, d_in x r.
-    pub a: DMatrix<T>,
+    a: DMatrix<T>,
     /// The up projection B, r x d_out (zero at initialisation).
-    pub b: DMatrix<T>,
+    b: DMatrix<T>,
     /// The scaling numerator α; the update is multiplied by α / r.
-    pub alpha: T,
+    alpha: T,
 }
 
 impl<T: Float> LoraLinear<T> {
@@ -85,17 +101,22 @@ impl<T: Float> LoraLinear<T> {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidParameter`] if `rank` is 0 or `alpha` is not finite.
+    /// - [`Error::InvalidParameter`] if `rank` is 0 or `alpha` is not finite;
+    /// - [`Error::TooLarge`] if `A` (d_in x rank) or `B` (rank x d_out) cannot be allocated
+    ///   (for example a weight with 2^32 rows and a rank of 2^32, whose entry count wraps).
     ///
     /// # Examples
     ///
     /// ```
-    /// use attention_math::sheet::lora::LoraLinear;
+    /// use attention_math::{Error, sheet::lora::LoraLinear};
     /// use nalgebra::DMatrix;
     ///
     /// let layer = LoraLinear::new(DMatrix::<f32>::zeros(8, 6), 2, 16.0)?;
-    /// assert_eq!((layer.a.shape(), layer.b.shape()), ((8, 2), (2, 6)));
+    /// assert_eq!((layer.a().shape(), layer.b().shape()), ((8, 2), (2, 6)));
     /// assert_eq!(layer.scaling(), 8.0);
+    /// // A 2^32 x 0 weight holds no data, but a rank-2^32 A would hold 2^64 entries.
+    /// let tall = DMatrix::<f32>::zeros(1 << 32, 0);
+    /// assert!(matches!(LoraLinear::new(tall, 1 << 32, 1.0), Err(Error::TooLarge { .. })));
     /// # Ok::<(), attention_math::Error>(())
     /// ```
     pub fn new(w: DMatrix<T>, rank: usize, alpha: T) -> Result<Self> {
@@ -115,15 +136,145 @@ impl<T: Float> LoraLinear<T> {
         }
         let (d_in, d_out) = w.shape();
         let bound = T::one() / T::of_usize(d_in.max(1)).sqrt();
-        let a = DMatrix::from_fn(d_in, rank, |i, j| {
+        // i · rank + j < d_in · rank, which try_matrix has checked to fit in usize.
+        let a = try_matrix("the d_in x rank LoRA factor a", d_in, rank, |i, j| {
             bound * T::of_f64(((i * rank + j) as f64 * 0.7 + 0.3).cos())
-        });
-        Ok(LoraLinear {
-            w,
-            a,
-            b: DMatrix::zeros(rank, d_out),
-            alpha,
-        })
+        })?;
+        let b = try_matrix("the rank x d_out LoRA factor b", rank, d_out, |_, _| {
+            T::zero()
+        })?;
+        Ok(LoraLinear { w, a, b, alpha })
+    }
+
+    /// The frozen base weight `W`, d_in x d_out.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use attention_math::sheet::lora::LoraLinear;
+    /// # use nalgebra::DMatrix;
+    /// let layer = LoraLinear::new(DMatrix::<f64>::identity(3, 2), 1, 1.0)?;
+    /// assert_eq!(layer.w(), &DMatrix::identity(3, 2));
+    /// # Ok::<(), attention_math::Error>(())
+    /// ```
+    pub fn w(&self) -> &DMatrix<T> {
+        &self.w
+    }
+
+    /// The down projection `A`, d_in x r.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use attention_math::sheet::lora::LoraLinear;
+    /// # use nalgebra::DMatrix;
+    /// assert_eq!(LoraLinear::new(DMatrix::<f64>::zeros(3, 2), 4, 1.0)?.a().shape(), (3, 4));
+    /// # Ok::<(), attention_math::Error>(())
+    /// ```
+    pub fn a(&self) -> &DMatrix<T> {
+        &self.a
+    }
+
+    /// The up projection `B`, r x d_out (zero after [`new`](Self::new)).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use attention_math::sheet::lora::LoraLinear;
+    /// # use nalgebra::DMatrix;
+    /// let layer = LoraLinear::new(DMatrix::<f64>::zeros(3, 2), 4, 1.0)?;
+    /// assert_eq!(layer.b(), &DMatrix::zeros(4, 2));
+    /// # Ok::<(), attention_math::Error>(())
+    /// ```
+    pub fn b(&self) -> &DMatrix<T> {
+        &self.b
+    }
+
+    /// The scaling numerator α.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use attention_math::sheet::lora::LoraLinear;
+    /// # use nalgebra::DMatrix;
+    /// assert_eq!(LoraLinear::new(DMatrix::<f64>::zeros(3, 2), 4, 8.0)?.alpha(), 8.0);
+    /// # Ok::<(), attention_math::Error>(())
+    /// ```
+    pub fn alpha(&self) -> T {
+        self.alpha
+    }
+
+    /// The entries of `A` for editing in place; the view's shape is fixed, so `A` stays
+    /// d_in x r. See [`LoraLinear`] for an example.
+    pub fn a_mut(&mut self) -> DMatrixViewMut<'_, T> {
+        self.a.as_view_mut()
+    }
+
+    /// The entries of `B` for editing in place; the view's shape is fixed, so `B` stays
+    /// r x d_out. See [`LoraLinear`] for an example.
+    pub fn b_mut(&mut self) -> DMatrixViewMut<'_, T> {
+        self.b.as_view_mut()
+    }
+
+    /// Replaces `A` (say, with trained values).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ShapeMismatch`] unless `a` is d_in x r; the layer is then unchanged.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use attention_math::sheet::lora::LoraLinear;
+    /// # use nalgebra::DMatrix;
+    /// let mut layer = LoraLinear::new(DMatrix::<f64>::zeros(3, 2), 1, 1.0)?;
+    /// layer.set_a(DMatrix::from_element(3, 1, 0.5))?;
+    /// assert_eq!(layer.a()[(2, 0)], 0.5);
+    /// let err = layer.set_a(DMatrix::zeros(3, 2)).unwrap_err();
+    /// assert_eq!(err.to_string(), "a is 3 x 2 but must be 3 x 1");
+    /// # Ok::<(), attention_math::Error>(())
+    /// ```
+    pub fn set_a(&mut self, a: DMatrix<T>) -> Result<()> {
+        let expected = self.a.shape();
+        if a.shape() != expected {
+            return Err(Error::ShapeMismatch {
+                arg: "a",
+                found: a.shape(),
+                expected,
+            });
+        }
+        self.a = a;
+        Ok(())
+    }
+
+    /// Replaces `B` (say, with trained values).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ShapeMismatch`] unless `b` is r x d_out; the layer is then unchanged.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use attention_math::sheet::lora::LoraLinear;
+    /// # use nalgebra::DMatrix;
+    /// let mut layer = LoraLinear::new(DMatrix::<f64>::zeros(3, 2), 1, 1.0)?;
+    /// assert!(layer.set_b(DMatrix::zeros(2, 2)).is_err());
+    /// layer.set_b(DMatrix::from_element(1, 2, 1.0))?;
+    /// assert_eq!(layer.merged(), layer.a() * layer.b());
+    /// # Ok::<(), attention_math::Error>(())
+    /// ```
+    pub fn set_b(&mut self, b: DMatrix<T>) -> Result<()> {
+        let expected = self.b.shape();
+        if b.shape() != expected {
+            return Err(Error::ShapeMismatch {
+                arg: "b",
+                found: b.shape(),
+                expected,
+            });
+        }
+        self.b = b;
+        Ok(())
     }
 
     /// The rank r.
@@ -154,41 +305,26 @@ impl<T: Float> LoraLinear<T> {
         self.alpha / T::of_usize(self.rank())
     }
 
-    fn check(&self) -> Result<()> {
-        let (d_in, d_out) = self.w.shape();
-        if self.a.shape() != (d_in, self.a.ncols()) {
-            return Err(Error::ShapeMismatch {
-                arg: "a",
-                found: self.a.shape(),
-                expected: (d_in, self.a.ncols()),
-            });
-        }
-        if self.b.shape() != (self.a.ncols(), d_out) {
-            return Err(Error::ShapeMismatch {
-                arg: "b",
-                found: self.b.shape(),
-                expected: (self.a.ncols(), d_out),
-            });
-        }
-        Ok(())
-    }
-
     /// `y = x W + (α/r) (x A) B` for `x` (n x d_in), computed without forming `A B`.
+    ///
+    /// NaN or infinite entries propagate to the output rows they reach.
     ///
     /// # Errors
     ///
-    /// [`Error::DimensionMismatch`] if `x` does not have d_in columns;
-    /// [`Error::ShapeMismatch`] if `a` or `b` were replaced by matrices of the wrong shape.
+    /// - [`Error::DimensionMismatch`] if `x` does not have d_in columns;
+    /// - [`Error::TooLarge`] if the n x r intermediate `x A` or the n x d_out output cannot be
+    ///   allocated.
     ///
     /// # Examples
     ///
     /// See [`LoraLinear`].
     pub fn forward<'x>(&self, x: impl Into<DMatrixView<'x, T>>) -> Result<DMatrix<T>> {
         let x = x.into();
-        self.check()?;
         check_inner("x", x.ncols(), "w", Axis::Rows, self.w.nrows())?;
-        let low_rank = (x * &self.a) * &self.b;
-        Ok(x * &self.w + low_rank * self.scaling())
+        let xa = product("the n x rank LoRA intermediate x a", &x, &self.a.as_view())?;
+        let mut y = product("the n x d_out LoRA output", &x, &self.w.as_view())?;
+        y.gemm(self.scaling(), &xa, &self.b, T::one());
+        Ok(y)
     }
 
     /// The merged weight `W + (α/r) A B` (d_in x d_out): one matmul at inference.
@@ -197,7 +333,9 @@ impl<T: Float> LoraLinear<T> {
     ///
     /// See [`LoraLinear`].
     pub fn merged(&self) -> DMatrix<T> {
-        &self.w + (&self.a * &self.b) * self.scaling()
+        let mut merged = self.w.clone();
+        merged.gemm(self.scaling(), &self.a, &self.b, T::one());
+        merged
     }
 
     /// Recovers the base weight from a merged one: `W' − (α/r) A B`.
@@ -213,9 +351,9 @@ impl<T: Float> LoraLinear<T> {
     /// use nalgebra::DMatrix;
     ///
     /// let mut layer = LoraLinear::new(DMatrix::<f64>::identity(3, 3), 1, 2.0)?;
-    /// layer.b.fill(0.25);
+    /// layer.b_mut().fill(0.25);
     /// let back = layer.unmerge(&layer.merged())?;
-    /// assert!((back - &layer.w).amax() < 1e-15);
+    /// assert!((back - layer.w()).amax() < 1e-15);
     /// # Ok::<(), attention_math::Error>(())
     /// ```
     pub fn unmerge(&self, merged: &DMatrix<T>) -> Result<DMatrix<T>> {
@@ -226,7 +364,9 @@ impl<T: Float> LoraLinear<T> {
                 expected: self.w.shape(),
             });
         }
-        Ok(merged - (&self.a * &self.b) * self.scaling())
+        let mut base = merged.clone();
+        base.gemm(-self.scaling(), &self.a, &self.b, T::one());
+        Ok(base)
     }
 
     /// Parameters LoRA trains: `r (d_in + d_out)`, against `d_in · d_out` for full fine-tuning.
@@ -241,6 +381,7 @@ impl<T: Float> LoraLinear<T> {
     /// # Ok::<(), attention_math::Error>(())
     /// ```
     pub fn trainable_parameters(&self) -> usize {
+        // Both factors are allocated, so each count is below isize::MAX.
         self.a.len() + self.b.len()
     }
 }
@@ -294,9 +435,13 @@ impl<T: Float> BottleneckAdapter<T> {
 
     /// `x + relu(x W_down) W_up` for `x` (n x d).
     ///
+    /// NaN propagates: a NaN hidden activation stays NaN through the relu (a plain
+    /// `max(h, 0)` would turn it into 0).
+    ///
     /// # Errors
     ///
-    /// [`Error::DimensionMismatch`] if `x` does not have d columns.
+    /// - [`Error::DimensionMismatch`] if `x` does not have d columns;
+    /// - [`Error::TooLarge`] if the n x r hidden activations cannot be allocated.
     ///
     /// # Examples
     ///
@@ -304,8 +449,15 @@ impl<T: Float> BottleneckAdapter<T> {
     pub fn forward<'x>(&self, x: impl Into<DMatrixView<'x, T>>) -> Result<DMatrix<T>> {
         let x = x.into();
         check_inner("x", x.ncols(), "down", Axis::Rows, self.down.nrows())?;
-        let hidden = (x * &self.down).map(|h| h.max(T::zero()));
-        Ok(x + hidden * &self.up)
+        let mut hidden = product("the n x r adapter hidden layer", &x, &self.down.as_view())?;
+        hidden.apply(|h| {
+            if *h < T::zero() {
+                *h = T::zero();
+            }
+        });
+        let mut y = x.clone_owned();
+        y.gemm(T::one(), &hidden, &self.up, T::one());
+        Ok(y)
     }
 }
 
@@ -317,17 +469,22 @@ mod tests {
     fn forward_equals_merged_and_errors_are_named() {
         let w = DMatrix::<f64>::from_fn(5, 3, |i, j| ((i * 3 + j) as f64).sin());
         let mut layer = LoraLinear::new(w, 2, 8.0).unwrap();
-        layer.b = DMatrix::from_fn(2, 3, |i, j| (i as f64) - 0.5 * j as f64);
+        layer
+            .set_b(DMatrix::from_fn(2, 3, |i, j| (i as f64) - 0.5 * j as f64))
+            .unwrap();
         let x = DMatrix::<f64>::from_fn(4, 5, |i, j| ((i + 2 * j) as f64).cos());
         let direct = layer.forward(&x).unwrap();
-        assert!((direct - &x * layer.merged()).amax() < 1e-12);
+        assert!((&direct - &x * layer.merged()).amax() < 1e-12);
+        // Against the textbook formula with nalgebra's own products.
+        let textbook = &x * layer.w() + (&x * layer.a() * layer.b()) * 4.0;
+        assert!((direct - textbook).amax() < 1e-12);
         let e = layer.forward(&DMatrix::<f64>::zeros(2, 4)).unwrap_err();
         assert_eq!(e.to_string(), "x has 4 columns but w has 5 rows");
-        layer.b = DMatrix::zeros(3, 3);
         assert_eq!(
-            layer.forward(&x).unwrap_err().to_string(),
+            layer.set_b(DMatrix::zeros(3, 3)).unwrap_err().to_string(),
             "b is 3 x 3 but must be 2 x 3"
         );
+        assert!(layer.forward(&x).is_ok()); // unchanged by the rejected set_b
         assert!(LoraLinear::new(DMatrix::<f64>::zeros(2, 2), 0, 1.0).is_err());
         assert!(LoraLinear::new(DMatrix::<f64>::zeros(2, 2), 1, f64::NAN).is_err());
     }
@@ -335,10 +492,69 @@ mod tests {
     #[test]
     fn update_has_rank_at_most_r() {
         let mut layer = LoraLinear::new(DMatrix::<f64>::zeros(6, 6), 2, 2.0).unwrap();
-        layer.b = DMatrix::from_fn(2, 6, |i, j| ((i * 6 + j) as f64 * 1.3).sin());
-        let delta = layer.merged() - &layer.w;
+        layer
+            .set_b(DMatrix::from_fn(2, 6, |i, j| {
+                ((i * 6 + j) as f64 * 1.3).sin()
+            }))
+            .unwrap();
+        let delta = layer.merged() - layer.w();
         let sv = delta.singular_values();
         let significant = sv.iter().filter(|s| **s > 1e-10).count();
         assert_eq!(significant, 2);
+    }
+
+    /// Sizes whose entry count wraps in usize: before, nalgebra was handed a wrapped
+    /// length and wrote through a dangling pointer (a panic on overflow in debug builds).
+    #[test]
+    fn caller_sized_buffers_are_checked() {
+        let tall = DMatrix::<f32>::zeros(1 << 32, 0);
+        assert_eq!(
+            LoraLinear::new(tall, 1 << 32, 1.0).unwrap_err(),
+            Error::TooLarge {
+                what: "the d_in x rank LoRA factor a",
+                shape: (1 << 32, 1 << 32)
+            }
+        );
+        let wide = DMatrix::<f32>::zeros(0, 1 << 33);
+        assert!(matches!(
+            LoraLinear::new(wide, 1 << 31, 1.0),
+            Err(Error::TooLarge {
+                what: "the rank x d_out LoRA factor b",
+                ..
+            })
+        ));
+        // d_in = d_out = 0 with rank 2^32: A and B hold nothing, but x A is n x 2^32.
+        let layer = LoraLinear::new(DMatrix::<f32>::zeros(0, 0), 1 << 32, 1.0).unwrap();
+        let x = DMatrix::<f32>::zeros(1 << 32, 0);
+        assert!(matches!(
+            layer.forward(&x),
+            Err(Error::TooLarge {
+                what: "the n x rank LoRA intermediate x a",
+                ..
+            })
+        ));
+        let adapter = BottleneckAdapter::new(
+            DMatrix::<f32>::zeros(0, 1 << 32),
+            DMatrix::zeros(1 << 32, 0),
+        )
+        .unwrap();
+        assert!(matches!(adapter.forward(&x), Err(Error::TooLarge { .. })));
+    }
+
+    #[test]
+    fn adapter_propagates_nan() {
+        let adapter = BottleneckAdapter::new(
+            DMatrix::<f64>::from_element(2, 1, 1.0),
+            DMatrix::from_element(1, 2, 1.0),
+        )
+        .unwrap();
+        let y = adapter
+            .forward(&nalgebra::dmatrix![f64::NAN, 0.0; 1.0, -3.0])
+            .unwrap();
+        assert!(y.row(0).iter().all(|v| v.is_nan()));
+        assert_eq!(
+            y.row(1).iter().copied().collect::<Vec<_>>(),
+            vec![1.0, -3.0]
+        );
     }
 }

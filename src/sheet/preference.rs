@@ -5,7 +5,7 @@
 //! the scalar cores of the last two, and of DPO, which skips the reward model:
 //!
 //! ```text
-//! ln σ(x)      = −lse(0, −x)                                     stable for any finite x
+//! ln σ(x)      = −ln(1 + e^{−x})                                 log1p forms, any x
 //! reward model  L = −ln σ(r_chosen − r_rejected)                 (Bradley-Terry)
 //! DPO           L = −ln σ(β [(π_c − π_ref,c) − (π_r − π_ref,r)])  π = sequence log-probability
 //! PPO           L = −mean_t min(ρ_t A_t, clip(ρ_t, 1−ε, 1+ε) A_t),  ρ_t = exp(ln π_t − ln π_old,t)
@@ -15,10 +15,16 @@
 
 use crate::Float;
 use crate::error::{Error, Result, check_positive};
-use crate::softmax::logsumexp;
 
-/// `ln σ(x) = −ln(1 + e^{−x})`, computed as `−lse(0, −x)`: exact for large |x| where the
-/// direct formula overflows or rounds to 0.
+/// `ln σ(x) = −ln(1 + e^{−x})`, with full relative accuracy for every `x`.
+///
+/// Evaluated as `−ln_1p(e^{−x})` for `x >= 0` and as `x − ln_1p(e^{x})` for `x < 0`: the
+/// exponential's argument is never positive, so nothing overflows, and `ln_1p` keeps the
+/// far right tail (`ln σ(40) = −4.25e-18`, where `−ln(1 + e^{−40})` rounds to 0). Limits:
+/// `ln σ(+inf) = 0`, `ln σ(−inf) = −inf`; NaN gives NaN.
+///
+/// Accuracy: a relative error of a few ε everywhere (`ln_1p` and `exp` are each within about
+/// 1 ulp, and the one addition in the left tail adds terms of the same sign).
 ///
 /// # Examples
 ///
@@ -28,13 +34,26 @@ use crate::softmax::logsumexp;
 /// assert!((log_sigmoid(0.0_f64) + 2.0_f64.ln()).abs() < 1e-15);
 /// assert_eq!(log_sigmoid(-1000.0_f64), -1000.0);
 /// assert_eq!(log_sigmoid(1000.0_f32), 0.0);
+/// // The right tail keeps its relative accuracy: ln σ(x) ≈ −e^{−x}.
+/// let x = 40.0_f64;
+/// assert!((log_sigmoid(x) / -(-x).exp() - 1.0).abs() < 1e-15);
+/// assert!(log_sigmoid(f64::NAN).is_nan());
 /// ```
 pub fn log_sigmoid<T: Float>(x: T) -> T {
-    -logsumexp(&[T::zero(), -x])
+    if x >= T::zero() {
+        -(-x).exp().ln_1p()
+    } else {
+        // Also the NaN branch: NaN − anything is NaN.
+        x - x.exp().ln_1p()
+    }
 }
 
 /// Bradley-Terry reward-model loss `−ln σ(r_chosen − r_rejected)`: small when the chosen
 /// answer out-scores the rejected one, `ln 2` when they tie.
+///
+/// Accuracy: that of [`log_sigmoid`] on the rounded difference. A difference that
+/// overflows gives the limit (0 or `+inf`), which is the correctly rounded loss; NaN inputs,
+/// or two infinities of the same sign, give NaN.
 ///
 /// # Examples
 ///
@@ -64,6 +83,11 @@ pub struct PairLogProbs<T: Float> {
 
 /// Direct preference optimisation loss (Rafailov et al. 2023):
 /// `−ln σ(β [(π_c − π_ref,c) − (π_r − π_ref,r)])`.
+///
+/// If the margin overflows although every log-probability is finite (values near the
+/// type's maximum), it is recomputed from the quarters of the four values, which cannot
+/// overflow, and `β · margin` from that: the result is then exact up to rounding instead of
+/// NaN (`inf − inf`). Accuracy: that of [`log_sigmoid`] on the rounded `β · margin`.
 ///
 /// # Errors
 ///
@@ -98,26 +122,57 @@ pub fn dpo_loss<T: Float>(pair: &PairLogProbs<T>, beta: T) -> Result<T> {
     }
     let margin = (pair.policy_chosen - pair.reference_chosen)
         - (pair.policy_rejected - pair.reference_rejected);
-    Ok(-log_sigmoid(beta * margin))
+    let z = if margin.is_finite() {
+        beta * margin
+    } else {
+        // Each quarter difference is at most max/2 in size, their difference at most max.
+        let quarter = T::of_f64(0.25);
+        let m4 = (pair.policy_chosen * quarter - pair.reference_chosen * quarter)
+            - (pair.policy_rejected * quarter - pair.reference_rejected * quarter);
+        if m4 == T::zero() {
+            T::zero()
+        } else {
+            (beta * m4) * T::of_f64(4.0)
+        }
+    };
+    Ok(-log_sigmoid(z))
 }
 
 /// PPO's clipped surrogate loss over tokens: `−mean_t min(ρ_t A_t, clip(ρ_t, 1−ε, 1+ε) A_t)`
 /// with `ρ_t = exp(ln π_t − ln π_old,t)`.
 ///
+/// Each term is evaluated as `min(ρ_t, 1+ε) A_t` for `A_t > 0` and `max(ρ_t, 1−ε) A_t` for
+/// `A_t < 0` (the same function, with no `inf · 0`): a token with `A_t = 0` contributes
+/// exactly 0 even when `ρ_t` overflows, and an overflowing `ρ_t` with a small negative
+/// advantage is taken as `−exp(ln π_t − ln π_old,t + ln|A_t|)`, finite when the product is.
+/// If the sum of the terms overflows while the mean does not, the mean is recomputed with
+/// `A_t / n`. A term beyond the type's range gives the infinite loss it rounds to. With
+/// `epsilon < 1` the result is never NaN for finite inputs; with `epsilon >= 1` and
+/// advantages near the type's maximum, a positive and a negative term can both overflow and
+/// the mean is NaN (its true value is outside the range either way).
+///
+/// Accuracy: a relative error of about `(|ln π_t − ln π_old,t| + 3) · ε` per term, and
+/// `n · ε` relative to `Σ_t |term_t|` for the mean.
+///
 /// # Errors
 ///
 /// - [`Error::LengthMismatch`] if the three slices differ in length;
 /// - [`Error::Empty`] if they are empty;
-/// - [`Error::InvalidParameter`] unless `epsilon` is finite and > 0.
+/// - [`Error::InvalidParameter`] unless `epsilon` is finite and > 0;
+/// - [`Error::NonFinite`] if an entry of `logp`, `logp_old` or `advantages` is NaN or
+///   infinite (the error names the slice and the index, as `(0, t)`).
 ///
 /// # Examples
 ///
 /// ```
-/// use attention_math::sheet::preference::ppo_clipped_loss;
+/// use attention_math::{Error, sheet::preference::ppo_clipped_loss};
 ///
 /// // The ratio e^1 ≈ 2.72 is clipped to 1.2 for a positive advantage.
 /// let loss = ppo_clipped_loss(&[0.0_f64], &[-1.0], &[2.0], 0.2)?;
 /// assert!((loss + 1.2 * 2.0).abs() < 1e-15);
+/// // A NaN log-probability is an error, never a finite loss.
+/// let err = ppo_clipped_loss(&[f64::NAN], &[0.0], &[-1.0], 0.2).unwrap_err();
+/// assert_eq!(err, Error::NonFinite { arg: "logp", row: 0, col: 0 });
 /// # Ok::<(), attention_math::Error>(())
 /// ```
 pub fn ppo_clipped_loss<T: Float>(
@@ -142,13 +197,47 @@ pub fn ppo_clipped_loss<T: Float>(
     if logp.is_empty() {
         return Err(Error::Empty { what: "logp" });
     }
+    for (arg, values) in [
+        ("logp", logp),
+        ("logp_old", logp_old),
+        ("advantages", advantages),
+    ] {
+        if let Some(col) = values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::NonFinite { arg, row: 0, col });
+        }
+    }
     let (lo, hi) = (T::one() - epsilon, T::one() + epsilon);
-    let total = (0..logp.len()).fold(T::zero(), |acc, t| {
-        let ratio = (logp[t] - logp_old[t]).exp();
-        let clipped = ratio.max(lo).min(hi);
-        acc + (ratio * advantages[t]).min(clipped * advantages[t])
-    });
-    Ok(-total / T::of_usize(logp.len()))
+    // min(ρA, clip(ρ, lo, hi) A) is min(ρ, hi) A for A > 0 and max(ρ, lo) A for A < 0.
+    // `scale` is 1, or 1/n when the plain sum overflows.
+    let term = |t: usize, scale: T| {
+        let a = advantages[t] * scale;
+        if a == T::zero() {
+            return T::zero(); // even when ρ overflows (inf · 0)
+        }
+        let d = logp[t] - logp_old[t];
+        let ratio = d.exp();
+        if a > T::zero() {
+            ratio.min(hi) * a
+        } else if ratio > lo {
+            if ratio.is_finite() {
+                ratio * a
+            } else {
+                // ρ overflowed; ρ |A| may not: e^{d + ln|A|}.
+                -(d + (-a).ln()).exp()
+            }
+        } else {
+            lo * a
+        }
+    };
+    let n = T::of_usize(logp.len());
+    let total = (0..logp.len()).fold(T::zero(), |acc, t| acc + term(t, T::one()));
+    let mean = if total.is_finite() {
+        total / n
+    } else {
+        let inv_n = T::one() / n;
+        (0..logp.len()).fold(T::zero(), |acc, t| acc + term(t, inv_n))
+    };
+    Ok(-mean)
 }
 
 #[cfg(test)]
@@ -188,6 +277,97 @@ mod tests {
                 row: 0,
                 col: 3
             }
+        );
+    }
+
+    #[test]
+    fn log_sigmoid_has_full_relative_accuracy_in_both_tails() {
+        // ln σ(x) = −ln(1 + e^{−x}); for x > 0, −ln1p(e^{−x}) is the exact reference form,
+        // and for large x it is −e^{−x}(1 − e^{−x}/2 + ...).
+        for x in [20.0_f64, 37.0, 40.0, 100.0, 700.0] {
+            let e = (-x).exp();
+            let want = -(e - e * e / 2.0);
+            assert!(
+                (log_sigmoid(x) / want - 1.0).abs() < 4.0 * f64::EPSILON,
+                "x = {x}"
+            );
+        }
+        // Before: −lse(0, −x) rounded ln(1 + e^{−40}) to ln 1 = 0.
+        assert!(log_sigmoid(40.0_f64) < 0.0);
+        assert!(log_sigmoid(20.0_f32) < 0.0);
+        assert!((log_sigmoid(20.0_f32) as f64 / -(-20.0_f64).exp() - 1.0).abs() < 1e-6);
+        // Left tail: x − e^{x} + ..., relative accuracy as well.
+        for x in [-1e-3_f64, -20.0, -40.0, -1e6] {
+            let want = x - x.exp().ln_1p();
+            assert!(
+                (log_sigmoid(x) / want - 1.0).abs() < 2.0 * f64::EPSILON,
+                "x = {x}"
+            );
+        }
+        assert_eq!(log_sigmoid(f64::INFINITY), 0.0);
+        assert_eq!(log_sigmoid(f64::NEG_INFINITY), f64::NEG_INFINITY);
+        assert!(log_sigmoid(f32::NAN).is_nan());
+        assert!(reward_model_loss(f64::NAN, 0.0).is_nan());
+        assert!(reward_model_loss(f64::INFINITY, f64::INFINITY).is_nan());
+        assert_eq!(reward_model_loss(3e38_f32, -3e38), 0.0);
+    }
+
+    #[test]
+    fn dpo_margin_cannot_overflow_to_nan() {
+        // True margin 0: the loss is ln 2, although both differences overflow.
+        let pair = PairLogProbs {
+            policy_chosen: 3e38_f32,
+            policy_rejected: 3e38,
+            reference_chosen: -3e38,
+            reference_rejected: -3e38,
+        };
+        assert!((dpo_loss(&pair, 1.0).unwrap() - 2.0_f32.ln()).abs() < 1e-7);
+        // True margin 12e38, β = 1e-38: z = 12, loss = ln(1 + e^{−12}).
+        let pair = PairLogProbs {
+            reference_chosen: -3e38,
+            policy_rejected: -3e38,
+            policy_chosen: 3e38_f32,
+            reference_rejected: 3e38,
+        };
+        let want = (-12.0_f64).exp().ln_1p();
+        let got = dpo_loss(&pair, 1e-38).unwrap() as f64;
+        assert!((got / want - 1.0).abs() < 1e-5, "{got} vs {want}");
+    }
+
+    #[test]
+    fn ppo_never_swallows_nan_and_handles_overflowing_ratios() {
+        // Before: the NaN ratio was clipped by max/min (which ignore NaN) into Ok(-0.8).
+        for (logp, old, adv, arg) in [
+            (f64::NAN, 0.0, -1.0, "logp"),
+            (-1.0, f64::NAN, -1.0, "logp_old"),
+            (-1.0, 0.0, f64::NAN, "advantages"),
+            (f64::NEG_INFINITY, 0.0, 1.0, "logp"),
+        ] {
+            assert_eq!(
+                ppo_clipped_loss(&[0.0, logp], &[0.0, old], &[1.0, adv], 0.2),
+                Err(Error::NonFinite {
+                    arg,
+                    row: 0,
+                    col: 1
+                })
+            );
+        }
+        // A zero advantage contributes 0 even when the ratio overflows to inf (inf · 0).
+        let loss = ppo_clipped_loss(&[100.0_f32, 0.0], &[0.0, 0.0], &[0.0, 1.0], 0.2).unwrap();
+        assert_eq!(loss, -0.5);
+        // Overflowing ratio, positive advantage: the clipped term (1 + ε) A.
+        let loss = ppo_clipped_loss(&[100.0_f32], &[0.0], &[2.0], 0.25).unwrap();
+        assert_eq!(loss, -2.5);
+        // ρ = e^100 overflows f32, ρ · A = -e^100 · 1e-38 = -2.7e5 does not.
+        let a = -1e-38_f32;
+        let loss = ppo_clipped_loss(&[100.0_f32], &[0.0], &[a], 0.2).unwrap() as f64;
+        let want = 100.0_f64.exp() * -(a as f64);
+        assert!((loss / want - 1.0).abs() < 1e-4, "{loss} vs {want}");
+        // The sum overflows, the mean does not: each term is 1.2 · 3e38 > max / 2.
+        let loss = ppo_clipped_loss(&[1.0_f32, 1.0], &[0.0, 0.0], &[2.5e38, 2.5e38], 0.2).unwrap();
+        assert!(
+            ((loss as f64) / (-1.2 * 2.5e38) - 1.0).abs() < 1e-6,
+            "{loss}"
         );
     }
 

@@ -44,7 +44,7 @@
 
 use crate::Float;
 use crate::entropy::entropy;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, checked_len, try_vec, try_with_capacity};
 use crate::grad::softmax_vjp;
 use crate::softmax::softmax_in_place;
 use rand::rngs::Xoshiro256PlusPlus;
@@ -198,7 +198,11 @@ impl ScalingStudy {
     ///
     /// - [`Error::Empty`] if the `d_k` list is empty;
     /// - [`Error::InvalidParameter`] if some `d_k`, `keys` or `trials` is 0, or if
-    ///   `trials · keys < 2` (the variance is taken with `ddof = 1`) or overflows.
+    ///   `trials · keys < 2` (the variance is taken with `ddof = 1`);
+    /// - [`Error::TooLarge`] if a buffer the study needs (the `trials x keys` logits, one
+    ///   trial's `keys x d_k` key components, the per-row samples) cannot be allocated: its
+    ///   size overflows, exceeds `isize::MAX` bytes or is refused by the allocator. Sizes are
+    ///   checked for every `d_k` before any work starts.
     ///
     /// # Examples
     ///
@@ -209,6 +213,8 @@ impl ScalingStudy {
     /// let err = ScalingStudy::new().d_k([4, 0]).run().unwrap_err();
     /// assert_eq!(err.to_string(), "d_k = 0 is invalid: it must be >= 1");
     /// assert!(ScalingStudy::new().keys(1).trials(1).run().is_err());
+    /// let huge = ScalingStudy::new().keys(2).trials(usize::MAX / 2).run();
+    /// assert!(matches!(huge, Err(Error::TooLarge { .. })));
     /// ```
     pub fn run(&self) -> Result<ScalingReport> {
         self.validate()?;
@@ -217,16 +223,16 @@ impl ScalingStudy {
         for &d_k in &self.d_k {
             let (row, s) = match self.components {
                 Components::StandardNormal => {
-                    self.run_one(d_k, |rng| rng.sample::<f64, _>(StandardNormal))
+                    self.run_one(d_k, |rng| rng.sample::<f64, _>(StandardNormal))?
                 }
                 Components::Uniform => {
                     let half_width = 3.0_f64.sqrt();
                     self.run_one(d_k, move |rng| {
                         (2.0 * rng.random::<f64>() - 1.0) * half_width
-                    })
+                    })?
                 }
                 Components::Rademacher => {
-                    self.run_one(d_k, |rng| if rng.random::<bool>() { 1.0 } else { -1.0 })
+                    self.run_one(d_k, |rng| if rng.random::<bool>() { 1.0 } else { -1.0 })?
                 }
             };
             rows.push(row);
@@ -256,21 +262,27 @@ impl ScalingStudy {
         }
         at_least_one("keys", self.keys)?;
         at_least_one("trials", self.trials)?;
-        match self.trials.checked_mul(self.keys) {
-            Some(n) if n >= 2 => Ok(()),
-            _ => Err(Error::InvalidParameter {
+        // The buffers of run_one, checked before any d_k runs (the allocations themselves
+        // are fallible too, for sizes that fit in the address space but not in memory).
+        if checked_len::<f64>(LOGITS, self.trials, self.keys)? < 2 {
+            return Err(Error::InvalidParameter {
                 name: "trials",
                 value: self.trials as f64,
-                requirement: "must make trials x keys >= 2 (ddof = 1) and fit in memory",
-            }),
+                requirement: "must make trials x keys >= 2 (ddof = 1)",
+            });
         }
+        for &d in &self.d_k {
+            checked_len::<f64>(KEYS, self.keys, d)?;
+        }
+        checked_len::<f64>(PER_ROW, self.trials, 1)?;
+        Ok(())
     }
 
     fn run_one(
         &self,
         d_k: usize,
         mut draw: impl FnMut(&mut Xoshiro256PlusPlus) -> f64,
-    ) -> (ScalingRow, Samples) {
+    ) -> Result<(ScalingRow, Samples)> {
         let (m, trials) = (self.keys, self.trials);
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(stream_seed(self.seed, d_k));
         // Upstream gradients come from a stream of their own, so adding them left every
@@ -278,12 +290,14 @@ impl ScalingStudy {
         let mut grad_rng =
             Xoshiro256PlusPlus::seed_from_u64(stream_seed(self.seed, d_k) ^ GRADIENT_STREAM);
         let sqrt_d = (d_k as f64).sqrt();
-        let mut q = vec![0.0_f64; d_k];
-        let mut keys = vec![0.0_f64; m * d_k];
-        let mut upstream = vec![0.0_f64; m];
-        let mut logits = Vec::with_capacity(trials * m);
-        let (mut grad_unscaled, mut grad_scaled) =
-            (Vec::with_capacity(trials), Vec::with_capacity(trials));
+        let mut q = try_vec("the d_k query components", d_k, 1, 0.0_f64)?;
+        let mut keys = try_vec(KEYS, m, d_k, 0.0_f64)?;
+        let mut upstream = try_vec("the keys upstream gradients", m, 1, 0.0_f64)?;
+        let mut logits = try_with_capacity(LOGITS, trials, m)?;
+        let (mut grad_unscaled, mut grad_scaled) = (
+            try_with_capacity(PER_ROW, trials, 1)?,
+            try_with_capacity(PER_ROW, trials, 1)?,
+        );
         for _ in 0..trials {
             q.iter_mut().for_each(|x| *x = draw(&mut rng));
             // This trial's keys only: the trials x m x d_k key tensor is never stored.
@@ -298,8 +312,8 @@ impl ScalingStudy {
             grad_unscaled.push(query_gradient_norm(row, &keys, &upstream, 1.0));
             grad_scaled.push(query_gradient_norm(row, &keys, &upstream, 1.0 / sqrt_d));
         }
-        let mut unscaled = RowSamples::of(&logits, m, 1.0);
-        let mut scaled = RowSamples::of(&logits, m, sqrt_d);
+        let mut unscaled = RowSamples::of(&logits, m, 1.0)?;
+        let mut scaled = RowSamples::of(&logits, m, sqrt_d)?;
         unscaled.grad_q_norm = grad_unscaled;
         scaled.grad_q_norm = grad_scaled;
         let row = ScalingRow {
@@ -316,9 +330,14 @@ impl ScalingStudy {
             unscaled,
             scaled,
         };
-        (row, samples)
+        Ok((row, samples))
     }
 }
+
+/// Names of the study's caller-sized buffers, for [`Error::TooLarge`].
+const LOGITS: &str = "the trials x keys logits";
+const KEYS: &str = "the keys x d_k key components of one trial";
+const PER_ROW: &str = "the per-row samples (trials values each)";
 
 /// Separates the upstream-gradient stream from the query/key stream of the same `d_k`.
 const GRADIENT_STREAM: u64 = 0xD1B5_4A32_D192_ED03;
@@ -466,15 +485,15 @@ pub struct RowSamples {
 
 impl RowSamples {
     /// Softmax of every row of `logits / divisor` through one buffer.
-    fn of(logits: &[f64], m: usize, divisor: f64) -> Self {
+    fn of(logits: &[f64], m: usize, divisor: f64) -> Result<Self> {
         let rows = logits.len() / m;
         let mut out = RowSamples {
-            max_prob: Vec::with_capacity(rows),
-            entropy: Vec::with_capacity(rows),
-            jacobian_fro: Vec::with_capacity(rows),
+            max_prob: try_with_capacity(PER_ROW, rows, 1)?,
+            entropy: try_with_capacity(PER_ROW, rows, 1)?,
+            jacobian_fro: try_with_capacity(PER_ROW, rows, 1)?,
             grad_q_norm: Vec::new(),
         };
-        let mut p = vec![0.0_f64; m];
+        let mut p = try_vec("one row of keys probabilities", m, 1, 0.0_f64)?;
         for row in logits.chunks_exact(m) {
             for (pi, &s) in p.iter_mut().zip(row) {
                 *pi = s / divisor;
@@ -485,7 +504,7 @@ impl RowSamples {
             out.entropy.push(entropy(&p));
             out.jacobian_fro.push(softmax_jacobian_fro(&p));
         }
-        out
+        Ok(out)
     }
 
     fn stats(&self, logit_var: f64) -> Stats {
@@ -546,9 +565,12 @@ impl Samples {
         &self.logits
     }
 
-    /// The `m` raw logits of query `t`, or `None` if `t >= trials`. See [`Samples`] for an
-    /// example.
+    /// The `m` raw logits of query `t`, or `None` if `t >= trials` (or if the public `keys`
+    /// field was set to 0). See [`Samples`] for an example.
     pub fn logit_row(&self, t: usize) -> Option<&[f64]> {
+        if self.keys == 0 {
+            return None;
+        }
         self.logits.chunks_exact(self.keys).nth(t)
     }
 
@@ -886,6 +908,57 @@ mod tests {
              frac max>0.9 (no scale),frac max>0.9 (/√d_k),frac max>0.99 (no scale),\
              frac max>0.99 (/√d_k)"
         );
+    }
+
+    /// Before, sizes that overflowed or could not be allocated panicked with "capacity
+    /// overflow" (or wrapped, for keys x d_k).
+    #[test]
+    fn absurd_sizes_are_errors_not_panics() {
+        let too_large = |r: Result<ScalingReport>| match r {
+            Err(Error::TooLarge { what, .. }) => what,
+            other => panic!("expected TooLarge, got {other:?}"),
+        };
+        let s = ScalingStudy::new();
+        assert_eq!(
+            too_large(s.clone().trials(usize::MAX / 2).keys(2).run()),
+            LOGITS
+        );
+        assert_eq!(
+            too_large(s.clone().trials(usize::MAX / 2).keys(1).run()),
+            LOGITS
+        );
+        assert_eq!(too_large(s.clone().trials(usize::MAX / 2).run()), LOGITS);
+        assert_eq!(
+            too_large(s.clone().keys(usize::MAX / 2).trials(1).run()),
+            LOGITS
+        );
+        assert_eq!(
+            too_large(s.clone().keys(1 << 32).d_k([1 << 32]).trials(1).run()),
+            KEYS
+        );
+        // Checked for the whole list before the first d_k runs.
+        assert_eq!(
+            too_large(s.clone().d_k([4, usize::MAX]).trials(2).run()),
+            KEYS
+        );
+        // Fits in isize::MAX bytes (2^47 of them) but no allocator grants it: an Err too.
+        assert_eq!(
+            too_large(s.clone().keys(1 << 44).d_k([1]).trials(1).run()),
+            KEYS
+        );
+    }
+
+    #[test]
+    fn samples_with_zero_keys_do_not_panic() {
+        let mut r = ScalingStudy::new()
+            .d_k([2])
+            .keys(3)
+            .trials(4)
+            .run()
+            .unwrap();
+        assert_eq!(r.samples.logit_row(1).map(<[f64]>::len), Some(3));
+        r.samples.keys = 0;
+        assert_eq!(r.samples.logit_row(0), None);
     }
 
     #[test]

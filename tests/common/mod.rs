@@ -118,3 +118,99 @@ pub fn to_f32(x: &DMatrix<f64>) -> DMatrix<f32> {
 pub fn to_f64(x: &DMatrix<f32>) -> DMatrix<f64> {
     x.map(|v| v as f64)
 }
+
+// ---------------------------------------------------------------------------------------
+// Adversarial strategies (issue 12): values and parameters at the edges of their types.
+// ---------------------------------------------------------------------------------------
+
+/// One f32 value from the places where formulas break: subnormals, the smallest normal,
+/// values near `f32::MAX` of both signs, exact small integers (ties), ordinary values, and
+/// huge magnitudes that overflow when squared or exponentiated. Always finite.
+pub fn edge_f32() -> impl Strategy<Value = f32> {
+    prop_oneof![
+        3 => -4.0f32..4.0,
+        1 => (1u32..0x007f_ffff).prop_map(f32::from_bits), // positive subnormals
+        1 => (1u32..0x007f_ffff).prop_map(|b| -f32::from_bits(b)),
+        1 => Just(f32::MIN_POSITIVE),
+        1 => (0.5f32..1.0).prop_map(|s| s * f32::MAX),
+        1 => (0.5f32..1.0).prop_map(|s| -s * f32::MAX),
+        1 => (-3i32..=3).prop_map(|k| k as f32),
+        1 => (20.0f32..38.0).prop_map(|e| 10f32.powf(e)),
+        1 => (20.0f32..38.0).prop_map(|e| -(10f32.powf(e))),
+    ]
+}
+
+/// A row of finite f32 logits (1 to `max_len` entries) of one of the hard kinds: arbitrary
+/// edge values (huge dynamic range within the row), exact ties, one huge value among tiny
+/// ones, and a constant near the maximum.
+pub fn edge_row_f32(max_len: usize) -> impl Strategy<Value = Vec<f32>> {
+    prop_oneof![
+        proptest::collection::vec(edge_f32(), 1..=max_len),
+        (edge_f32(), 1..=max_len).prop_map(|(v, n)| vec![v; n]),
+        (
+            edge_f32(),
+            proptest::collection::vec(-1e-30f32..1e-30, 1..max_len.max(2))
+        )
+            .prop_map(|(v, mut rest)| {
+                rest.push(v);
+                rest
+            }),
+        (0.9f32..1.0, 1..=max_len).prop_map(|(s, n)| vec![s * f32::MAX; n]),
+    ]
+}
+
+/// A row of f32 logits in which every entry is `-inf` but one (at a random place), whose
+/// value is an edge value: softmax must put all the mass there.
+pub fn all_neg_inf_but_one(max_len: usize) -> impl Strategy<Value = (Vec<f32>, usize)> {
+    (1..=max_len, edge_f32()).prop_flat_map(|(n, v)| {
+        (0..n).prop_map(move |at| {
+            let mut row = vec![f32::NEG_INFINITY; n];
+            row[at] = v;
+            (row, at)
+        })
+    })
+}
+
+/// A `usize` parameter at or near the top of its range, or small.
+pub fn edge_usize() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        Just(usize::MAX),
+        Just(usize::MAX - 1),
+        Just(usize::MAX / 2),
+        Just(1usize << 63),
+        Just((1usize << 63) - 1),
+        Just(1usize << 32),
+        0usize..16,
+    ]
+}
+
+/// Named masks with parameters from [`edge_usize`], and combinations of them.
+pub fn edge_mask() -> impl Strategy<Value = Mask> {
+    let leaf = prop_oneof![
+        Just(Mask::none()),
+        Just(Mask::causal()),
+        Just(Mask::causal_bottom_right()),
+        edge_usize().prop_map(Mask::prefix_lm),
+        edge_usize().prop_map(Mask::sliding_window),
+        edge_usize().prop_map(Mask::key_padding),
+    ];
+    leaf.prop_recursive(3, 12, 2, |inner| {
+        prop_oneof![
+            (inner.clone(), inner.clone()).prop_map(|(a, b)| a.and(b)),
+            (inner.clone(), inner.clone()).prop_map(|(a, b)| a.or(b)),
+            inner.prop_map(|a| a.not()),
+        ]
+    })
+}
+
+/// The f64 softmax of f32 logits, as the oracle for the f32 path: exact inputs, 29 more bits.
+pub fn softmax_oracle(x: &[f32]) -> Vec<f64> {
+    let x: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    let max = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    if max == f64::NEG_INFINITY {
+        return vec![0.0; x.len()];
+    }
+    let e: Vec<f64> = x.iter().map(|&v| (v - max).exp()).collect();
+    let total: f64 = e.iter().sum();
+    e.iter().map(|v| v / total).collect()
+}

@@ -1,0 +1,458 @@
+//! Robustness (issue 12): hostile inputs give the right number or a documented `Err`, never
+//! a panic, a wrap, a stack overflow or a finite answer made from NaN. Values come from the
+//! adversarial strategies in `tests/common/mod.rs`; references are f64 oracles, with
+//! tolerances that account for each function's conditioning.
+
+mod common;
+
+use attention_math::sheet::diagnostics::{rms_normalize_rows, softcap};
+use attention_math::sheet::lm::{Objective, cross_entropy};
+use attention_math::sheet::lora::{BottleneckAdapter, LoraLinear};
+use attention_math::sheet::moe::{load_balancing_loss, route_top_k, router_z_loss};
+use attention_math::sheet::preference::{
+    PairLogProbs, dpo_loss, log_sigmoid, ppo_clipped_loss, reward_model_loss,
+};
+use attention_math::sheet::scaling::{ScalingStudy, softmax_jacobian_fro};
+use attention_math::{
+    AttentionOptions, Block, Error, Mask, entropy, entropy_from_logits, kl_divergence, log_softmax,
+    logsumexp, scaled_attention, scaled_attention_reference, softmax, softmax_with_temperature,
+};
+use common::*;
+use nalgebra::DMatrix;
+use proptest::prelude::*;
+
+const EPS32: f64 = f32::EPSILON as f64;
+
+/// `true` for the variants the crate documents (all of them: the enum is the contract), as
+/// opposed to something a future change might add without documenting it here.
+fn documented(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::DimensionMismatch { .. }
+            | Error::ShapeMismatch { .. }
+            | Error::LengthMismatch { .. }
+            | Error::NonFinite { .. }
+            | Error::InvalidParameter { .. }
+            | Error::IndexOutOfRange { .. }
+            | Error::HeadSplit { .. }
+            | Error::Empty { .. }
+            | Error::TooLarge { .. }
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// softmax of finite f32 logits: finite, sums to 1, and each weight matches the f64
+    /// oracle to `(|x_i − max| + m + 4) ε` relative (the conditioning of exp(x_i − max)),
+    /// except weights below the smallest normal float, which may be flushed to 0.
+    #[test]
+    fn softmax_matches_the_f64_oracle(x in edge_row_f32(24)) {
+        let p = softmax(&x);
+        let want = softmax_oracle(&x);
+        let max = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let total: f64 = p.iter().map(|&v| v as f64).sum();
+        prop_assert!((total - 1.0).abs() <= (x.len() as f64 + 2.0) * EPS32, "{total}");
+        for ((&pi, &wi), &xi) in p.iter().zip(&want).zip(&x) {
+            prop_assert!(pi.is_finite() && (0.0..=1.0).contains(&pi));
+            let tol = (((xi as f64) - max).abs() + x.len() as f64 + 4.0) * EPS32 * wi
+                + 2.0 * f32::MIN_POSITIVE as f64;
+            prop_assert!(((pi as f64) - wi).abs() <= tol, "{pi} vs {wi} at {xi}");
+        }
+    }
+
+    /// log-softmax and log-sum-exp: finite for finite input, within
+    /// `(|x_i − max| + |max| + ln m + m) ε` absolute of the f64 oracle.
+    #[test]
+    fn log_softmax_and_lse_match_the_oracle(x in edge_row_f32(24)) {
+        let want = softmax_oracle(&x);
+        let max = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let m = x.len() as f64;
+        let lse = logsumexp(&x) as f64;
+        let log_sum = x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+        let lse_want = max + log_sum;
+        prop_assert!(lse.is_finite());
+        prop_assert!((lse - lse_want).abs() <= (max.abs() + m.ln() + m + 2.0) * EPS32);
+        for ((&lp, &w), &xi) in log_softmax(&x).iter().zip(&want).zip(&x) {
+            let lp_want = (xi as f64 - max) - log_sum;
+            if lp_want < -(f32::MAX as f64) {
+                // Beyond f32's range: -inf is the correctly rounded value.
+                prop_assert_eq!(lp, f32::NEG_INFINITY);
+                continue;
+            }
+            prop_assert!(lp.is_finite() && lp <= 0.0);
+            let tol = ((xi as f64 - max).abs() + m.ln() + m + 2.0) * EPS32;
+            prop_assert!((lp as f64 - lp_want).abs() <= tol, "{lp} vs {lp_want} (p = {w})");
+        }
+    }
+
+    /// All `-inf` but one: all the mass on the one, whatever its value.
+    #[test]
+    fn all_neg_inf_but_one_puts_the_mass_there((x, at) in all_neg_inf_but_one(16)) {
+        let p = softmax(&x);
+        for (j, &pj) in p.iter().enumerate() {
+            prop_assert_eq!(pj, if j == at { 1.0 } else { 0.0 });
+        }
+        prop_assert_eq!(logsumexp(&x), x[at]);
+        prop_assert_eq!(entropy_from_logits(&x), 0.0);
+        prop_assert_eq!(log_softmax(&x)[at], 0.0);
+    }
+
+    /// Entropy from logits: finite, in `[0, ln m]`, and within the error its conditioning
+    /// allows of the f64 oracle: `ΔH <= ε Σ p_i |z_i| (|z_i − z̄| + 1) + (m + 4) ε H` for the
+    /// shifted logits z (rounded once each in f32).
+    #[test]
+    fn entropy_from_logits_matches_the_oracle(x in edge_row_f32(24)) {
+        let h = entropy_from_logits(&x) as f64;
+        let p = softmax_oracle(&x);
+        let max = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let z: Vec<f64> = x.iter().map(|&v| v as f64 - max).collect();
+        let h_want: f64 = p.iter().filter(|&&pi| pi > 0.0).map(|&pi| -pi * pi.ln()).sum();
+        let zbar: f64 = p.iter().zip(&z).map(|(pi, zi)| pi * zi).sum();
+        let cond: f64 = p.iter().zip(&z).map(|(pi, zi)| pi * zi.abs() * ((zi - zbar).abs() + 1.0)).sum();
+        let m = x.len() as f64;
+        prop_assert!(h.is_finite() && h >= 0.0 && h <= m.ln() * (1.0 + 4.0 * EPS32) + 1e-6);
+        let tol = 4.0 * EPS32 * (cond + (m + 4.0) * h_want) + 64.0 * f32::MIN_POSITIVE as f64 * m;
+        prop_assert!((h - h_want).abs() <= tol, "{h} vs {h_want} (tol {tol})");
+        // entropy of the weights agrees where no weight is flushed.
+        let hp = entropy(&softmax(&x)) as f64;
+        if p.iter().all(|&pi| pi == 0.0 || pi > 1e-30) {
+            prop_assert!((hp - h_want).abs() <= tol + 8.0 * EPS32 * (m + 1.0), "{hp} vs {h_want}");
+        }
+    }
+
+    /// Temperature anywhere in (0, f32::MAX]: finite weights summing to 1, equal to the f64
+    /// oracle of softmax(x / t) (computed from the shifted logits in f64).
+    #[test]
+    fn temperature_never_overflows(x in edge_row_f32(12), log_t in -44.0f64..38.0) {
+        let t = 10f64.powf(log_t) as f32;
+        prop_assume!(t > 0.0 && t.is_finite());
+        let p = softmax_with_temperature(&x, t).unwrap();
+        let total: f64 = p.iter().map(|&v| v as f64).sum();
+        prop_assert!((total - 1.0).abs() <= (x.len() as f64 + 2.0) * EPS32);
+        let max = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let shifted: Vec<f64> = x.iter().map(|&v| (v as f64 - max) / t as f64).collect();
+        let e: Vec<f64> = shifted.iter().map(|s| s.exp()).collect();
+        let sum: f64 = e.iter().sum();
+        for ((&pi, &ei), &si) in p.iter().zip(&e).zip(&shifted) {
+            let want = ei / sum;
+            let tol = (si.abs() + x.len() as f64 + 6.0) * EPS32 * want + 2.0 * f32::MIN_POSITIVE as f64;
+            prop_assert!(((pi as f64) - want).abs() <= tol, "{pi} vs {want}");
+        }
+    }
+
+    /// log σ against the f64 oracle `−ln_1p(e^{−x})` / `x − ln_1p(e^x)`: relative accuracy
+    /// everywhere, including both tails and subnormal inputs.
+    #[test]
+    fn log_sigmoid_is_relatively_accurate(x in edge_f32()) {
+        let xf = x as f64;
+        let want = if xf >= 0.0 { -(-xf).exp().ln_1p() } else { xf - xf.exp().ln_1p() };
+        let got = log_sigmoid(x) as f64;
+        // Results below f32's smallest subnormal round to 0 (or the nearest subnormal).
+        let tol = 4.0 * EPS32 * want.abs() + f32::from_bits(1) as f64;
+        prop_assert!((got - want).abs() <= tol, "ln σ({x}) = {got} vs {want}");
+        let r = reward_model_loss(x, 0.0) as f64;
+        prop_assert!((r + want).abs() <= tol);
+    }
+
+    /// Masks with parameters at the top of usize: `allows_in`, `classify` and `row_run`
+    /// never panic and agree with each other, at small positions and near usize::MAX.
+    #[test]
+    fn masks_with_edge_parameters_are_consistent(
+        mask in edge_mask(),
+        n in edge_usize(),
+        m in edge_usize(),
+        near_top in any::<bool>(),
+        r0 in 0usize..8,
+        c0 in 0usize..8,
+    ) {
+        let base = if near_top { usize::MAX - 16 } else { 0 };
+        let (rows, cols) = (base + r0..base + r0 + 4, base + c0..base + c0 + 5);
+        let vals: Vec<bool> = rows
+            .clone()
+            .flat_map(|i| cols.clone().map(move |j| (i, j)))
+            .map(|(i, j)| mask.allows_in(n, m, i, j))
+            .collect();
+        match mask.classify(rows.clone(), cols.clone(), n, m) {
+            Block::Empty => prop_assert!(vals.iter().all(|v| !v), "{mask}"),
+            Block::Full => prop_assert!(vals.iter().all(|v| *v), "{mask}"),
+            Block::Partial => {}
+        }
+        // Named masks classify exactly even with edge parameters.
+        let text = mask.to_string();
+        if !text.contains(['&', '|', '!']) {
+            let exact = if vals.iter().all(|v| *v) {
+                Block::Full
+            } else if vals.iter().all(|v| !v) {
+                Block::Empty
+            } else {
+                Block::Partial
+            };
+            prop_assert_eq!(mask.classify(rows, cols, n, m), exact, "{}", text);
+        }
+    }
+
+    /// Sliding windows at least as wide as the sequence, and padding beyond it, are causal
+    /// in the fast kernel too (before: `w as isize` went negative and the kernel returned
+    /// zeros while the reference was right).
+    #[test]
+    fn wide_windows_equal_causal_in_attention(
+        (q, k, v) in qkv_square(12),
+        w in edge_usize(),
+        len in edge_usize(),
+    ) {
+        let n = q.nrows();
+        prop_assume!(w >= n && len >= n);
+        let want = naive_attention(&q, &k, &v, &Mask::causal(), 1.0 / (q.ncols() as f64).sqrt());
+        for mask in [Mask::sliding_window(w), Mask::key_padding(len).and(Mask::causal())] {
+            let got = scaled_attention(&q, &k, &v, &mask).unwrap();
+            prop_assert!(max_abs_diff(&got, &want) < TOL_F64, "{mask}");
+            let r = scaled_attention_reference(&q, &k, &v, &mask, &AttentionOptions::new()).unwrap();
+            prop_assert!(max_abs_diff(&r.output, &want) < TOL_F64, "{mask}");
+        }
+    }
+
+    /// Cross-entropy of adversarial finite logits: finite, non-negative, equal to the f64
+    /// oracle `lse − s_t` within `(|s_t − max| + |max| + ln V + V) ε`.
+    #[test]
+    fn cross_entropy_of_edge_logits(row in edge_row_f32(10), target in 0usize..10) {
+        let vocab = row.len();
+        let target = target % vocab;
+        let logits = DMatrix::from_fn(2, vocab, |i, j| if i == 0 { row[j] } else { 0.0 });
+        let ce = cross_entropy(&logits, &[0, target], &[true, false]).unwrap();
+        let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let log_sum = row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+        let want = (max - row[target] as f64) + log_sum;
+        let got = ce.per_position[0] as f64;
+        if want > f32::MAX as f64 {
+            prop_assert_eq!(got, f64::INFINITY); // the loss is beyond f32's range
+            return Ok(());
+        }
+        prop_assert!(got.is_finite() && got >= 0.0);
+        let tol = ((row[target] as f64 - max).abs() + (vocab as f64).ln() + vocab as f64 + 2.0) * EPS32;
+        prop_assert!((got - want).abs() <= tol, "{got} vs {want}");
+    }
+
+    /// Routing adversarial logits: gates finite and summing to 1, experts distinct, the
+    /// losses finite (or a documented Err).
+    #[test]
+    fn routing_of_edge_logits(rows in proptest::collection::vec(edge_row_f32(6), 1..5), k in 1usize..4) {
+        let e = rows.iter().map(Vec::len).min().unwrap();
+        let logits = DMatrix::from_fn(rows.len(), e, |i, j| rows[i][j]);
+        match route_top_k(&logits, k, true) {
+            Ok(r) => {
+                for (g, x) in r.gates().iter().zip(r.experts()) {
+                    let total: f64 = g.iter().map(|&v| v as f64).sum();
+                    prop_assert!((total - 1.0).abs() < 8.0 * EPS32, "{g:?}");
+                    let mut sorted = x.clone();
+                    sorted.sort();
+                    sorted.dedup();
+                    prop_assert_eq!(sorted.len(), x.len());
+                }
+                let l = load_balancing_loss(&r).unwrap();
+                prop_assert!(l.is_finite() && l >= 0.0 && l <= e as f32 * (1.0 + 1e-5));
+            }
+            Err(err) => {
+                let expected = k > e && matches!(err, Error::InvalidParameter { .. });
+                prop_assert!(expected, "{:?}", err);
+            }
+        }
+        let z = router_z_loss(&logits).unwrap();
+        prop_assert!(!z.is_nan() && z >= 0.0);
+    }
+
+    /// QK-norm of adversarial rows: finite, unit RMS when eps is negligible, and equal to the
+    /// f64 formula.
+    #[test]
+    fn rms_normalize_edge_rows(row in edge_row_f32(8)) {
+        let x = DMatrix::from_row_slice(1, row.len(), &row);
+        let eps = f32::from_bits(1); // the smallest subnormal
+        let y = rms_normalize_rows(&x, eps).unwrap();
+        let ms = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / row.len() as f64;
+        for (j, &v) in row.iter().enumerate() {
+            let want = v as f64 / (ms + eps as f64).sqrt();
+            let got = y[(0, j)] as f64;
+            prop_assert!(got.is_finite());
+            prop_assert!((got - want).abs() <= (row.len() as f64 + 6.0) * EPS32 * want.abs() + 1e-38,
+                "{got} vs {want}");
+        }
+        for &v in &row {
+            let c = softcap(v, 30.0).unwrap();
+            prop_assert!(c.is_finite() && c.abs() <= 30.0);
+        }
+    }
+
+    /// PPO and DPO on finite edge values: no NaN, and the documented errors only.
+    #[test]
+    fn policy_losses_of_edge_values(a in edge_f32(), b in edge_f32(), c in edge_f32(), d in edge_f32()) {
+        let pair = PairLogProbs { policy_chosen: a, policy_rejected: b, reference_chosen: c, reference_rejected: d };
+        let l = dpo_loss(&pair, 0.1).unwrap();
+        prop_assert!(!l.is_nan() && l >= 0.0);
+        let l = ppo_clipped_loss(&[a, b], &[c, d], &[a, c], 0.2).unwrap();
+        prop_assert!(!l.is_nan());
+    }
+
+    /// Absurd sizes are Errs naming a documented variant, never panics.
+    #[test]
+    fn absurd_sizes_are_errors(n in edge_usize(), m in edge_usize()) {
+        prop_assume!(n.checked_mul(m).is_none_or(|nm| nm > 1 << 40));
+        let mask = Mask::causal();
+        let dense = matches!(mask.to_dense(n, m), Err(Error::TooLarge { .. }));
+        let bias = matches!(mask.to_bias::<f32>(n, m), Err(Error::TooLarge { .. }));
+        prop_assert!(dense && bias, "{} x {}", n, m);
+        let r = ScalingStudy::new().trials(n).keys(m).d_k([1]).run();
+        prop_assert!(matches!(r, Err(ref e) if documented(e)), "{r:?}");
+        if n > 1 << 40 {
+            prop_assert!(Objective::Causal.loss_mask(n).is_err());
+        }
+    }
+}
+
+/// The issue's cases, one by one, with the values they must give now.
+#[test]
+fn the_issues_cases() {
+    assert!(matches!(
+        Mask::causal().to_dense(1 << 32, 1 << 32),
+        Err(Error::TooLarge { .. })
+    ));
+    assert!(matches!(
+        Mask::causal().to_bias::<f32>(1 << 33, 1 << 31),
+        Err(Error::TooLarge { .. })
+    ));
+    assert!(matches!(
+        LoraLinear::new(DMatrix::<f32>::zeros(1 << 32, 0), 1 << 32, 1.0),
+        Err(Error::TooLarge { .. })
+    ));
+    assert_eq!(
+        softmax_with_temperature(&[1.0_f32, 2.0], 1e-40).unwrap(),
+        vec![0.0, 1.0]
+    );
+    let h = entropy_from_logits(&[1e8_f32, 1e8]);
+    assert!((h - 2.0_f32.ln()).abs() <= 2.0 * f32::EPSILON);
+    assert!(matches!(
+        ScalingStudy::new().trials(usize::MAX / 2).run(),
+        Err(Error::TooLarge { .. })
+    ));
+    assert_eq!(
+        ppo_clipped_loss(&[f64::NAN], &[0.0], &[-1.0], 0.2),
+        Err(Error::NonFinite {
+            arg: "logp",
+            row: 0,
+            col: 0
+        })
+    );
+    // The window and the padding of the issue, in the fast kernel and the reference.
+    let q = DMatrix::<f32>::from_fn(70, 8, |i, j| ((i * 8 + j) as f32 * 0.37).sin());
+    let v = DMatrix::<f32>::from_fn(70, 3, |i, j| (i as f32 * 0.1) - j as f32);
+    let causal = scaled_attention(&q, &q, &v, &Mask::causal()).unwrap();
+    for mask in [
+        Mask::sliding_window(usize::MAX),
+        Mask::key_padding(1 << 63).and(Mask::causal()),
+    ] {
+        let out = scaled_attention(&q, &q, &v, &mask).unwrap();
+        assert!((out - &causal).amax() < 1e-6, "{mask}");
+    }
+}
+
+/// A 20,000-deep chain of combinators used in attention on a rayon worker thread (before:
+/// a stack overflow that aborted the process), in the fast kernel and the reference.
+#[test]
+fn deep_masks_in_attention_on_a_rayon_worker() {
+    let mut mask = Mask::none();
+    for t in 0..20_000 {
+        mask = match t % 3 {
+            0 => mask.and(Mask::causal()),
+            1 => mask.or(Mask::key_padding(0)),
+            _ => mask.not().not(),
+        };
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .stack_size(256 * 1024)
+        .build()
+        .unwrap();
+    let q = DMatrix::<f64>::from_fn(40, 4, |i, j| ((i * 4 + j) as f64 * 0.7).cos());
+    let v = DMatrix::<f64>::from_fn(40, 2, |i, j| (i + j) as f64);
+    let (got, reference) = pool.install(|| {
+        let got = scaled_attention(&q, &q, &v, &mask).unwrap();
+        let r = scaled_attention_reference(&q, &q, &v, &mask, &AttentionOptions::new()).unwrap();
+        (got, r.output)
+    });
+    let want = naive_attention(&q, &q, &v, &Mask::causal(), 0.5);
+    assert!(max_abs_diff(&got, &want) < TOL_F64);
+    assert!(max_abs_diff(&reference, &want) < TOL_F64);
+    pool.install(move || drop(mask));
+}
+
+/// NaN is never turned into a finite answer: every function either returns a documented
+/// Err or a NaN.
+#[test]
+fn nan_is_rejected_or_propagated() {
+    let nan = f64::NAN;
+    let row = [0.5, nan, -1.0];
+    assert!(softmax(&row).iter().all(|p| p.is_nan()));
+    assert!(log_softmax(&row).iter().all(|p| p.is_nan()));
+    assert!(logsumexp(&row).is_nan());
+    assert!(entropy(&row).is_nan());
+    assert!(entropy_from_logits(&row).is_nan());
+    assert!(kl_divergence(&[0.5, 0.5], &[nan, 0.0]).unwrap().is_nan());
+    assert!(kl_divergence(&[nan, 0.5], &[0.5, 0.0]).unwrap().is_nan());
+    assert!(
+        softmax_with_temperature(&row, 0.5)
+            .unwrap()
+            .iter()
+            .all(|p| p.is_nan())
+    );
+    assert!(matches!(
+        softmax_with_temperature(&[0.0], nan),
+        Err(Error::InvalidParameter { .. })
+    ));
+    assert!(log_sigmoid(nan).is_nan());
+    assert!(reward_model_loss(nan, 1.0).is_nan());
+    let pair = PairLogProbs {
+        policy_chosen: nan,
+        policy_rejected: 0.0,
+        reference_chosen: 0.0,
+        reference_rejected: 0.0,
+    };
+    assert!(matches!(dpo_loss(&pair, 0.1), Err(Error::NonFinite { .. })));
+    assert!(matches!(
+        ppo_clipped_loss(&[0.0], &[0.0], &[nan], 0.2),
+        Err(Error::NonFinite { .. })
+    ));
+    let logits = nalgebra::dmatrix![0.0, nan; 1.0, 2.0];
+    assert!(matches!(
+        route_top_k(&logits, 1, true),
+        Err(Error::NonFinite { .. })
+    ));
+    assert!(matches!(
+        router_z_loss(&logits),
+        Err(Error::NonFinite { .. })
+    ));
+    assert!(matches!(
+        cross_entropy(&logits, &[0, 1], &[true, false]),
+        Err(Error::NonFinite { .. })
+    ));
+    let y = rms_normalize_rows(&logits, 1e-6).unwrap();
+    assert!(y.row(0).iter().all(|v| v.is_nan()));
+    assert!(softcap(nan, 5.0).unwrap().is_nan());
+    assert!(softmax_jacobian_fro(&[0.5, nan]).is_nan());
+    let layer = LoraLinear::new(DMatrix::<f64>::identity(2, 2), 1, 1.0).unwrap();
+    let out = layer.forward(&logits).unwrap();
+    assert!(out.row(0).iter().any(|v| v.is_nan()));
+    let adapter = BottleneckAdapter::new(
+        DMatrix::from_element(2, 1, 1.0),
+        DMatrix::from_element(1, 2, 1.0),
+    )
+    .unwrap();
+    assert!(
+        adapter
+            .forward(&logits)
+            .unwrap()
+            .row(0)
+            .iter()
+            .all(|v| v.is_nan())
+    );
+    let err = scaled_attention(&logits, &logits, &logits, &Mask::none()).unwrap_err();
+    assert!(matches!(err, Error::NonFinite { .. }) && documented(&err));
+}
