@@ -128,10 +128,30 @@ pub enum Error {
         /// Into how many heads it must split.
         heads: usize,
     },
+    /// A matrix's columns do not split evenly into heads of a given width (the number of
+    /// heads being whatever the columns give, as in [`Rope::apply`](crate::Rope::apply)).
+    HeadWidth {
+        /// The argument at fault.
+        arg: &'static str,
+        /// How many columns it has.
+        len: usize,
+        /// The width of one head.
+        width: usize,
+    },
     /// A reduction has nothing to reduce over (for example a mean loss with no scored position).
     Empty {
         /// What was empty.
         what: &'static str,
+    },
+    /// A buffer sized by the caller cannot be allocated: its number of entries overflows
+    /// `usize`, its size in bytes exceeds `isize::MAX` (Rust's limit for one allocation), or
+    /// the allocator refused it. Nothing was allocated or computed.
+    TooLarge {
+        /// What was to be allocated, naming the arguments that size it
+        /// (for example `"the n x m dense mask"`).
+        what: &'static str,
+        /// Its shape, (rows, columns); a vector has one column.
+        shape: (usize, usize),
     },
 }
 
@@ -192,7 +212,16 @@ impl fmt::Display for Error {
                 f,
                 "{arg} has {len} columns, which do not split evenly into {heads} heads"
             ),
+            Error::HeadWidth { arg, len, width } => write!(
+                f,
+                "{arg} has {len} columns, which do not split into heads of width {width}"
+            ),
             Error::Empty { what } => write!(f, "{what} is empty"),
+            Error::TooLarge { what, shape } => write!(
+                f,
+                "{what} ({} x {} entries) is too large to allocate",
+                shape.0, shape.1
+            ),
         }
     }
 }

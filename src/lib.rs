@@ -16,6 +16,7 @@ mod grad;
 mod kernel;
 mod mask;
 mod multihead;
+mod rope;
 mod simd;
 mod softmax;
 mod spec;
@@ -36,6 +37,7 @@ pub use grad::{
 };
 pub use mask::{Block, Mask, MaskGrid};
 pub use multihead::{Heads, multi_head_attention};
+pub use rope::{Rope, RopeLayout};
 pub use spec::{AttentionOptions, AttentionOutput};
 pub use simd::{InstructionSet, instruction_set};
 pub use softmax::{
