@@ -9,6 +9,7 @@
 //   entry points);
 //   grad (slice VJPs) sits beside softmax; sheet builds on all of it.
 mod attention;
+mod cache;
 mod entropy;
 mod error;
 mod float;
@@ -25,6 +26,7 @@ pub mod guide;
 pub mod sheet;
 
 pub use attention::{scaled_attention, scaled_attention_reference, scaled_attention_with};
+pub use cache::KvCache;
 pub use entropy::{
     entropy, entropy_bits, entropy_from_logits, entropy_from_logits_rows, entropy_rows,
     kl_divergence,

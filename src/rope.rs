@@ -89,7 +89,7 @@ impl RopeLayout {
 ///
 /// where `(a, b)` are the columns [`RopeLayout`] names. Row i of the matrix is the token at
 /// position `p = offset + i`: when decoding against a KV cache, `offset` is the number of
-/// positions already cached (`KvCache::end_position`), so the
+/// positions already cached ([`KvCache::end_position`](crate::KvCache::end_position)), so the
 /// new queries and keys are rotated for where they are in the sequence, not for row 0.
 ///
 /// Because the rotation of a query at p and of a key at p' compose to a rotation by
