@@ -409,17 +409,16 @@ impl Rope {
         }
         let r = 2 * half;
         let block = ROW_BLOCK.min(n);
+        let too_large = || Error::TooLarge {
+            what: "the RoPE cos/sin table (64 rows x rotary_dim/2)",
+            shape: (block, half),
+        };
+        let len = half.checked_mul(block).ok_or_else(too_large)?;
         let mut cos = Vec::new();
         let mut sin = Vec::new();
         for table in [&mut cos, &mut sin] {
-            // half·block <= half·64 entries, where half < cols: at most 32x the columns.
-            table
-                .try_reserve_exact(half * block)
-                .map_err(|_| Error::TooLarge {
-                    what: "the RoPE cos/sin table (64 rows x rotary_dim/2)",
-                    shape: (block, half),
-                })?;
-            table.resize(half * block, 0.0);
+            table.try_reserve_exact(len).map_err(|_| too_large())?;
+            table.resize(len, 0.0);
         }
         for b in (0..n).step_by(block) {
             let rows = block.min(n - b);
