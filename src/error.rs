@@ -128,6 +128,16 @@ pub enum Error {
         /// Into how many heads it must split.
         heads: usize,
     },
+    /// A matrix's columns do not split evenly into heads of a given width (the number of
+    /// heads being whatever the columns give, as in [`Rope::apply`](crate::Rope::apply)).
+    HeadWidth {
+        /// The argument at fault.
+        arg: &'static str,
+        /// How many columns it has.
+        len: usize,
+        /// The width of one head.
+        width: usize,
+    },
     /// A reduction has nothing to reduce over (for example a mean loss with no scored position).
     Empty {
         /// What was empty.
@@ -201,6 +211,10 @@ impl fmt::Display for Error {
             Error::HeadSplit { arg, len, heads } => write!(
                 f,
                 "{arg} has {len} columns, which do not split evenly into {heads} heads"
+            ),
+            Error::HeadWidth { arg, len, width } => write!(
+                f,
+                "{arg} has {len} columns, which do not split into heads of width {width}"
             ),
             Error::Empty { what } => write!(f, "{what} is empty"),
             Error::TooLarge { what, shape } => write!(

@@ -9,6 +9,7 @@
 //   entry points);
 //   grad (slice VJPs) sits beside softmax; sheet builds on all of it.
 mod attention;
+mod cache;
 mod entropy;
 mod error;
 mod float;
@@ -16,6 +17,7 @@ mod grad;
 mod kernel;
 mod mask;
 mod multihead;
+mod rope;
 mod simd;
 mod softmax;
 mod spec;
@@ -24,6 +26,7 @@ pub mod guide;
 pub mod sheet;
 
 pub use attention::{scaled_attention, scaled_attention_reference, scaled_attention_with};
+pub use cache::KvCache;
 pub use entropy::{
     entropy, entropy_bits, entropy_from_logits, entropy_from_logits_rows, entropy_rows,
     kl_divergence,
@@ -36,6 +39,7 @@ pub use grad::{
 };
 pub use mask::{Block, Mask, MaskGrid};
 pub use multihead::{Heads, multi_head_attention};
+pub use rope::{Rope, RopeLayout};
 pub use simd::{InstructionSet, instruction_set};
 pub use softmax::{
     exp_in_place, log_softmax, log_softmax_in_place, log_softmax_rows, logsumexp, logsumexp_rows,
