@@ -4,7 +4,7 @@
 //! [`crate::guide::attention`].
 
 use crate::Float;
-use crate::error::Result;
+use crate::error::{Result, checked_len};
 use crate::kernel;
 use crate::mask::Mask;
 use crate::softmax::{logsumexp, softmax_in_place};
@@ -27,7 +27,9 @@ use crate::error::Error;
 ///
 /// - [`Error::DimensionMismatch`] if `k` has a different number of columns than `q`, or `v`
 ///   a different number of rows than `k`;
-/// - [`Error::NonFinite`] if `q`, `k` or `v` holds NaN or an infinity.
+/// - [`Error::NonFinite`] if `q`, `k` or `v` holds NaN or an infinity;
+/// - [`Error::TooLarge`] if the output or a packed copy of an input would not fit in memory
+///   (sizes near `usize::MAX`: a wrapped size never reaches an allocation).
 ///
 /// Empty inputs are fine: n = 0 gives a 0 x d_v result, m = 0 a zero n x d_v result.
 ///
@@ -133,6 +135,7 @@ pub fn scaled_attention_reference<'q, 'k, 'v, T: Float>(
     let (q, k, v) = (q.into(), k.into(), v.into());
     let plan = plan(&q, &k, &v, opts)?;
     let (n, m) = (plan.n, plan.m);
+    checked_len::<T>("the n x m weights", n, m)?;
     let dots = q * k.transpose();
     let mut weights = DMatrix::<T>::zeros(n, m);
     let mut lse = DVector::<T>::zeros(n);

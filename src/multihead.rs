@@ -4,10 +4,11 @@
 //! [`crate::guide::multi_head`].
 
 use crate::Float;
+use crate::error::check_finite;
 use crate::error::{Error, Result};
 use crate::kernel;
 use crate::mask::Mask;
-use crate::spec::{AttentionOptions, problem};
+use crate::spec::{AttentionOptions, Inputs, problem_inputs};
 use nalgebra::{DMatrix, DMatrixView};
 
 /// How many query heads and key-value heads an attention layer has.
@@ -175,16 +176,22 @@ pub fn multi_head_attention<'q, 'k, 'v, T: Float>(
             expected: (k.nrows(), heads.kv * d),
         });
     }
-    // Validate every head first, in order, so the error reported is the first head's.
+    // The shared K and V are scanned for non-finite entries once, not once per query head
+    // (the positions reported are those in the whole matrices); then every head's shapes and
+    // options, in order.
+    check_finite("q", &q)?;
+    check_finite("k", &k)?;
+    check_finite("v", &v)?;
     let problems = (0..heads.query)
         .map(|h| {
             let g = heads.kv_head(h);
-            problem(
+            problem_inputs(
                 q.columns(h * d, d),
                 k.columns(g * d, d),
                 v.columns(g * dv, dv),
                 mask,
                 opts,
+                Inputs::Checked,
             )
         })
         .collect::<Result<Vec<_>>>()?;

@@ -4,7 +4,7 @@
 //! The formulas are in [`crate::guide::attention`].
 
 use crate::Float;
-use crate::error::{Axis, Error, Result, check_finite, check_positive};
+use crate::error::{Axis, Error, Result, check_finite, check_positive, checked_len};
 use crate::mask::Mask;
 use nalgebra::{DMatrix, DMatrixView, DVector};
 
@@ -214,6 +214,30 @@ pub(crate) fn plan<T: Float>(
     v: &DMatrixView<'_, T>,
     opts: &AttentionOptions<'_, T>,
 ) -> Result<Plan<T>> {
+    plan_inputs(q, k, v, opts, Inputs::Check)
+}
+
+/// Whether [`plan_inputs`] scans Q, K and V for non-finite entries.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Inputs {
+    /// Scan them (the default).
+    Check,
+    /// The caller has scanned them already (multi-head attention scans each shared K and V
+    /// once, not once per query head; a cache scans its rows on append).
+    Checked,
+}
+
+/// Room the kernel may add to any dimension when it pads and packs (a tile at most).
+const MARGIN: usize = 512;
+
+/// [`plan`], with the finiteness scan of the inputs as `inputs` says.
+pub(crate) fn plan_inputs<T: Float>(
+    q: &DMatrixView<'_, T>,
+    k: &DMatrixView<'_, T>,
+    v: &DMatrixView<'_, T>,
+    opts: &AttentionOptions<'_, T>,
+    inputs: Inputs,
+) -> Result<Plan<T>> {
     let (n, d) = q.shape();
     let (m, dv) = (k.nrows(), v.ncols());
     if k.ncols() != d {
@@ -236,9 +260,25 @@ pub(crate) fn plan<T: Float>(
             expected: m,
         });
     }
-    check_finite("q", q)?;
-    check_finite("k", k)?;
-    check_finite("v", v)?;
+    // Every buffer a call allocates is at most a tile larger than an input or the output in
+    // each dimension: with that margin checked here, no size computed downstream can wrap.
+    for (what, rows, cols) in [
+        ("the n x d_v output", n, dv),
+        ("the packed queries", n, d),
+        ("the packed keys", m, d),
+        ("the packed values", m, dv),
+    ] {
+        checked_len::<T>(
+            what,
+            rows.saturating_add(MARGIN),
+            cols.saturating_add(MARGIN),
+        )?;
+    }
+    if inputs == Inputs::Check {
+        check_finite("q", q)?;
+        check_finite("k", k)?;
+        check_finite("v", v)?;
+    }
     if let Some(bias) = &opts.bias {
         if bias.shape() != (n, m) {
             return Err(Error::ShapeMismatch {
@@ -333,7 +373,19 @@ pub(crate) fn problem<'a, T: Float>(
     mask: &'a Mask,
     opts: &AttentionOptions<'a, T>,
 ) -> Result<Problem<'a, T>> {
-    let plan = plan(&q, &k, &v, opts)?;
+    problem_inputs(q, k, v, mask, opts, Inputs::Check)
+}
+
+/// [`problem`], with the finiteness scan of the inputs as `inputs` says.
+pub(crate) fn problem_inputs<'a, T: Float>(
+    q: DMatrixView<'a, T>,
+    k: DMatrixView<'a, T>,
+    v: DMatrixView<'a, T>,
+    mask: &'a Mask,
+    opts: &AttentionOptions<'a, T>,
+    inputs: Inputs,
+) -> Result<Problem<'a, T>> {
+    let plan = plan_inputs(&q, &k, &v, opts, inputs)?;
     Ok(Problem {
         q,
         k,

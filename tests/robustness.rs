@@ -456,3 +456,24 @@ fn nan_is_rejected_or_propagated() {
     let err = scaled_attention(&logits, &logits, &logits, &Mask::none()).unwrap_err();
     assert!(matches!(err, Error::NonFinite { .. }) && documented(&err));
 }
+
+/// Sizes the caller picks are checked before anything is allocated: inputs with zero columns
+/// hold no data but ask for a 2^32 x 2^32 output (or weights).
+#[test]
+fn attention_sizes_are_checked() {
+    use attention_math::{AttentionOptions, scaled_attention, scaled_attention_with};
+    let q = DMatrix::<f32>::zeros(1 << 32, 0);
+    let k = DMatrix::<f32>::zeros(0, 0);
+    let v = DMatrix::<f32>::zeros(0, 1 << 32);
+    assert!(matches!(
+        scaled_attention(&q, &k, &v, &Mask::none()),
+        Err(Error::TooLarge { .. })
+    ));
+    let kk = DMatrix::<f32>::zeros(1 << 32, 0);
+    let vv = DMatrix::<f32>::zeros(1 << 32, 0);
+    let opts = AttentionOptions::new().return_weights(true);
+    assert!(matches!(
+        scaled_attention_with(&q, &kk, &vv, &Mask::none(), &opts),
+        Err(Error::TooLarge { .. })
+    ));
+}

@@ -4,7 +4,7 @@
 use super::softmax::softmax_vjp_from_probs;
 use crate::Float;
 use crate::attention::scaled_attention_reference;
-use crate::error::{Error, Result, check_finite};
+use crate::error::{Error, Result, check_finite, checked_len};
 use crate::kernel::{self, backward::backward, backward::tiles};
 use crate::mask::Mask;
 use crate::simd::Isa;
@@ -104,6 +104,7 @@ pub fn attention_backward_reference<'q, 'k, 'v, 'g, T: Float>(
     let (q, k, v, d_out) = (q.into(), k.into(), v.into(), d_out.into());
     let plan = plan(&q, &k, &v, opts)?;
     check_d_out(&d_out, plan.n, plan.dv)?;
+    checked_len::<T>("the n x m weights", plan.n, plan.m)?;
     let forward = scaled_attention_reference(q, k, v, mask, &opts.clone().return_weights(true))?;
     let Some(p) = forward.weights else {
         unreachable!("return_weights(true) returns the weights")

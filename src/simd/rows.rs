@@ -90,12 +90,71 @@ pub fn scale_row<E: Element>(isa: Isa, row: &mut [E], alpha: E) {
     dispatch(isa, ScaleRow { row, alpha });
 }
 
+/// See [`all_finite`].
+struct AllFinite<'a, E> {
+    x: &'a [E],
+}
+
+impl<E: Element> Kernel<E> for AllFinite<'_, E> {
+    type Output = bool;
+
+    #[inline(always)]
+    fn run<S: Lanes<E>>(self, s: S) -> bool {
+        // acc + 0·x stays 0 for every finite x and becomes NaN at the first infinity or NaN:
+        // a branch-free scan at memory speed, two chains deep.
+        let l = S::LANES;
+        let zero = s.splat(E::ZERO);
+        let (mut a0, mut a1) = (zero, zero);
+        let mut pairs = self.x.chunks_exact(2 * l);
+        for pair in &mut pairs {
+            a0 = s.mul_add(s.load(&pair[..l]), zero, a0);
+            a1 = s.mul_add(s.load(&pair[l..]), zero, a1);
+        }
+        let mut tail = s.reduce_sum(s.add(a0, a1));
+        for &x in pairs.remainder() {
+            tail = x.mul_add(E::ZERO, tail);
+        }
+        tail == E::ZERO
+    }
+}
+
+/// Whether every entry of `x` is finite (no NaN, no infinity).
+pub fn all_finite<E: Element>(isa: Isa, x: &[E]) -> bool {
+    dispatch(isa, AllFinite { x })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// Against a plain loop on every instruction set: the maximum exactly, the probabilities
     /// and the sum to rounding; a row with nothing allowed.
+    #[test]
+    fn all_finite_finds_every_non_finite_entry() {
+        for isa in Isa::available() {
+            for len in [0, 1, 7, 16, 33, 100] {
+                let x: Vec<f32> = (0..len).map(|i| (i as f32 - 50.0) * 6e36).collect();
+                assert!(all_finite(isa, &x), "{isa:?} {len}");
+                for at in 0..len {
+                    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                        let mut y = x.clone();
+                        y[at] = bad;
+                        assert!(!all_finite(isa, &y), "{isa:?} {len} {at} {bad}");
+                    }
+                }
+                // Values at the edge of the range are finite; 0·MAX is 0, not NaN.
+                let mut z: Vec<f64> = (0..len)
+                    .map(|i| [f64::MAX, -f64::MAX, 5e-324][i % 3])
+                    .collect();
+                assert!(all_finite(isa, &z), "{isa:?} {len}");
+                if let Some(last) = z.last_mut() {
+                    *last = f64::INFINITY;
+                    assert!(!all_finite(isa, &z), "{isa:?} {len}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn softmax_row_matches_a_plain_loop() {
         for isa in Isa::available() {
