@@ -4,15 +4,12 @@
 //! [`crate::guide::attention`].
 
 use crate::Float;
-use crate::error::{Result, checked_len};
+use crate::error::{Error, Result, check_finite, checked_len};
 use crate::kernel;
 use crate::mask::Mask;
 use crate::softmax::{logsumexp, softmax_in_place};
 use crate::spec::{AttentionOptions, AttentionOutput, plan, problem};
 use nalgebra::{DMatrix, DMatrixView, DVector};
-
-#[cfg(doc)]
-use crate::error::Error;
 
 /// Scaled dot-product attention, `softmax(Q Kᵀ / √d + mask) V`.
 ///
@@ -105,6 +102,131 @@ pub fn scaled_attention_with<'q, 'k, 'v, T: Float>(
     Ok(out.pop().expect("one problem, one result"))
 }
 
+/// Merges attention results over disjoint sets of keys into the result over their union:
+/// what split-KV decoding, a cache kept in chunks, or ring attention need.
+///
+/// If part k attended the same n queries to its own keys with output `O_k` and log-sum-exp
+/// `lse_k` (as [`scaled_attention_with`] returns them), then over all the keys
+///
+/// ```text
+/// lse_i = ln Σ_k exp(lse_k,i)            O_i = Σ_k exp(lse_k,i − lse_i) · O_k,i
+/// ```
+///
+/// computed with the largest `lse_k,i` factored out, so huge and tiny log-sum-exps are fine.
+/// A part in which row i saw no key (`lse = −inf`, output 0) contributes nothing; a row that
+/// no part saw stays 0 with `lse = −inf`. A part with `lse = +inf` (scores that overflowed)
+/// takes all the weight, shared equally with any other such part, as the softmax shares it
+/// among infinite scores. The weights of the parts are not merged (`weights` is `None`).
+///
+/// # Errors
+///
+/// - [`Error::InvalidParameter`] naming `parts` if there are none;
+/// - [`Error::ShapeMismatch`] naming `parts.output` if the outputs' shapes differ;
+/// - [`Error::LengthMismatch`] naming `parts.lse` if an lse's length is not the outputs' row
+///   count;
+/// - [`Error::NonFinite`] naming `parts.lse` (row i, column = the part) for a NaN
+///   log-sum-exp, or `parts.output` for a non-finite output.
+///
+/// # Examples
+///
+/// ```
+/// use attention_math::{merge_attention, scaled_attention_with, AttentionOptions, Mask};
+/// use nalgebra::DMatrix;
+///
+/// let q = DMatrix::<f64>::from_fn(2, 4, |i, j| ((i * 4 + j) as f64).sin());
+/// let k = DMatrix::<f64>::from_fn(10, 4, |i, j| ((i * 4 + j) as f64 * 0.3).cos());
+/// let v = DMatrix::<f64>::from_fn(10, 3, |i, j| (i + j) as f64);
+/// let opts = AttentionOptions::new().scale(0.5);
+/// let all = scaled_attention_with(&q, &k, &v, &Mask::none(), &opts)?;
+/// // Keys 0..6 and 6..10 separately, then merged.
+/// let a = scaled_attention_with(&q, k.rows(0, 6), v.rows(0, 6), &Mask::none(), &opts)?;
+/// let b = scaled_attention_with(&q, k.rows(6, 4), v.rows(6, 4), &Mask::none(), &opts)?;
+/// let merged = merge_attention(&[a, b])?;
+/// assert!((&merged.output - &all.output).amax() < 1e-12);
+/// assert!((&merged.lse - &all.lse).amax() < 1e-12);
+/// # Ok::<(), attention_math::Error>(())
+/// ```
+pub fn merge_attention<T: Float>(parts: &[AttentionOutput<T>]) -> Result<AttentionOutput<T>> {
+    let Some(first) = parts.first() else {
+        return Err(Error::InvalidParameter {
+            name: "parts",
+            value: 0.0,
+            requirement: "must hold at least one attention result",
+        });
+    };
+    let (n, dv) = first.output.shape();
+    for p in parts {
+        if p.output.shape() != (n, dv) {
+            return Err(Error::ShapeMismatch {
+                arg: "parts.output",
+                found: p.output.shape(),
+                expected: (n, dv),
+            });
+        }
+        if p.lse.len() != n {
+            return Err(Error::LengthMismatch {
+                arg: "parts.lse",
+                found: p.lse.len(),
+                expected: n,
+            });
+        }
+        check_finite("parts.output", &p.output.as_view())?;
+    }
+    for (k, p) in parts.iter().enumerate() {
+        if let Some(i) = p.lse.iter().position(|l| l.is_nan_value()) {
+            return Err(Error::NonFinite {
+                arg: "parts.lse",
+                row: i,
+                col: k,
+            });
+        }
+    }
+    let mut output = DMatrix::<T>::zeros(n, dv);
+    let mut lse = DVector::<T>::from_element(n, T::NEG_INFINITY);
+    for i in 0..n {
+        let top = parts
+            .iter()
+            .map(|p| p.lse[i])
+            .fold(T::NEG_INFINITY, |a, b| if b > a { b } else { a });
+        if top == T::NEG_INFINITY {
+            continue; // no part saw a key: zeros, −inf
+        }
+        // Each part's weight exp(lse_k − top) (equal shares among +inf parts).
+        let weight = |l: T| {
+            if top == T::INFINITY {
+                if l == T::INFINITY {
+                    T::one()
+                } else {
+                    T::zero()
+                }
+            } else {
+                (l - top).exp()
+            }
+        };
+        let total = parts
+            .iter()
+            .fold(T::zero(), |acc, p| acc + weight(p.lse[i]));
+        for p in parts {
+            let w = weight(p.lse[i]) / total;
+            if w > T::zero() {
+                for c in 0..dv {
+                    output[(i, c)] += w * p.output[(i, c)];
+                }
+            }
+        }
+        lse[i] = if top == T::INFINITY {
+            T::INFINITY
+        } else {
+            top + total.ln()
+        };
+    }
+    Ok(AttentionOutput {
+        output,
+        lse,
+        weights: None,
+    })
+}
+
 /// The reference implementation: builds the n x m score matrix, applies scale, softcap,
 /// bias and mask entry by entry, takes the row softmax with [`softmax()`](crate::softmax()), and
 /// multiplies by V.
@@ -165,7 +287,6 @@ pub fn scaled_attention_reference<'q, 'k, 'v, T: Float>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::Error;
     use nalgebra::dmatrix;
 
     #[test]
@@ -287,5 +408,67 @@ mod tests {
         let a = scaled_attention(q, k, &v, &Mask::none()).unwrap();
         let b = scaled_attention(&q.into_owned(), &k.into_owned(), &v, &Mask::none()).unwrap();
         assert_eq!(a, b);
+    }
+
+    /// Attention over all keys equals the merge of attention over any split of the keys,
+    /// fully masked parts and empty parts included.
+    #[test]
+    fn merging_splits_equals_one_call() {
+        let (n, m, d, dv) = (7, 40, 5, 3);
+        let q = DMatrix::<f64>::from_fn(n, d, |i, j| ((i * d + j) as f64 * 0.7).sin() * 2.0);
+        let k = DMatrix::<f64>::from_fn(m, d, |i, j| ((i * d + j) as f64 * 0.3).cos() * 2.0);
+        let v = DMatrix::<f64>::from_fn(m, dv, |i, j| ((i + 3 * j) as f64 * 0.1).sin());
+        let opts = AttentionOptions::new();
+        // Query i sees keys j <= 5 i: early rows see nothing of the later parts.
+        let rule = |i: usize, j: usize| j <= 5 * i;
+        let all = scaled_attention_with(&q, &k, &v, &Mask::from_fn(rule), &opts).unwrap();
+        for cuts in [vec![0, 40], vec![0, 10, 40], vec![0, 3, 3, 17, 30, 40]] {
+            let parts: Vec<_> = cuts
+                .windows(2)
+                .map(|w| {
+                    let (a, b) = (w[0], w[1]);
+                    let mask = Mask::from_fn(move |i, j| rule(i, j + a));
+                    scaled_attention_with(&q, k.rows(a, b - a), v.rows(a, b - a), &mask, &opts)
+                        .unwrap()
+                })
+                .collect();
+            let merged = merge_attention(&parts).unwrap();
+            assert!((&merged.output - &all.output).amax() < 1e-13, "{cuts:?}");
+            for (a, b) in merged.lse.iter().zip(all.lse.iter()) {
+                assert!((a - b).abs() < 1e-13, "{cuts:?}: {a} vs {b}");
+            }
+        }
+        // Row 0 sees key 0 only; a part without it gives −inf there, and merging two such
+        // parts keeps the row empty.
+        let empty =
+            scaled_attention_with(&q, k.rows(1, 4), v.rows(1, 4), &Mask::key_padding(0), &opts)
+                .unwrap();
+        let both = merge_attention(&[empty.clone(), empty]).unwrap();
+        assert_eq!(both.output, DMatrix::zeros(n, dv));
+        assert!(both.lse.iter().all(|&l| l == f64::NEG_INFINITY));
+        // Errors.
+        assert!(matches!(
+            merge_attention::<f64>(&[]),
+            Err(Error::InvalidParameter { name: "parts", .. })
+        ));
+        let mut bad = all.clone();
+        bad.lse[2] = f64::NAN;
+        assert_eq!(
+            merge_attention(&[all.clone(), bad]).unwrap_err(),
+            Error::NonFinite {
+                arg: "parts.lse",
+                row: 2,
+                col: 1
+            }
+        );
+        let short = AttentionOutput {
+            output: DMatrix::zeros(n, 2),
+            lse: all.lse.clone(),
+            weights: None,
+        };
+        assert!(matches!(
+            merge_attention(&[all, short]),
+            Err(Error::ShapeMismatch { .. })
+        ));
     }
 }

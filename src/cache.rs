@@ -5,12 +5,15 @@
 
 use crate::Float;
 use crate::error::{Axis, Error, Result, check_finite};
-use nalgebra::{DMatrixView, Dyn, U1};
+use crate::mask::Mask;
+use crate::multihead::{Heads, multi_head};
+use crate::spec::{AttentionOptions, Inputs};
+use nalgebra::{DMatrix, DMatrixView, Dyn, U1};
 use std::fmt;
 use std::ops::Range;
 
 #[cfg(doc)]
-use crate::{Mask, Rope, multi_head_attention, scaled_attention};
+use crate::{Rope, multi_head_attention, scaled_attention};
 
 /// Rows a growing cache allocates at least, so that token-by-token appends do not reallocate
 /// at 1, 2, 4, 8 rows.
@@ -809,6 +812,68 @@ impl<T: Float> KvCache<T> {
             self.len,
             0,
             self.value_cols(),
+        )
+    }
+
+    /// Attention of the newest `n` positions against the whole cache, every query head
+    /// with its group's cached keys and values: what a decode step (n = 1) or a chunked
+    /// prefill computes after [`append`](KvCache::append)ing the new tokens' keys and values.
+    ///
+    /// `q` is n x (H·d), one row per new token, the H query heads side by side (H a
+    /// multiple of the cache's G key-value heads: GQA; H = G is multi-head attention);
+    /// the result is n x (H·d_v), as [`multi_head_attention`] returns it. The queries are
+    /// the last n cached positions, so `mask` is applied
+    /// [bottom-right](Mask::bottom_right): query `i` is at position `len − n + i` of the
+    /// cache, and `Mask::causal()`, `sliding_window(w)` or `prefix_lm(p)` mean what they mean
+    /// for the whole sequence (positions count from [`start_position`](KvCache::start_position),
+    /// the oldest position still cached). That is this call's guard against the silent
+    /// top-left mistake of passing `Mask::causal()` to a decode step.
+    ///
+    /// The cached keys and values were checked for non-finite entries when they were
+    /// appended, so a step reads them once, in the attention itself (only `q` is scanned).
+    ///
+    /// # Errors
+    ///
+    /// Those of [`multi_head_attention`] (H not a multiple of G, `q`'s columns not H heads of
+    /// the cache's key width, non-finite `q`, bad options).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attention_math::{multi_head_attention, AttentionOptions, Heads, KvCache, Mask};
+    /// use nalgebra::DMatrix;
+    ///
+    /// // 4 query heads over 2 key-value heads of width 3; a prompt of 5 tokens, then one more.
+    /// let x = |r: usize, c: usize, s: f64| DMatrix::from_fn(r, c, |i, j| ((i * c + j) as f64 + s).sin());
+    /// let mut cache = KvCache::<f64>::new(2, 3, 3)?;
+    /// cache.append(&x(5, 6, 0.1), &x(5, 6, 0.2))?;
+    /// cache.append(&x(1, 6, 0.3), &x(1, 6, 0.4))?;
+    /// let q = x(1, 12, 0.5);
+    /// let opts = AttentionOptions::new();
+    /// let step = cache.attention(&q, 4, &Mask::causal(), &opts)?;
+    /// // The same as the bottom-right causal mask on the cached views: the new token sees all 6.
+    /// let heads = Heads::grouped(4, 2);
+    /// let want = multi_head_attention(&q, cache.all_keys(), cache.all_values(), heads,
+    ///     &Mask::causal_bottom_right(), &opts)?;
+    /// assert_eq!(step, want);
+    /// # Ok::<(), attention_math::Error>(())
+    /// ```
+    pub fn attention<'q>(
+        &self,
+        q: impl Into<DMatrixView<'q, T>>,
+        query_heads: usize,
+        mask: &Mask,
+        opts: &AttentionOptions<'_, T>,
+    ) -> Result<DMatrix<T>> {
+        let heads = Heads::grouped(query_heads, self.heads);
+        multi_head(
+            q.into(),
+            self.all_keys(),
+            self.all_values(),
+            heads,
+            &mask.clone().bottom_right(),
+            opts,
+            Inputs::Checked,
         )
     }
 }

@@ -25,7 +25,9 @@ mod spec;
 pub mod guide;
 pub mod sheet;
 
-pub use attention::{scaled_attention, scaled_attention_reference, scaled_attention_with};
+pub use attention::{
+    merge_attention, scaled_attention, scaled_attention_reference, scaled_attention_with,
+};
 pub use cache::KvCache;
 pub use entropy::{
     entropy, entropy_bits, entropy_from_logits, entropy_from_logits_rows, entropy_rows,

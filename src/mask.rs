@@ -63,6 +63,16 @@ enum Leaf {
     KeyPadding(usize),
     Documents(Arc<[usize]>),
     Fn(Arc<dyn Fn(usize, usize) -> bool + Send + Sync>),
+    /// The inner rule in absolute positions when the n queries are the last n of the m
+    /// positions: query `i` is position `p = i + m − n` (it sees nothing if `p < 0`).
+    BottomRight(Arc<Leaf>),
+}
+
+/// The absolute position `i + m − n` of query `i` when the queries are the last n of m
+/// positions, or `None` if it is negative (saturated at `usize::MAX`, never wrapped).
+fn end_aligned(n: usize, m: usize, i: usize) -> Option<usize> {
+    let p = (wide(i) + wide(m)).checked_sub(wide(n))?;
+    Some(p.min(wide(usize::MAX)) as usize)
 }
 
 /// How a rectangular block of (query, key) pairs relates to a mask; see [`Mask::classify`].
@@ -122,6 +132,9 @@ impl Leaf {
                 _ => false,
             },
             Leaf::Fn(f) => f(i, j),
+            Leaf::BottomRight(inner) => {
+                end_aligned(n, m, i).is_some_and(|p| inner.allows(n, m, p, j))
+            }
         }
     }
 
@@ -175,6 +188,15 @@ impl Leaf {
                 }
             }
             Leaf::Fn(_) => Block::Partial,
+            Leaf::BottomRight(inner) => match (end_aligned(n, m, r0), end_aligned(n, m, r1)) {
+                (_, None) => Block::Empty,
+                (Some(p0), Some(p1)) => inner.classify(n, m, (p0, p1), (c0, c1)),
+                // The first rows see nothing: at best the block is partly allowed.
+                (None, Some(p1)) => match inner.classify(n, m, (0, p1), (c0, c1)) {
+                    Block::Empty => Block::Empty,
+                    _ => Block::Partial,
+                },
+            },
         }
     }
 
@@ -200,6 +222,10 @@ impl Leaf {
             Leaf::SlidingWindow(w) => clip(wide(i.saturating_sub(*w)), wide(i) + 1),
             Leaf::KeyPadding(len) => clip(0, wide(*len)),
             Leaf::Documents(_) | Leaf::Fn(_) => None,
+            Leaf::BottomRight(inner) => match end_aligned(n, m, i) {
+                None => Some((c0, c0)),
+                Some(p) => inner.run(n, m, p, (c0, c1)),
+            },
         }
     }
 
@@ -216,6 +242,10 @@ impl Leaf {
             Leaf::KeyPadding(len) => write!(f, "key_padding({len})"),
             Leaf::Documents(ids) => write!(f, "documents({} positions)", ids.len()),
             Leaf::Fn(_) => f.write_str("from_fn(..)"),
+            Leaf::BottomRight(inner) => {
+                inner.fmt(f)?;
+                f.write_str(".bottom_right()")
+            }
         }
     }
 }
@@ -348,6 +378,80 @@ impl Mask {
     /// ```
     pub fn causal_bottom_right() -> Self {
         Mask::leaf(Leaf::Causal { bottom_right: true })
+    }
+
+    /// This mask aligned to the end: when n queries meet m keys, the queries are the last n of
+    /// the m positions (a decode step, or a chunk of new tokens against a KV cache), so query
+    /// `i` is evaluated at its absolute position `p = i + m − n`; a query with `p < 0` (more
+    /// queries than keys) sees nothing, whatever the rules. Keys keep their positions `0 .. m`.
+    ///
+    /// Every rule of the mask is shifted this way except those that do not depend on the
+    /// query ([`Mask::none`], [`Mask::key_padding`]) and [`Mask::causal_bottom_right`], which
+    /// is already aligned: so `Mask::causal().bottom_right()` is
+    /// `Mask::causal_bottom_right()`, and applying it twice changes nothing. With n = m it
+    /// changes nothing at all. Tiles are still classified exactly for the named masks, so a
+    /// kernel skips the same blocks.
+    ///
+    /// Top-left alignment (the default, PyTorch's and JAX's) is right for a whole sequence;
+    /// in a decode step it silently attends to the wrong keys. [`KvCache::attention`]
+    /// (crate::KvCache::attention) applies this alignment itself.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attention_math::Mask;
+    ///
+    /// // Two new tokens against six positions: they are positions 4 and 5.
+    /// let w = Mask::sliding_window(2).bottom_right();
+    /// assert_eq!(w.grid(2, 6).to_string(), ". . x x x .\n. . . x x x\n");
+    /// let p = Mask::prefix_lm(3).bottom_right();
+    /// assert_eq!(p.grid(2, 6).to_string(), "x x x x x .\nx x x x x x\n");
+    /// assert_eq!(
+    ///     Mask::causal().bottom_right().grid(2, 6).to_string(),
+    ///     Mask::causal_bottom_right().grid(2, 6).to_string()
+    /// );
+    /// ```
+    pub fn bottom_right(self) -> Self {
+        let Program { ops, height } = Arc::unwrap_or_clone(self.0);
+        let ops = ops
+            .into_iter()
+            .map(|op| match op {
+                Op::Leaf(
+                    leaf @ (Leaf::All
+                    | Leaf::KeyPadding(_)
+                    | Leaf::Causal { bottom_right: true }
+                    | Leaf::BottomRight(_)),
+                ) => Op::Leaf(leaf),
+                Op::Leaf(Leaf::Causal {
+                    bottom_right: false,
+                }) => Op::Leaf(Leaf::Causal { bottom_right: true }),
+                Op::Leaf(leaf) => Op::Leaf(Leaf::BottomRight(Arc::new(leaf))),
+                other => other,
+            })
+            .collect::<Vec<_>>();
+        // A query before position 0 sees nothing, whatever the rules say (a complement or a
+        // key-only rule would otherwise let it see keys): `and` the guard "p >= 0", itself
+        // the bottom-right form of `none`. Aligning again adds nothing.
+        let guarded = matches!(
+            ops.as_slice(),
+            [.., Op::Leaf(Leaf::BottomRight(g)), Op::And { .. }] if matches!(**g, Leaf::All)
+        );
+        // (A single shifted rule already sees nothing there.)
+        let single_shifted = matches!(
+            ops.as_slice(),
+            [Op::Leaf(
+                Leaf::BottomRight(_) | Leaf::Causal { bottom_right: true }
+            )]
+        );
+        let mut program = Program { ops, height };
+        if !guarded && !single_shifted {
+            program
+                .ops
+                .push(Op::Leaf(Leaf::BottomRight(Arc::new(Leaf::All))));
+            program.ops.push(Op::And { swapped: false });
+            program.height = program.height.max(2);
+        }
+        Mask(Arc::new(program))
     }
 
     /// Prefix LM with a prefix of `prefix_len` tokens: query `i` sees key `j` iff
@@ -822,7 +926,52 @@ mod tests {
             Mask::from_fn(|i, j| (i + j) % 3 == 0),
             Mask::causal().and(Mask::sliding_window(1)).not(),
             Mask::prefix_lm(2).or(Mask::key_padding(7)),
+            Mask::sliding_window(2).bottom_right(),
+            Mask::prefix_lm(3).bottom_right(),
+            Mask::documents(vec![0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3]).bottom_right(),
+            Mask::from_fn(|i, j| (i * 2 + j) % 3 != 0).bottom_right(),
+            Mask::sliding_window(3)
+                .and(Mask::key_padding(8))
+                .not()
+                .bottom_right(),
         ]
+    }
+
+    /// A bottom-right mask is the mask at the queries' absolute positions `i + m − n`, and
+    /// nothing where that is negative; aligning twice, or aligning causal, changes nothing
+    /// more.
+    #[test]
+    fn bottom_right_is_the_mask_at_absolute_positions() {
+        let inner = [
+            Mask::sliding_window(2),
+            Mask::prefix_lm(3),
+            Mask::documents(vec![0, 0, 1, 1, 1, 2, 2, 2, 2, 3]),
+            Mask::from_fn(|i, j| (i + 2 * j) % 5 != 1),
+            Mask::causal().or(Mask::key_padding(2)),
+            Mask::key_padding(3),
+            Mask::none(),
+        ];
+        for mask in &inner {
+            let br = mask.clone().bottom_right();
+            let twice = br.clone().bottom_right();
+            for (n, m) in [(1usize, 9usize), (3, 9), (9, 9), (9, 4)] {
+                for i in 0..n {
+                    for j in 0..m {
+                        let want = (i + m)
+                            .checked_sub(n)
+                            .is_some_and(|p| mask.allows_in(m, m, p, j));
+                        assert_eq!(br.allows_in(n, m, i, j), want, "{br} {n}x{m} ({i}, {j})");
+                        assert_eq!(twice.allows_in(n, m, i, j), want);
+                    }
+                }
+            }
+        }
+        let c = Mask::causal().bottom_right();
+        assert_eq!(c.to_string(), Mask::causal_bottom_right().to_string());
+        assert_eq!(
+            Mask::sliding_window(4).bottom_right().to_string(),
+            "sliding_window(4).bottom_right()"
+        );
     }
 
     /// `classify` must never claim Empty or Full wrongly, on every block of several shapes.

@@ -164,7 +164,28 @@ pub fn multi_head_attention<'q, 'k, 'v, T: Float>(
     mask: &Mask,
     opts: &AttentionOptions<'_, T>,
 ) -> Result<DMatrix<T>> {
-    let (q, k, v) = (q.into(), k.into(), v.into());
+    multi_head(
+        q.into(),
+        k.into(),
+        v.into(),
+        heads,
+        mask,
+        opts,
+        Inputs::Check,
+    )
+}
+
+/// [`multi_head_attention`] on views, scanning K and V for non-finite entries as `kv` says
+/// (a [`KvCache`](crate::KvCache) scanned its rows when they were appended).
+pub(crate) fn multi_head<T: Float>(
+    q: DMatrixView<'_, T>,
+    k: DMatrixView<'_, T>,
+    v: DMatrixView<'_, T>,
+    heads: Heads,
+    mask: &Mask,
+    opts: &AttentionOptions<'_, T>,
+    kv: Inputs,
+) -> Result<DMatrix<T>> {
     heads.validate()?;
     let d = head_width("q", q.ncols(), heads.query)?;
     let dk = head_width("k", k.ncols(), heads.kv)?;
@@ -180,8 +201,10 @@ pub fn multi_head_attention<'q, 'k, 'v, T: Float>(
     // (the positions reported are those in the whole matrices); then every head's shapes and
     // options, in order.
     check_finite("q", &q)?;
-    check_finite("k", &k)?;
-    check_finite("v", &v)?;
+    if kv == Inputs::Check {
+        check_finite("k", &k)?;
+        check_finite("v", &v)?;
+    }
     let problems = (0..heads.query)
         .map(|h| {
             let g = heads.kv_head(h);

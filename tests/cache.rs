@@ -488,3 +488,40 @@ fn an_empty_cache_gives_empty_views_and_attention_gives_zeros() {
         Some("KvCache")
     );
 }
+
+/// `KvCache::attention` aligns the mask to the end of the cache itself: a prompt of 4 tokens
+/// as one chunk, then decoding token by token (or in chunks of 3) with the whole-sequence
+/// masks `causal`, `sliding_window(3)`, `prefix_lm(4)` (whose prefix, bidirectional, must
+/// arrive as one chunk) and a closure gives the rows of the full top-left forward.
+#[test]
+fn the_cache_call_aligns_whole_sequence_masks() {
+    let (len, g, h, d) = (13, 2, 4, 3);
+    let heads = Heads::grouped(h, g);
+    let (q, k, v) = (
+        data(len, h * d, 0.1),
+        data(len, g * d, 0.2),
+        data(len, g * d, 0.3),
+    );
+    let masks = [
+        Mask::causal(),
+        Mask::sliding_window(3),
+        Mask::prefix_lm(4),
+        Mask::from_fn(|i, j| j <= i && (i + j) % 4 != 1),
+    ];
+    let opts = AttentionOptions::new();
+    for mask in &masks {
+        let full = multi_head_attention(&q, &k, &v, heads, mask, &opts).unwrap();
+        for chunk in [1, 3] {
+            let mut cache = KvCache::<f64>::new(g, d, d).unwrap();
+            let mut t = 0;
+            while t < len {
+                let c = if t == 0 { 4 } else { chunk.min(len - t) };
+                cache.append(k.rows(t, c), v.rows(t, c)).unwrap();
+                let out = cache.attention(q.rows(t, c), h, mask, &opts).unwrap();
+                let want = full.rows(t, c);
+                assert!((out - want).amax() < 1e-13, "{mask} chunk {chunk} at {t}");
+                t += c;
+            }
+        }
+    }
+}
