@@ -1,0 +1,273 @@
+//! One attention workload of attention-math, timed: the crate's side of
+//! `torch_compare.py` (which runs this binary alternately with PyTorch's
+//! `scaled_dot_product_attention` on bit-identical inputs).
+//!
+//! ```text
+//! sdpa --n 2048 [--m 2048] --d 64 [--dv 64] [--heads 1] [--kv-heads 1]
+//!      [--mask none|causal|causal_br|window:W] [--dtype f32|f64] [--threads 1]
+//!      [--backward] [--reps 5] [--min-secs 0] [--dump out.bin]
+//! sdpa --info
+//! ```
+//!
+//! One head and one KV head: `scaled_attention_with`; otherwise `multi_head_attention` with
+//! `Heads::grouped(heads, kv_heads)` (Q is n x heads·d, head h in columns h·d..(h+1)·d;
+//! K, V are m x kv_heads·d, m x kv_heads·dv). `--backward` times forward and
+//! `attention_backward` together (one head only: the crate has no multi-head backward yet).
+//! Threads: `AttentionOptions::threads`. After one untimed warm-up call, runs at least
+//! `--reps` calls and for at least `--min-secs` seconds, and prints one JSON line with the
+//! per-call wall times in ms and their median.
+//!
+//! Inputs: element `(h, i, j)` of tensor `t` (0 = Q, 1 = K, 2 = V, 3 = dO), in the logical
+//! (heads, rows, cols) layout, is `input_value(t, (h·rows + i)·cols + j)` below: integer
+//! hashing and exact IEEE steps only, so `torch_compare.py` builds the same bits with numpy.
+//! `--dump PATH` writes the warm-up call's results as raw little-endian values of the
+//! dtype, each in (heads, rows, cols) row-major order: O, and for `--backward` also dQ, dK, dV.
+
+use attention_math::{
+    AttentionOptions, Float, Heads, Mask, attention_backward, instruction_set,
+    multi_head_attention, scaled_attention_with,
+};
+use nalgebra::DMatrix;
+use std::hint::black_box;
+use std::io::Write;
+use std::time::Instant;
+
+/// splitmix64's finaliser of `x + golden`: a well-mixed 64-bit hash.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Uniform on [-√3, √3) (unit variance), in f64, for flat index `idx` of tensor `t`.
+fn input_value(t: u64, idx: u64) -> f64 {
+    let u = (splitmix64((t << 40) | idx) >> 11) as f64 * (1.0 / 9_007_199_254_740_992.0);
+    (2.0 * u - 1.0) * 3.0_f64.sqrt()
+}
+
+/// Tensor `t` of `heads` heads of `rows x cols`, as one `rows x heads·cols` matrix.
+fn tensor<T: Float>(t: u64, heads: usize, rows: usize, cols: usize) -> DMatrix<T> {
+    DMatrix::from_fn(rows, heads * cols, |i, c| {
+        let (h, j) = (c / cols, c % cols);
+        T::of_f64(input_value(t, ((h * rows + i) * cols + j) as u64))
+    })
+}
+
+/// Appends `m` (rows x heads·cols) in (heads, rows, cols) row-major order.
+fn push_heads<T: Float + ToLe>(buf: &mut Vec<u8>, m: &DMatrix<T>, heads: usize) {
+    let cols = m.ncols() / heads;
+    for h in 0..heads {
+        for i in 0..m.nrows() {
+            for j in 0..cols {
+                m[(i, h * cols + j)].push_le(buf);
+            }
+        }
+    }
+}
+
+trait ToLe {
+    fn push_le(self, buf: &mut Vec<u8>);
+}
+impl ToLe for f32 {
+    fn push_le(self, buf: &mut Vec<u8>) {
+        buf.extend_from_slice(&self.to_le_bytes());
+    }
+}
+impl ToLe for f64 {
+    fn push_le(self, buf: &mut Vec<u8>) {
+        buf.extend_from_slice(&self.to_le_bytes());
+    }
+}
+
+struct Args {
+    n: usize,
+    m: usize,
+    d: usize,
+    dv: usize,
+    heads: usize,
+    kv_heads: usize,
+    mask: String,
+    dtype: String,
+    threads: usize,
+    backward: bool,
+    reps: usize,
+    min_secs: f64,
+    dump: Option<String>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut kv = std::collections::HashMap::new();
+    let mut backward = false;
+    let mut it = argv.into_iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--backward" => backward = true,
+            s if s.starts_with("--") => {
+                let v = it.next().ok_or(format!("{s} needs a value"))?;
+                kv.insert(s[2..].to_string(), v);
+            }
+            s => return Err(format!("unexpected argument {s}")),
+        }
+    }
+    let num = |k: &str, default: Option<usize>| -> Result<usize, String> {
+        match kv.get(k) {
+            Some(v) => v.parse().map_err(|e| format!("--{k} {v}: {e}")),
+            None => default.ok_or(format!("--{k} is required")),
+        }
+    };
+    let n = num("n", None)?;
+    let d = num("d", Some(64))?;
+    let heads = num("heads", Some(1))?;
+    let args = Args {
+        n,
+        m: num("m", Some(n))?,
+        d,
+        dv: num("dv", Some(d))?,
+        heads,
+        kv_heads: num("kv-heads", Some(heads))?,
+        mask: kv.get("mask").cloned().unwrap_or_else(|| "none".into()),
+        dtype: kv.get("dtype").cloned().unwrap_or_else(|| "f32".into()),
+        threads: num("threads", Some(1))?,
+        backward,
+        reps: num("reps", Some(5))?.max(1),
+        min_secs: match kv.get("min-secs") {
+            Some(v) => v.parse().map_err(|e| format!("--min-secs {v}: {e}"))?,
+            None => 0.0,
+        },
+        dump: kv.get("dump").cloned(),
+    };
+    if let Some(k) = kv.keys().find(|k| {
+        ![
+            "n", "m", "d", "dv", "heads", "kv-heads", "mask", "dtype", "threads", "reps",
+            "min-secs", "dump",
+        ]
+        .contains(&k.as_str())
+    }) {
+        return Err(format!("unknown option --{k}"));
+    }
+    if args.backward && (args.heads != 1 || args.kv_heads != 1) {
+        return Err("--backward needs --heads 1 --kv-heads 1 (no multi-head backward)".into());
+    }
+    Ok(args)
+}
+
+fn mask_of(name: &str) -> Result<Mask, String> {
+    Ok(match name {
+        "none" => Mask::none(),
+        "causal" => Mask::causal(),
+        "causal_br" => Mask::causal_bottom_right(),
+        w if w.starts_with("window:") => Mask::sliding_window(
+            w["window:".len()..]
+                .parse()
+                .map_err(|e| format!("mask {w}: {e}"))?,
+        ),
+        other => {
+            return Err(format!(
+                "unknown mask {other}: none, causal, causal_br or window:W"
+            ));
+        }
+    })
+}
+
+/// Times the workload; returns the per-call times in seconds.
+fn run<T: Float + ToLe>(a: &Args) -> Result<Vec<f64>, Box<dyn std::error::Error>> {
+    let q = tensor::<T>(0, a.heads, a.n, a.d);
+    let k = tensor::<T>(1, a.kv_heads, a.m, a.d);
+    let v = tensor::<T>(2, a.kv_heads, a.m, a.dv);
+    let d_out = tensor::<T>(3, a.heads, a.n, a.dv);
+    let mask = mask_of(&a.mask)?;
+    let opts = AttentionOptions::<T>::new().threads(a.threads);
+    let heads = Heads::grouped(a.heads, a.kv_heads);
+    let single = a.heads == 1 && a.kv_heads == 1;
+
+    // One call of the timed work; returns what --dump writes.
+    let call = |dump: bool| -> attention_math::Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        if a.backward {
+            let fwd = scaled_attention_with(&q, &k, &v, &mask, &opts)?;
+            let g = attention_backward(&q, &k, &v, &mask, &opts, &fwd, &d_out)?;
+            if dump {
+                for m in [&fwd.output, &g.dq, &g.dk, &g.dv] {
+                    push_heads(&mut buf, m, 1);
+                }
+            }
+            black_box((fwd, g));
+        } else if single {
+            let fwd = scaled_attention_with(&q, &k, &v, &mask, &opts)?;
+            if dump {
+                push_heads(&mut buf, &fwd.output, 1);
+            }
+            black_box(fwd);
+        } else {
+            let o = multi_head_attention(&q, &k, &v, heads, &mask, &opts)?;
+            if dump {
+                push_heads(&mut buf, &o, a.heads);
+            }
+            black_box(o);
+        }
+        Ok(buf)
+    };
+
+    let first = call(a.dump.is_some())?;
+    if let Some(path) = &a.dump {
+        std::fs::File::create(path)?.write_all(&first)?;
+    }
+    drop(first);
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < a.reps || start.elapsed().as_secs_f64() < a.min_secs {
+        let t = Instant::now();
+        call(false)?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok(times)
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--info") {
+        println!(
+            "{{\"crate_version\":\"{}\",\"instruction_set\":\"{}\"}}",
+            env!("CARGO_PKG_VERSION"),
+            instruction_set()
+        );
+        return;
+    }
+    let result = parse_args()
+        .map_err(Into::<Box<dyn std::error::Error>>::into)
+        .and_then(|a| {
+            let times = match a.dtype.as_str() {
+                "f32" => run::<f32>(&a),
+                "f64" => run::<f64>(&a),
+                other => Err(format!("unknown dtype {other}: f32 or f64").into()),
+            }?;
+            Ok((a, times))
+        });
+    match result {
+        Ok((a, times)) => {
+            let mut sorted = times.clone();
+            sorted.sort_by(f64::total_cmp);
+            let ms: Vec<String> = times.iter().map(|t| format!("{:.6}", t * 1e3)).collect();
+            println!(
+                "{{\"impl\":\"attention-math\",\"n\":{},\"m\":{},\"d\":{},\"dv\":{},\"heads\":{},\"kv_heads\":{},\"mask\":\"{}\",\"dtype\":\"{}\",\"threads\":{},\"backward\":{},\"median_ms\":{:.6},\"times_ms\":[{}]}}",
+                a.n,
+                a.m,
+                a.d,
+                a.dv,
+                a.heads,
+                a.kv_heads,
+                a.mask,
+                a.dtype,
+                a.threads,
+                a.backward,
+                sorted[sorted.len() / 2] * 1e3,
+                ms.join(",")
+            );
+        }
+        Err(e) => {
+            eprintln!("sdpa: {e}");
+            std::process::exit(2);
+        }
+    }
+}
