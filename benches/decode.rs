@@ -3,14 +3,19 @@
 //! on 1 and 2 threads; beside it the time to copy K and V once (the memory-bandwidth bound of
 //! a decode step: every cached key and value must be read at least once).
 //!
-//! Ids: `decode/{m}/t{threads}` and `decode/{m}/copy-kv`; throughput is the bytes of K and V,
+//! `cache-t{threads}` is the same step through `KvCache::attention`, which does not rescan the
+//! cached K and V (they were checked when appended).
+//!
+//! Ids: `decode/{m}/t{threads}`, `decode/{m}/cache-t{threads}` and `decode/{m}/copy-kv`; throughput is the bytes of K and V,
 //! so criterion's "B/s" for the step reads as the effective bandwidth. Also
 //! `queries/{n}/4096/t1`: n = 1 ... 96 queries of one head at m = 4096 (what one query costs
 //! next to a full tile).
 //!
 //! Run: `cargo bench --bench decode`
 
-use attention_math::{AttentionOptions, Heads, Mask, multi_head_attention, scaled_attention_with};
+use attention_math::{
+    AttentionOptions, Heads, KvCache, Mask, multi_head_attention, scaled_attention_with,
+};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use nalgebra::DMatrix;
 use std::hint::black_box;
@@ -36,6 +41,18 @@ fn bench(c: &mut Criterion) {
             let opts = AttentionOptions::new().threads(threads);
             group.bench_function(format!("t{threads}"), |b| {
                 b.iter(|| multi_head_attention(black_box(&q), &k, &v, HEADS, &mask, &opts).unwrap())
+            });
+        }
+        let mut cache = KvCache::<f32>::with_capacity(HEADS.kv, D, D, m).unwrap();
+        cache.append(&k, &v).unwrap();
+        for threads in [1, 2] {
+            let opts = AttentionOptions::new().threads(threads);
+            group.bench_function(format!("cache-t{threads}"), |b| {
+                b.iter(|| {
+                    cache
+                        .attention(black_box(&q), HEADS.query, &Mask::causal(), &opts)
+                        .unwrap()
+                })
             });
         }
         let mut dst = (

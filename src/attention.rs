@@ -8,7 +8,7 @@ use crate::error::{Error, Result, check_finite, checked_len};
 use crate::kernel;
 use crate::mask::Mask;
 use crate::softmax::{logsumexp, softmax_in_place};
-use crate::spec::{AttentionOptions, AttentionOutput, plan, problem};
+use crate::spec::{AttentionOptions, AttentionOutput, add_bias, plan, problem};
 use nalgebra::{DMatrix, DMatrixView, DVector};
 
 /// Scaled dot-product attention, `softmax(Q Kᵀ / √d + mask) V`.
@@ -265,7 +265,10 @@ pub fn scaled_attention_reference<'q, 'k, 'v, T: Float>(
     for i in 0..n {
         for (j, s) in row.iter_mut().enumerate() {
             *s = if mask.allows_in(n, m, i, j) {
-                plan.score(dots[(i, j)], opts.bias.as_ref().map(|b| b[(i, j)]))
+                plan.score(
+                    dots[(i, j)],
+                    add_bias(opts.bias.as_ref().map(|b| b[(i, j)]), plan.alibi_at(i, j)),
+                )
             } else {
                 T::NEG_INFINITY
             };

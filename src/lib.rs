@@ -47,4 +47,4 @@ pub use softmax::{
     exp_in_place, log_softmax, log_softmax_in_place, log_softmax_rows, logsumexp, logsumexp_rows,
     softmax, softmax_in_place, softmax_rows, softmax_with_temperature,
 };
-pub use spec::{AttentionOptions, AttentionOutput};
+pub use spec::{AttentionOptions, AttentionOutput, alibi_slopes};

@@ -393,8 +393,8 @@ impl Mask {
     /// kernel skips the same blocks.
     ///
     /// Top-left alignment (the default, PyTorch's and JAX's) is right for a whole sequence;
-    /// in a decode step it silently attends to the wrong keys. [`KvCache::attention`]
-    /// (crate::KvCache::attention) applies this alignment itself.
+    /// in a decode step it silently attends to the wrong keys.
+    /// [`KvCache::attention`](crate::KvCache::attention) applies this alignment itself.
     ///
     /// # Examples
     ///

@@ -8,7 +8,7 @@ use crate::error::check_finite;
 use crate::error::{Error, Result};
 use crate::kernel;
 use crate::mask::Mask;
-use crate::spec::{AttentionOptions, Inputs, problem_inputs};
+use crate::spec::{Alibi, AttentionOptions, Inputs, alibi_slopes, problem_inputs};
 use nalgebra::{DMatrix, DMatrixView};
 
 /// How many query heads and key-value heads an attention layer has.
@@ -218,6 +218,13 @@ pub(crate) fn multi_head<T: Float>(
             )
         })
         .collect::<Result<Vec<_>>>()?;
+    // ALiBi by head: head h gets the h-th of the paper's H slopes.
+    let mut problems = problems;
+    if opts.alibi == Some(Alibi::ByHead) {
+        for (p, slope) in problems.iter_mut().zip(alibi_slopes(heads.query)) {
+            p.plan.alibi = Some(T::of_f64(slope));
+        }
+    }
     // Heads (or, decoding, GQA groups) run in parallel; every head is computed by the same
     // arithmetic whatever thread runs it, so the result does not depend on the thread count.
     let outputs = kernel::attend(&problems, heads.group_size(), opts.threads);

@@ -36,6 +36,16 @@ pub struct AttentionOptions<'a, T: Float> {
     pub(crate) bias: Option<DMatrixView<'a, T>>,
     pub(crate) weights: bool,
     pub(crate) threads: Option<usize>,
+    pub(crate) alibi: Option<Alibi<T>>,
+}
+
+/// How ALiBi's slopes are chosen; see [`AttentionOptions::alibi`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Alibi<T> {
+    /// One slope for every head.
+    Slope(T),
+    /// The paper's geometric slopes by head count ([`alibi_slopes`]).
+    ByHead,
 }
 
 impl<'a, T: Float> AttentionOptions<'a, T> {
@@ -142,6 +152,63 @@ impl<'a, T: Float> AttentionOptions<'a, T> {
         self
     }
 
+    /// Adds ALiBi's linear position bias (Press et al., 2022) with the paper's slopes: head
+    /// h of H gets slope [`alibi_slopes`]`(H)[h]` in
+    /// [`multi_head_attention`](crate::multi_head_attention) (a single-head call is H = 1,
+    /// slope 1/256), and the score of query i and key j gains
+    ///
+    /// ```text
+    /// B_ij = −slope · |p_i − j|,     p_i = i + m − n
+    /// ```
+    ///
+    /// with `p_i` the query's position when the n queries are the last n of the m positions
+    /// (for self-attention, n = m, `p_i = i`; in a decode step the new token sits at the end
+    /// of the cache). It is computed inside the kernel, never as an n x m matrix, and added
+    /// after the softcap like [`AttentionOptions::bias`] (with which it combines). Under a
+    /// causal mask `j <= p_i` and the term is `slope · (j − p_i)`, which differs from the
+    /// `slope · j` form of some implementations by a constant per row: the same weights and
+    /// output, a log-sum-exp shifted by `slope · p_i`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attention_math::{scaled_attention_with, AttentionOptions, Mask};
+    /// use nalgebra::DMatrix;
+    ///
+    /// let x = DMatrix::<f64>::from_fn(5, 4, |i, j| ((i * 4 + j) as f64).sin());
+    /// let alibi = scaled_attention_with(&x, &x, &x, &Mask::causal(), &AttentionOptions::new().alibi())?;
+    /// // The same as the explicit bias matrix with slope 1/256.
+    /// let b = DMatrix::from_fn(5, 5, |i, j| -(i as f64 - j as f64).abs() / 256.0);
+    /// let explicit = scaled_attention_with(&x, &x, &x, &Mask::causal(), &AttentionOptions::new().bias(&b))?;
+    /// assert!((alibi.output - explicit.output).amax() < 1e-14);
+    /// # Ok::<(), attention_math::Error>(())
+    /// ```
+    pub fn alibi(mut self) -> Self {
+        self.alibi = Some(Alibi::ByHead);
+        self
+    }
+
+    /// ALiBi with one given slope for every head (see [`AttentionOptions::alibi`]); it must be
+    /// finite (it is checked when the call runs).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attention_math::{scaled_attention_with, AttentionOptions, Mask};
+    /// use nalgebra::DMatrix;
+    ///
+    /// // With a steep slope, each query attends almost only to itself.
+    /// let q = DMatrix::<f64>::zeros(3, 2);
+    /// let v = DMatrix::<f64>::from_fn(3, 1, |i, _| i as f64);
+    /// let out = scaled_attention_with(&q, &q, &v, &Mask::none(), &AttentionOptions::new().alibi_slope(50.0))?;
+    /// assert!((out.output[(2, 0)] - 2.0).abs() < 1e-15);
+    /// # Ok::<(), attention_math::Error>(())
+    /// ```
+    pub fn alibi_slope(mut self, slope: T) -> Self {
+        self.alibi = Some(Alibi::Slope(slope));
+        self
+    }
+
     /// Runs the call on a private pool of `threads` worker threads (1 = on the calling
     /// thread), without touching rayon's global pool. The crate builds one such pool per
     /// thread count, on first use, and reuses it. By default the call uses the current rayon
@@ -166,6 +233,40 @@ impl<'a, T: Float> AttentionOptions<'a, T> {
         self.threads = Some(threads.max(1));
         self
     }
+}
+
+/// ALiBi's slopes for `heads` heads (Press et al., 2022, and their reference code): for a
+/// power of two H, head h (from 0) has slope `2^(−8(h+1)/H)`, a geometric sequence from
+/// `2^(−8/H)` down to `2^(−8)`; for other H, with `P` the largest power of two below H, the
+/// P slopes of `P` heads followed by every other slope of `2P` heads (`2^(−4(2k+1)/P)`) for
+/// the remaining H − P heads.
+///
+/// # Examples
+///
+/// ```
+/// use attention_math::alibi_slopes;
+///
+/// assert_eq!(alibi_slopes(8), [0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625, 0.0078125, 0.00390625]);
+/// // 12 heads: the 8 slopes of 8 heads, then 2^-0.5, 2^-1.5, 2^-2.5, 2^-3.5.
+/// let s = alibi_slopes(12);
+/// assert_eq!(s[..8], alibi_slopes(8)[..]);
+/// assert!((s[8] - 0.5f64.sqrt()).abs() < 1e-15 && (s[11] - 2f64.powf(-3.5)).abs() < 1e-15);
+/// assert!(alibi_slopes(0).is_empty());
+/// ```
+pub fn alibi_slopes(heads: usize) -> Vec<f64> {
+    let geometric = |count: usize| -> Vec<f64> {
+        let start = 2f64.powf(-8.0 / count as f64);
+        (1..=count).map(|h| start.powi(h as i32)).collect()
+    };
+    if heads == 0 {
+        return Vec::new();
+    }
+    let p = 1usize << heads.ilog2();
+    let mut slopes = geometric(p);
+    if p < heads {
+        slopes.extend(geometric(2 * p).into_iter().step_by(2).take(heads - p));
+    }
+    slopes
 }
 
 /// What an attention call returns beyond the output: the per-row log-sum-exp (what a
@@ -205,6 +306,8 @@ pub(crate) struct Plan<T> {
     pub dv: usize,
     pub scale: T,
     pub softcap: Option<T>,
+    /// ALiBi's slope for this head, if any.
+    pub alibi: Option<T>,
 }
 
 /// Checks shapes, finiteness and parameters; the one gate every attention path goes through.
@@ -303,6 +406,18 @@ pub(crate) fn plan_inputs<T: Float>(
     if let Some(c) = opts.softcap {
         check_positive("softcap", c)?;
     }
+    let alibi = match opts.alibi {
+        None => None,
+        Some(Alibi::ByHead) => Some(T::of_f64(alibi_slopes(1)[0])),
+        Some(Alibi::Slope(slope)) if slope.is_finite() => Some(slope),
+        Some(Alibi::Slope(slope)) => {
+            return Err(Error::InvalidParameter {
+                name: "alibi slope",
+                value: slope.as_f64(),
+                requirement: "must be finite",
+            });
+        }
+    };
     let scale = match opts.scale {
         Some(s) if !s.is_finite() => {
             return Err(Error::InvalidParameter {
@@ -322,10 +437,19 @@ pub(crate) fn plan_inputs<T: Float>(
         dv,
         scale,
         softcap: opts.softcap,
+        alibi,
     })
 }
 
 impl<T: Float> Plan<T> {
+    /// ALiBi's term for query `i` and key `j`: `−slope · |p_i − j|` with `p_i = i + m − n`.
+    #[inline]
+    pub(crate) fn alibi_at(&self, i: usize, j: usize) -> Option<T> {
+        let slope = self.alibi?;
+        let p = i as i128 + self.m as i128 - self.n as i128;
+        Some(-slope * T::of_f64((p - j as i128).unsigned_abs() as f64))
+    }
+
     /// The final score of one pair from its raw dot product `q_i · k_j`, before masking.
     #[inline]
     pub(crate) fn score(&self, dot: T, bias: Option<T>) -> T {
@@ -363,6 +487,28 @@ pub(crate) struct Problem<'a, T: Float> {
     pub mask: &'a Mask,
     pub bias: Option<DMatrixView<'a, T>>,
     pub plan: Plan<T>,
+}
+
+impl<T: Float> Problem<'_, T> {
+    /// The additive bias of pair (i, j): the bias matrix's entry plus ALiBi's term, if either
+    /// is given.
+    #[inline]
+    pub(crate) fn bias_at(&self, i: usize, j: usize) -> Option<T> {
+        add_bias(
+            self.bias.as_ref().map(|b| b[(i, j)]),
+            self.plan.alibi_at(i, j),
+        )
+    }
+}
+
+/// `a + b` where either may be absent.
+#[inline]
+pub(crate) fn add_bias<T: Float>(a: Option<T>, b: Option<T>) -> Option<T> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a + b),
+        (a, None) => a,
+        (None, b) => b,
+    }
 }
 
 /// Validates one call and bundles it for the kernel.

@@ -216,8 +216,7 @@ impl<T: Float> Ctx<'_, T> {
             return;
         }
         for (jj, (o, &xij)) in out.iter_mut().zip(x).enumerate() {
-            let bias = self.p.bias.as_ref().map(|b| b[(i, j0 + jj)]);
-            *o = plan.score(xij, bias) - lse;
+            *o = plan.score(xij, self.p.bias_at(i, j0 + jj)) - lse;
         }
         if partial {
             let (n, m) = (plan.n, plan.m);

@@ -68,9 +68,17 @@ impl<E: Element + nalgebra::Scalar, const R: usize> Kernel<E> for Scores<'_, E, 
         for row in out.chunks_exact_mut(stride).take(R) {
             row[..bc].fill(E::ZERO);
         }
+        let m = k.nrows();
+        let (ahead, line) = (j0 + bc, 64 / size_of::<E>());
         for c in 0..d {
             let column = k.column(c);
-            let col = &column.as_slice()[j0..j0 + bc];
+            let all = column.as_slice();
+            // The next block of this column, a cache line at a time: a decode step reads d
+            // columns side by side, more streams than the hardware prefetcher follows.
+            for at in (ahead..(ahead + bc).min(m)).step_by(line) {
+                s.prefetch(&all[at..]);
+            }
+            let col = &all[j0..j0 + bc];
             let qc: [E; R] = core::array::from_fn(|r| q[r * d + c]);
             let qv: [S::V; R] = core::array::from_fn(|r| s.splat(qc[r]));
             for j in (0..full).step_by(l) {
@@ -119,9 +127,15 @@ impl<E: Element + nalgebra::Scalar, const R: usize> Kernel<E> for Values<'_, E, 
         } = self;
         let l = S::LANES;
         let full = bc / l * l;
+        let m = v.nrows();
+        let (ahead, line) = (j0 + bc, 64 / size_of::<E>());
         for c in 0..v.ncols() {
             let column = v.column(c);
-            let col = &column.as_slice()[j0..j0 + bc];
+            let all = column.as_slice();
+            for at in (ahead..(ahead + bc).min(m)).step_by(line) {
+                s.prefetch(&all[at..]);
+            }
+            let col = &all[j0..j0 + bc];
             let mut acc: [S::V; R] = [s.splat(E::ZERO); R];
             for j in (0..full).step_by(l) {
                 let vv = s.load(&col[j..]);

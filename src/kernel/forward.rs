@@ -297,17 +297,18 @@ pub(super) fn finish_scores<T: Float>(
     partial: bool,
 ) {
     let log2e = T::of_f64(std::f64::consts::LOG2_E);
-    match (p.plan.softcap, &p.bias) {
-        (None, None) => {}
-        (None, Some(b)) => {
+    let biased = p.bias.is_some() || p.plan.alibi.is_some();
+    match (p.plan.softcap, biased) {
+        (None, false) => {}
+        (None, true) => {
             for (j, x) in row.iter_mut().enumerate() {
-                *x += b[(i, k0 + j)] * log2e;
+                *x += p.bias_at(i, k0 + j).unwrap_or(T::zero()) * log2e;
             }
         }
-        (Some(c), b) => {
+        (Some(c), _) => {
             // The products are in natural units here: cap, add the bias, then convert.
             for (j, x) in row.iter_mut().enumerate() {
-                let bias = b.as_ref().map_or(T::zero(), |b| b[(i, k0 + j)]);
+                let bias = p.bias_at(i, k0 + j).unwrap_or(T::zero());
                 *x = (c * (*x / c).tanh() + bias) * log2e;
             }
         }
@@ -340,7 +341,7 @@ pub(super) fn exact_row<T: Float>(p: &Problem<'_, T>, i: usize) -> (Vec<T>, T) {
         .map(|j| {
             if p.mask.allows_in(n, m, i, j) {
                 let dot = p.q.row(i).dot(&p.k.row(j));
-                p.plan.score(dot, p.bias.as_ref().map(|b| b[(i, j)]))
+                p.plan.score(dot, p.bias_at(i, j))
             } else {
                 T::NEG_INFINITY
             }

@@ -162,6 +162,13 @@ pub trait Lanes<E: Element>: Copy + Send + Sync + 'static {
     /// Whether any lane of `x` is `> hi`.
     fn any_above(self, x: Self::V, hi: E) -> bool;
 
+    /// Hints that the cache line holding `x[0]` will be read soon (a no-op where the
+    /// instruction set has no prefetch; never faults).
+    #[inline(always)]
+    fn prefetch(self, x: &[E]) {
+        let _ = x;
+    }
+
     /// The first `LANES` elements of `x` (panics if it is shorter: a bug in the caller).
     #[inline(always)]
     fn load(self, x: &[E]) -> Self::V {

@@ -138,6 +138,14 @@ macro_rules! lanes {
                 // SAFETY: the token proves the instruction set.
                 unsafe { $max(a, b) }
             }
+            #[inline(always)]
+            fn prefetch(self, x: &[$t]) {
+                if let Some(first) = x.first() {
+                    // SAFETY: a prefetch reads nothing architecturally and never faults; the
+                    // pointer comes from a live slice.
+                    unsafe { _mm_prefetch::<_MM_HINT_T0>((first as *const $t).cast::<i8>()) }
+                }
+            }
             $($rest)*
         }
     };
