@@ -36,3 +36,9 @@ pub mod softmax {
 pub mod entropy {
     #![doc = include_str!("entropy.md")]
 }
+
+/// Decoding: the KV cache, aligned masks, RoPE, ALiBi, and what a step costs
+/// (`docs/decoding.md`).
+pub mod decoding {
+    #![doc = include_str!("../../docs/decoding.md")]
+}
