@@ -37,10 +37,10 @@ pub use error::{Axis, Error, Result};
 pub use float::Float;
 pub use grad::{
     AttentionGrads, attention_backward, attention_backward_reference, entropy_from_logits_grad,
-    log_softmax_vjp, softmax_jacobian, softmax_jvp, softmax_vjp,
+    log_softmax_vjp, multi_head_attention_backward, softmax_jacobian, softmax_jvp, softmax_vjp,
 };
 pub use mask::{Block, Mask, MaskGrid};
-pub use multihead::{Heads, multi_head_attention};
+pub use multihead::{Heads, MultiHeadOutput, multi_head_attention, multi_head_attention_with};
 pub use rope::{Rope, RopeLayout};
 pub use simd::{InstructionSet, instruction_set};
 pub use softmax::{

@@ -8,7 +8,7 @@ use crate::error::check_finite;
 use crate::error::{Error, Result};
 use crate::kernel;
 use crate::mask::Mask;
-use crate::spec::{Alibi, AttentionOptions, Inputs, alibi_slopes, problem_inputs};
+use crate::spec::{Alibi, AttentionOptions, Inputs, Problem, alibi_slopes, problem_inputs};
 use nalgebra::{DMatrix, DMatrixView};
 
 /// How many query heads and key-value heads an attention layer has.
@@ -186,6 +186,22 @@ pub(crate) fn multi_head<T: Float>(
     opts: &AttentionOptions<'_, T>,
     kv: Inputs,
 ) -> Result<DMatrix<T>> {
+    Ok(multi_head_outputs(q, k, v, heads, mask, opts, kv)?.output)
+}
+
+/// The per-head problems of a layer: shapes and head counts checked, the shared K and V
+/// scanned for non-finite entries once (as `kv` says), not once per query head (the
+/// positions reported are those in the whole matrices), then every head's shapes and options
+/// in order, with ALiBi's per-head slopes. Also returns (d, d_v).
+pub(crate) fn head_problems<'a, T: Float>(
+    q: &'a DMatrixView<'_, T>,
+    k: &'a DMatrixView<'_, T>,
+    v: &'a DMatrixView<'_, T>,
+    heads: Heads,
+    mask: &'a Mask,
+    opts: &AttentionOptions<'a, T>,
+    kv: Inputs,
+) -> Result<(Vec<Problem<'a, T>>, usize, usize)> {
     heads.validate()?;
     let d = head_width("q", q.ncols(), heads.query)?;
     let dk = head_width("k", k.ncols(), heads.kv)?;
@@ -197,15 +213,12 @@ pub(crate) fn multi_head<T: Float>(
             expected: (k.nrows(), heads.kv * d),
         });
     }
-    // The shared K and V are scanned for non-finite entries once, not once per query head
-    // (the positions reported are those in the whole matrices); then every head's shapes and
-    // options, in order.
-    check_finite("q", &q)?;
+    check_finite("q", q)?;
     if kv == Inputs::Check {
-        check_finite("k", &k)?;
-        check_finite("v", &v)?;
+        check_finite("k", k)?;
+        check_finite("v", v)?;
     }
-    let problems = (0..heads.query)
+    let mut problems = (0..heads.query)
         .map(|h| {
             let g = heads.kv_head(h);
             problem_inputs(
@@ -219,20 +232,103 @@ pub(crate) fn multi_head<T: Float>(
         })
         .collect::<Result<Vec<_>>>()?;
     // ALiBi by head: head h gets the h-th of the paper's H slopes.
-    let mut problems = problems;
     if opts.alibi == Some(Alibi::ByHead) {
         for (p, slope) in problems.iter_mut().zip(alibi_slopes(heads.query)) {
             p.plan.alibi = Some(T::of_f64(slope));
         }
     }
+    Ok((problems, d, dv))
+}
+
+/// Output and per-head log-sum-exp of a layer (see [`multi_head_attention_with`]).
+fn multi_head_outputs<T: Float>(
+    q: DMatrixView<'_, T>,
+    k: DMatrixView<'_, T>,
+    v: DMatrixView<'_, T>,
+    heads: Heads,
+    mask: &Mask,
+    opts: &AttentionOptions<'_, T>,
+    kv: Inputs,
+) -> Result<MultiHeadOutput<T>> {
+    let (problems, _, dv) = head_problems(&q, &k, &v, heads, mask, opts, kv)?;
     // Heads (or, decoding, GQA groups) run in parallel; every head is computed by the same
     // arithmetic whatever thread runs it, so the result does not depend on the thread count.
     let outputs = kernel::attend(&problems, heads.group_size(), opts.threads);
-    let mut out = DMatrix::zeros(q.nrows(), heads.query * dv);
+    let n = q.nrows();
+    let mut output = DMatrix::zeros(n, heads.query * dv);
+    let mut lse = DMatrix::zeros(n, heads.query);
     for (h, o) in outputs.iter().enumerate() {
-        out.columns_mut(h * dv, dv).copy_from(&o.output);
+        output.columns_mut(h * dv, dv).copy_from(&o.output);
+        lse.column_mut(h).copy_from(&o.lse);
     }
-    Ok(out)
+    Ok(MultiHeadOutput { output, lse })
+}
+
+/// What [`multi_head_attention_with`] returns: the output and every head's log-sum-exp, what
+/// the [multi-head backward pass](crate::multi_head_attention_backward) needs.
+///
+/// # Examples
+///
+/// ```
+/// use attention_math::{multi_head_attention_with, AttentionOptions, Heads, Mask};
+/// use nalgebra::DMatrix;
+///
+/// let q = DMatrix::<f64>::zeros(3, 8);
+/// let kv = DMatrix::<f64>::zeros(5, 4);
+/// let out = multi_head_attention_with(&q, &kv, &kv, Heads::grouped(4, 2), &Mask::none(), &AttentionOptions::new())?;
+/// assert_eq!((out.output.shape(), out.lse.shape()), ((3, 8), (3, 4)));
+/// assert!((out.lse[(0, 3)] - 5.0_f64.ln()).abs() < 1e-15); // five scores of 0
+/// # Ok::<(), attention_math::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct MultiHeadOutput<T: Float> {
+    /// The output, n x (H·d_v), the heads side by side.
+    pub output: DMatrix<T>,
+    /// `lse[(i, h)]`: head h's log-sum-exp of query i (−inf for a fully masked row); n x H.
+    pub lse: DMatrix<T>,
+}
+
+/// [`multi_head_attention`] that also returns every head's log-sum-exp (a
+/// [`MultiHeadOutput`]), for the backward pass or for merging split results.
+///
+/// # Errors
+///
+/// Those of [`multi_head_attention`].
+///
+/// # Examples
+///
+/// ```
+/// use attention_math::{multi_head_attention, multi_head_attention_with, AttentionOptions, Heads, Mask};
+/// use nalgebra::DMatrix;
+///
+/// let x = DMatrix::<f32>::from_fn(6, 8, |i, j| ((i * 8 + j) as f32).sin());
+/// let heads = Heads::multi_head(4);
+/// let opts = AttentionOptions::new();
+/// let with = multi_head_attention_with(&x, &x, &x, heads, &Mask::causal(), &opts)?;
+/// assert_eq!(with.output, multi_head_attention(&x, &x, &x, heads, &Mask::causal(), &opts)?);
+/// // Query 0 sees only key 0 under the causal mask: head 2's lse is that one score,
+/// // (x₀₄² + x₀₅²)/√2 (head 2 is columns 4 and 5).
+/// let score = (x[(0, 4)] * x[(0, 4)] + x[(0, 5)] * x[(0, 5)]) / 2f32.sqrt();
+/// assert!((with.lse[(0, 2)] - score).abs() < 1e-6);
+/// # Ok::<(), attention_math::Error>(())
+/// ```
+pub fn multi_head_attention_with<'q, 'k, 'v, T: Float>(
+    q: impl Into<DMatrixView<'q, T>>,
+    k: impl Into<DMatrixView<'k, T>>,
+    v: impl Into<DMatrixView<'v, T>>,
+    heads: Heads,
+    mask: &Mask,
+    opts: &AttentionOptions<'_, T>,
+) -> Result<MultiHeadOutput<T>> {
+    multi_head_outputs(
+        q.into(),
+        k.into(),
+        v.into(),
+        heads,
+        mask,
+        opts,
+        Inputs::Check,
+    )
 }
 
 #[cfg(test)]

@@ -7,8 +7,9 @@ use crate::attention::scaled_attention_reference;
 use crate::error::{Error, Result, check_finite, checked_len};
 use crate::kernel::{self, backward::backward, backward::tiles};
 use crate::mask::Mask;
+use crate::multihead::{Heads, MultiHeadOutput, head_problems};
 use crate::simd::Isa;
-use crate::spec::{AttentionOptions, AttentionOutput, plan, problem};
+use crate::spec::{AttentionOptions, AttentionOutput, Inputs, plan, problem};
 use nalgebra::{DMatrix, DMatrixView};
 
 /// The gradients of a scalar loss `L` with respect to the inputs of an attention call,
@@ -277,6 +278,134 @@ fn backward_tiled<T: Float>(
         dk: g.dk,
         dv: g.dv,
         dbias: g.dbias,
+    })
+}
+
+/// The backward pass of [`multi_head_attention`](crate::multi_head_attention): gradients of
+/// a loss with respect to Q (n x H·d), K (m x G·d), V (m x G·d_v) and the bias (shared by
+/// every head), from `d_out = ∂L/∂O` (n x H·d_v) and the saved forward result of
+/// [`multi_head_attention_with`](crate::multi_head_attention_with).
+///
+/// Each query head's gradients are those of [`attention_backward`] on its columns; a GQA
+/// group's key-value head collects the sum of its query heads' dK and dV (summed in head
+/// order, so the result is the same bits for any thread count), and d bias is the sum over
+/// all heads. Every mask and option of the forward pass is honoured, ALiBi's per-head slopes
+/// included.
+///
+/// # Errors
+///
+/// Those of [`multi_head_attention`](crate::multi_head_attention), and:
+/// - [`Error::ShapeMismatch`] naming `d_out` or `forward.output` if not n x (H·d_v), or
+///   `forward.lse` if not n x H;
+/// - [`Error::NonFinite`] naming `d_out` or `forward.output` for NaN or an infinity, or
+///   `forward.lse` for NaN or `+inf`.
+///
+/// # Examples
+///
+/// ```
+/// use attention_math::{attention_backward, multi_head_attention_backward, multi_head_attention_with,
+///     scaled_attention_with, AttentionOptions, Heads, Mask};
+/// use nalgebra::DMatrix;
+///
+/// let m = |r: usize, c: usize, s: f64| DMatrix::from_fn(r, c, |i, j| ((i * c + j) as f64 * 0.3 + s).sin());
+/// let (q, k, v, d_out) = (m(5, 8, 0.1), m(5, 4, 0.2), m(5, 4, 0.3), m(5, 8, 0.4));
+/// let heads = Heads::grouped(4, 2); // heads 0, 1 share KV head 0; heads 2, 3 share KV head 1
+/// let opts = AttentionOptions::new();
+/// let fwd = multi_head_attention_with(&q, &k, &v, heads, &Mask::causal(), &opts)?;
+/// let g = multi_head_attention_backward(&q, &k, &v, heads, &Mask::causal(), &opts, &fwd, &d_out)?;
+/// // KV head 0's dV is the sum of the dV of query heads 0 and 1, each a single-head backward.
+/// let one = |h: usize| {
+///     let (qh, kh, vh, gh) = (q.columns(2 * h, 2), k.columns(0, 2), v.columns(0, 2), d_out.columns(2 * h, 2));
+///     let f = scaled_attention_with(qh, kh, vh, &Mask::causal(), &opts).unwrap();
+///     attention_backward(qh, kh, vh, &Mask::causal(), &opts, &f, gh).unwrap()
+/// };
+/// let sum = one(0).dv + one(1).dv;
+/// assert!((g.dv.columns(0, 2) - sum).amax() < 1e-14);
+/// # Ok::<(), attention_math::Error>(())
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn multi_head_attention_backward<'q, 'k, 'v, 'g, T: Float>(
+    q: impl Into<DMatrixView<'q, T>>,
+    k: impl Into<DMatrixView<'k, T>>,
+    v: impl Into<DMatrixView<'v, T>>,
+    heads: Heads,
+    mask: &Mask,
+    opts: &AttentionOptions<'_, T>,
+    forward: &MultiHeadOutput<T>,
+    d_out: impl Into<DMatrixView<'g, T>>,
+) -> Result<AttentionGrads<T>> {
+    let (q, k, v, d_out) = (q.into(), k.into(), v.into(), d_out.into());
+    let (problems, d, dv) = head_problems(&q, &k, &v, heads, mask, opts, Inputs::Check)?;
+    let (n, m, h) = (q.nrows(), k.nrows(), heads.query);
+    check_d_out(&d_out, n, h * dv)?;
+    let fo = &forward.output;
+    if fo.shape() != (n, h * dv) {
+        return Err(Error::ShapeMismatch {
+            arg: "forward.output",
+            found: fo.shape(),
+            expected: (n, h * dv),
+        });
+    }
+    check_finite("forward.output", &fo.as_view())?;
+    if forward.lse.shape() != (n, h) {
+        return Err(Error::ShapeMismatch {
+            arg: "forward.lse",
+            found: forward.lse.shape(),
+            expected: (n, h),
+        });
+    }
+    if let Some(at) = forward
+        .lse
+        .iter()
+        .position(|l| l.is_nan_value() || *l == T::INFINITY)
+    {
+        return Err(Error::NonFinite {
+            arg: "forward.lse",
+            row: at % n.max(1),
+            col: at / n.max(1),
+        });
+    }
+    let isa = Isa::get();
+    let one_head = |hd: usize, exec| {
+        let g = d_out.columns(hd * dv, dv);
+        let o = fo.columns(hd * dv, dv);
+        let delta: Vec<T> = (0..n)
+            .map(|i| (0..dv).fold(T::zero(), |acc, c| acc + g[(i, c)] * o[(i, c)]))
+            .collect();
+        let lse: Vec<T> = forward.lse.column(hd).iter().copied().collect();
+        backward(&problems[hd], g, &lse, &delta, isa, exec, tiles::<T>())
+    };
+    let per_head: Vec<_> = kernel::with_threads(opts.threads, |exec| {
+        use rayon::prelude::*;
+        if exec.parallel() {
+            (0..h)
+                .into_par_iter()
+                .map(|hd| one_head(hd, exec))
+                .collect()
+        } else {
+            (0..h).map(|hd| one_head(hd, exec)).collect()
+        }
+    });
+    let mut dq = DMatrix::zeros(n, h * d);
+    let mut dk = DMatrix::zeros(m, heads.kv * d);
+    let mut dvm = DMatrix::zeros(m, heads.kv * dv);
+    let mut dbias = opts.bias.map(|_| DMatrix::zeros(n, m));
+    for (hd, g) in per_head.into_iter().enumerate() {
+        let kv = heads.kv_head(hd);
+        dq.columns_mut(hd * d, d).copy_from(&g.dq);
+        let mut dkc = dk.columns_mut(kv * d, d);
+        dkc += &g.dk;
+        let mut dvc = dvm.columns_mut(kv * dv, dv);
+        dvc += &g.dv;
+        if let (Some(total), Some(part)) = (dbias.as_mut(), g.dbias) {
+            *total += part;
+        }
+    }
+    Ok(AttentionGrads {
+        dq,
+        dk,
+        dv: dvm,
+        dbias,
     })
 }
 
