@@ -477,3 +477,70 @@ fn attention_sizes_are_checked() {
         Err(Error::TooLarge { .. })
     ));
 }
+
+/// Huge finite scores cannot fool the kernel's "fully masked row" test: a bias of −3e38 on
+/// every key leaves the weights uniform (the reference's answer: the mean of V), on the tiled
+/// path and the decode path alike.
+#[test]
+fn huge_negative_biases_are_not_masks() {
+    use attention_math::{AttentionOptions, scaled_attention_reference, scaled_attention_with};
+    for n in [1, 100] {
+        let m = 7;
+        let q = DMatrix::<f32>::from_fn(n, 4, |i, j| ((i + j) as f32).sin());
+        let k = DMatrix::<f32>::from_fn(m, 4, |i, j| ((i * 4 + j) as f32).cos());
+        let v = DMatrix::<f32>::from_fn(m, 2, |i, j| (i + 3 * j) as f32);
+        let bias = DMatrix::<f32>::from_element(n, m, -3e38);
+        let opts = AttentionOptions::new().bias(&bias);
+        let fast = scaled_attention_with(&q, &k, &v, &Mask::none(), &opts).unwrap();
+        let want = scaled_attention_reference(&q, &k, &v, &Mask::none(), &opts).unwrap();
+        assert_eq!(fast.output, want.output, "n = {n}");
+        assert!((fast.output[(0, 0)] - 3.0).abs() < 1e-6); // the mean of 0..7
+        assert_eq!(fast.lse, want.lse);
+    }
+}
+
+/// The tiled backward pass recomputes `P = exp(S − lse)`; where the saved lse is too coarse
+/// for that (huge scores or a huge constant bias), the row takes an exact pass instead, so the
+/// gradients stay finite and equal the reference's.
+#[test]
+fn backward_survives_huge_scores_and_biases() {
+    use attention_math::{
+        AttentionOptions, attention_backward, attention_backward_reference, scaled_attention_with,
+    };
+    let (n, m) = (3, 4);
+    let q = DMatrix::<f32>::from_fn(n, 2, |i, j| ((i * 2 + j) as f32).sin());
+    let k = DMatrix::<f32>::from_fn(m, 2, |i, j| ((i * 2 + j) as f32).cos());
+    let v = DMatrix::<f32>::from_fn(m, 2, |i, j| (i + j) as f32 * 0.5);
+    let d_out = DMatrix::<f32>::from_fn(n, 2, |i, j| 1.0 + (i * j) as f32);
+    // A constant bias cannot change the softmax: dV's columns still sum to dO's.
+    let bias = DMatrix::<f32>::from_element(n, m, 1e8);
+    let opts = AttentionOptions::new().bias(&bias);
+    let fwd = scaled_attention_with(&q, &k, &v, &Mask::none(), &opts).unwrap();
+    let g = attention_backward(&q, &k, &v, &Mask::none(), &opts, &fwd, &d_out).unwrap();
+    let r = attention_backward_reference(&q, &k, &v, &Mask::none(), &opts, &d_out).unwrap();
+    for c in 0..2 {
+        let want: f32 = d_out.column(c).sum();
+        assert!(
+            (g.dv.column(c).sum() - want).abs() < 1e-4 * want,
+            "{}",
+            g.dv
+        );
+    }
+    assert!((&g.dv - &r.dv).amax() < 1e-5 && (&g.dq - &r.dq).amax() < 1e-5);
+    // Scores around 1e11 (q·k with entries of 3e5).
+    let big_q = q.map(|x| x * 3e5);
+    let big_k = k.map(|x| x * 3e5);
+    let opts = AttentionOptions::new();
+    let fwd = scaled_attention_with(&big_q, &big_k, &v, &Mask::causal(), &opts).unwrap();
+    let g = attention_backward(&big_q, &big_k, &v, &Mask::causal(), &opts, &fwd, &d_out).unwrap();
+    let r =
+        attention_backward_reference(&big_q, &big_k, &v, &Mask::causal(), &opts, &d_out).unwrap();
+    assert!(
+        g.dq.iter()
+            .chain(g.dk.iter())
+            .chain(g.dv.iter())
+            .all(|x| x.is_finite())
+    );
+    assert!((&g.dv - &r.dv).amax() < 1e-4, "{} vs {}", g.dv, r.dv);
+    assert!((&g.dq - &r.dq).amax() <= 1e-4 * r.dq.amax().max(1.0));
+}

@@ -93,6 +93,8 @@ struct Ctx<'a, T: Float> {
     lse: &'a [T],
     /// `D_i = ⟨dO_i, O_i⟩ = Σ_j P_ij dP_ij`, the softmax VJP's row correction.
     delta: &'a [T],
+    /// Rows left out of the tiled pass and computed by [`exact_rows`] instead.
+    exact: Vec<bool>,
     packed: Packed<T>,
     isa: Isa,
     /// Columns of the score scratch (the key tile rounded up to NR).
@@ -211,7 +213,8 @@ impl<T: Float> Ctx<'_, T> {
     /// or `−inf` where the pair carries no weight.
     fn exponent_args(&self, i: usize, j0: usize, x: &[T], partial: bool, out: &mut [T]) {
         let (plan, lse) = (&self.p.plan, self.lse[i]);
-        if lse == T::NEG_INFINITY {
+        // A fully masked row, or one left to the exact pass (see `exact_rows`).
+        if lse == T::NEG_INFINITY || self.exact[i] {
             out.fill(T::NEG_INFINITY);
             return;
         }
@@ -405,10 +408,12 @@ pub(crate) fn backward<T: Float>(
     let n_pad = round_up(n, T::MR);
     let (d_pad, dv_pad) = (round_up(d, T::NR), round_up(dv, T::NR));
     let one = T::one();
+    let exact: Vec<bool> = lse.iter().map(|&l| too_coarse(l)).collect();
     let ctx = Ctx {
         p,
         lse,
         delta,
+        exact,
         packed: Packed {
             q_rows: pack::rows(&p.q, one, n_pad),
             do_rows: pack::rows(&d_out, one, n_pad),
@@ -481,12 +486,94 @@ pub(crate) fn backward<T: Float>(
             ctx.key_block(&queries, key, out, Some(&mut dq_parts), &mut scr);
         }
     }
-    // Back to column-major nalgebra matrices, dropping the padding.
     let key_row = |j: usize| key_blocks[j / tk].0 + j % tk;
+    if ctx.exact.iter().any(|&e| e) {
+        let mut out = ExactOut {
+            dq: &mut dq,
+            dk: &mut dk,
+            dv: &mut dvb,
+            dbias: dbias.as_deref_mut(),
+            d_pad,
+            dv_pad,
+        };
+        exact_rows(&ctx, d_out, &key_row, &mut out);
+    }
+    // Back to column-major nalgebra matrices, dropping the padding.
     Gradients {
         dq: DMatrix::from_fn(n, d, |i, c| dq[i * d_pad + c]),
         dk: DMatrix::from_fn(m, d, |j, c| dk[key_row(j) * d_pad + c]),
         dv: DMatrix::from_fn(m, dv, |j, c| dvb[key_row(j) * dv_pad + c]),
         dbias: dbias.map(|data| DMatrix::from_vec(n, m, data)),
+    }
+}
+
+/// Whether a row's log-sum-exp is too large for `exp(S − lse)` to be trusted: past
+/// `2⁻¹⁰ / ε` (8192 in f32) one ulp of `lse` is over 2⁻¹⁰, and the rounding of the saved
+/// lse alone would scale that row's weights by up to `e^(ulp/2)` (with a constant bias of
+/// 1e8 in f32, every weight became 1). Such rows are recomputed exactly instead.
+fn too_coarse<T: Float>(lse: T) -> bool {
+    lse.is_finite() && lse.abs() >= T::of_f64(2f64.powi(-10)) / T::EPSILON
+}
+
+/// Where [`exact_rows`] adds its gradients: the row-major padded buffers of the tiled pass.
+struct ExactOut<'a, T> {
+    dq: &'a mut [T],
+    dk: &'a mut [T],
+    dv: &'a mut [T],
+    dbias: Option<&'a mut [T]>,
+    d_pad: usize,
+    dv_pad: usize,
+}
+
+/// The gradients of the rows the tiled pass left out, one row at a time the reference's way:
+/// the row's scores, its softmax with the maximum subtracted (exact whatever the scores'
+/// magnitude), `D = Σ_j P_j dP_j` from those weights, then `dS`, and the row's contributions
+/// to dQ, dK, dV and d bias. Rows in order, keys in order: the same bits on any thread count.
+fn exact_rows<T: Float>(
+    ctx: &Ctx<'_, T>,
+    d_out: DMatrixView<'_, T>,
+    key_row: &dyn Fn(usize) -> usize,
+    out: &mut ExactOut<'_, T>,
+) {
+    let p = ctx.p;
+    let plan = &p.plan;
+    let (n, m, d, dv) = (plan.n, plan.m, plan.d, plan.dv);
+    let mut s = vec![T::zero(); m];
+    let mut x = vec![T::zero(); m];
+    let mut dp = vec![T::zero(); m];
+    for i in (0..n).filter(|&i| ctx.exact[i]) {
+        for j in 0..m {
+            x[j] = p.q.row(i).dot(&p.k.row(j));
+            s[j] = if p.mask.allows_in(n, m, i, j) {
+                plan.score(x[j], p.bias_at(i, j))
+            } else {
+                T::NEG_INFINITY
+            };
+            dp[j] = d_out.row(i).dot(&p.v.row(j));
+        }
+        crate::softmax::softmax_in_place(&mut s);
+        let delta = s
+            .iter()
+            .zip(&dp)
+            .fold(T::zero(), |acc, (&pj, &g)| acc + pj * g);
+        for j in 0..m {
+            let pj = s[j];
+            if pj == T::zero() {
+                continue;
+            }
+            let ds = pj * (dp[j] - delta);
+            if let Some(db) = out.dbias.as_deref_mut() {
+                db[i + j * n] = ds;
+            }
+            let dx = ds * plan.score_grad(x[j]);
+            let kr = key_row(j);
+            for c in 0..d {
+                out.dq[i * out.d_pad + c] += dx * p.k[(j, c)];
+                out.dk[kr * out.d_pad + c] += dx * p.q[(i, c)];
+            }
+            for c in 0..dv {
+                out.dv[kr * out.dv_pad + c] += pj * d_out[(i, c)];
+            }
+        }
     }
 }

@@ -180,6 +180,8 @@ struct Partial<T> {
     max: Vec<T>,
     sum: Vec<T>,
     o: Vec<T>,
+    /// Whether the mask allowed any key of the row in this chunk.
+    seen: Vec<bool>,
 }
 
 /// Attention for the heads `problems` (all with the same K, V, mask and options: one GQA
@@ -242,7 +244,8 @@ pub(crate) fn decode<T: Float>(
             }
         }
         let (out, lse) = &mut results[row.head];
-        match row_end(big, sum) {
+        let seen = partials.iter().any(|p| p.seen[r]);
+        match row_end(big, sum, seen) {
             RowEnd::Normal { inv, lse: l } => {
                 for (c, &oc) in o.iter().enumerate() {
                     out[(row.query, c)] = oc * inv;
@@ -282,6 +285,7 @@ fn chunk<T: Float>(
         max: vec![T::NEG_INFINITY; count],
         sum: vec![T::zero(); count],
         o: vec![T::zero(); padded * dv],
+        seen: vec![false; count],
     };
     for j0 in (c0..c1).step_by(BLOCK) {
         let bc = BLOCK.min(c1 - j0);
@@ -305,7 +309,8 @@ fn chunk<T: Float>(
         for (r, row) in rows.iter().enumerate() {
             let scores = &mut s[r * stride..r * stride + width];
             let p = problems[row.head];
-            finish_scores(p, row.query, j0, &mut scores[..bc], block == Block::Partial);
+            part.seen[r] |=
+                finish_scores(p, row.query, j0, &mut scores[..bc], block == Block::Partial);
             scores[bc..].fill(T::NEG_INFINITY);
             online_step(
                 isa,

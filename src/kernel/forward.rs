@@ -36,6 +36,8 @@ struct Scratch<T> {
     sum: Vec<T>,
     /// Per-row normalising factor `1 / sum` at the end.
     inv: Vec<T>,
+    /// Per row: whether the mask allowed any key so far.
+    seen: Vec<bool>,
 }
 
 impl<T: Float> Scratch<T> {
@@ -47,6 +49,7 @@ impl<T: Float> Scratch<T> {
             max: vec![T::NEG_INFINITY; br],
             sum: vec![T::zero(); br],
             inv: vec![T::zero(); br],
+            seen: vec![false; br],
         }
     }
 }
@@ -122,6 +125,7 @@ fn query_tile<T: Float>(
     scr.o[..rows_pad * dv_pad].fill(T::zero());
     scr.max[..rows].fill(T::NEG_INFINITY);
     scr.sum[..rows].fill(T::zero());
+    scr.seen[..rows].fill(false);
     debug_assert!(rows <= br);
 
     for k0 in (0..m).step_by(bc) {
@@ -155,7 +159,7 @@ fn query_tile<T: Float>(
         );
         for r in 0..rows {
             let row = &mut scr.s[r * bc..r * bc + cols_pad];
-            finish_scores(p, q0 + r, k0, &mut row[..cols], block == Block::Partial);
+            scr.seen[r] |= finish_scores(p, q0 + r, k0, &mut row[..cols], block == Block::Partial);
             row[cols..].fill(T::NEG_INFINITY);
             online_step(
                 isa,
@@ -198,7 +202,7 @@ fn query_tile<T: Float>(
     // the cache sets.
     let mut exact = Vec::new();
     for (r, l) in lse.iter_mut().enumerate() {
-        match row_end(scr.max[r], scr.sum[r]) {
+        match row_end(scr.max[r], scr.sum[r], scr.seen[r]) {
             RowEnd::Normal { inv, lse } => (scr.inv[r], *l) = (inv, lse),
             RowEnd::Masked => (scr.inv[r], *l) = (T::zero(), T::NEG_INFINITY),
             RowEnd::Exact => {
@@ -267,20 +271,21 @@ pub(super) enum RowEnd<T> {
     Normal { inv: T, lse: T },
     /// No allowed key: output 0, lse −inf.
     Masked,
-    /// A score overflowed to ±inf or NaN (finite inputs whose products exceed the range): the
-    /// row is recomputed exactly as the reference does, by [`exact_row`].
+    /// A score overflowed to ±inf or NaN (finite inputs whose products exceed the range), or
+    /// every allowed score left the float range downwards: the row is recomputed exactly as
+    /// the reference does, by [`exact_row`].
     Exact,
 }
 
-/// See [`RowEnd`].
-pub(super) fn row_end<T: Float>(max: T, sum: T) -> RowEnd<T> {
+/// See [`RowEnd`]; `seen` says whether the mask allowed any key of the row.
+pub(super) fn row_end<T: Float>(max: T, sum: T, seen: bool) -> RowEnd<T> {
     if sum > T::zero() && sum.is_finite() && max.is_finite() {
         let lse = (max + sum.log2()) * T::of_f64(std::f64::consts::LN_2);
         RowEnd::Normal {
             inv: T::one() / sum,
             lse,
         }
-    } else if sum == T::zero() {
+    } else if sum == T::zero() && !seen {
         RowEnd::Masked
     } else {
         RowEnd::Exact
@@ -289,13 +294,17 @@ pub(super) fn row_end<T: Float>(max: T, sum: T) -> RowEnd<T> {
 
 /// Turns the raw products of one row of a tile into final scores in log₂ units: softcap,
 /// bias, and (in a partial tile) the mask.
+///
+/// Returns whether the mask allows any key of the row here: a row whose scores all end at
+/// −inf although the mask allows keys has hit the float range (a bias of −3e38), not a
+/// fully masked row, and is recomputed exactly (see [`row_end`]).
 pub(super) fn finish_scores<T: Float>(
     p: &Problem<'_, T>,
     i: usize,
     k0: usize,
     row: &mut [T],
     partial: bool,
-) {
+) -> bool {
     let log2e = T::of_f64(std::f64::consts::LOG2_E);
     let biased = p.bias.is_some() || p.plan.alibi.is_some();
     match (p.plan.softcap, biased) {
@@ -313,22 +322,28 @@ pub(super) fn finish_scores<T: Float>(
             }
         }
     }
-    if partial {
-        let (n, m) = (p.plan.n, p.plan.m);
-        match p.mask.row_run(i, k0..k0 + row.len(), n, m) {
-            // The common case (causal, window, prefix, padding and their intersections):
-            // the allowed keys are one run, so mask everything outside it.
-            Some(run) => {
-                row[..run.start - k0].fill(T::NEG_INFINITY);
-                row[run.end - k0..].fill(T::NEG_INFINITY);
-            }
-            None => {
-                for (j, x) in row.iter_mut().enumerate() {
-                    if !p.mask.allows_in(n, m, i, k0 + j) {
-                        *x = T::NEG_INFINITY;
-                    }
+    if !partial {
+        return !row.is_empty();
+    }
+    let (n, m) = (p.plan.n, p.plan.m);
+    match p.mask.row_run(i, k0..k0 + row.len(), n, m) {
+        // The common case (causal, window, prefix, padding and their intersections): the
+        // allowed keys are one run, so mask everything outside it.
+        Some(run) => {
+            row[..run.start - k0].fill(T::NEG_INFINITY);
+            row[run.end - k0..].fill(T::NEG_INFINITY);
+            !run.is_empty()
+        }
+        None => {
+            let mut any = false;
+            for (j, x) in row.iter_mut().enumerate() {
+                if p.mask.allows_in(n, m, i, k0 + j) {
+                    any = true;
+                } else {
+                    *x = T::NEG_INFINITY;
                 }
             }
+            any
         }
     }
 }
