@@ -13,15 +13,35 @@ use nalgebra::{DMatrix, DVector};
 use rayon::prelude::*;
 
 /// Everything a query tile reads, shared by all tiles (and threads).
-struct Packed<T> {
+struct Packed<'a, T> {
     /// Q · q_factor, row-major, rows padded to a multiple of MR.
     q: Vec<T>,
+    /// K and V, packed once per key-value head.
+    kv: &'a PackedKv<T>,
+}
+
+/// K and V in the micro-kernel's layouts: packed once per key-value head and shared by the
+/// query heads of its GQA group.
+pub(crate) struct PackedKv<T> {
     /// Kᵀ in panels of NR keys.
     kt: Vec<T>,
     /// V in panels of NR columns, `m_pad` rows each.
     v: Vec<T>,
     m_pad: usize,
     dv_pad: usize,
+}
+
+impl<T: Float> PackedKv<T> {
+    /// Packs the K and V of `p` (every problem of a group has the same).
+    pub(crate) fn new(p: &Problem<'_, T>) -> Self {
+        let m_pad = round_up(p.plan.m, T::NR);
+        PackedKv {
+            kt: pack::panels_of_transpose(&p.k, T::NR),
+            v: pack::panels(&p.v, T::NR, m_pad),
+            m_pad,
+            dv_pad: round_up(p.plan.dv, T::NR),
+        }
+    }
 }
 
 /// Per-thread working memory for one query tile: O(BR·BC + BR·d_v), independent of n and m.
@@ -57,20 +77,16 @@ impl<T: Float> Scratch<T> {
 /// Runs the forward pass: the output (n x d_v) and the per-row log-sum-exp (natural log).
 pub(crate) fn forward<T: Float>(
     p: &Problem<'_, T>,
+    kv: &PackedKv<T>,
     isa: Isa,
     exec: Exec,
 ) -> (DMatrix<T>, DVector<T>) {
-    let Plan { n, m, dv, .. } = p.plan;
+    let Plan { n, dv, .. } = p.plan;
     let br = tile::<T>().0;
-    let q_factor = q_factor(&p.plan);
-    let m_pad = round_up(m, T::NR);
-    let dv_pad = round_up(dv, T::NR);
+    let dv_pad = kv.dv_pad;
     let packed = Packed {
-        q: pack::rows(&p.q, q_factor, round_up(n, T::MR)),
-        kt: pack::panels_of_transpose(&p.k, T::NR),
-        v: pack::panels(&p.v, T::NR, m_pad),
-        m_pad,
-        dv_pad,
+        q: pack::rows(&p.q, q_factor(&p.plan), round_up(n, T::MR)),
+        kv,
     };
     // The result is column-major; query tile t owns the segment t·BR .. t·BR + rows of every
     // column (and of the lse), so the tiles can write their rows in place, in parallel.
@@ -121,7 +137,7 @@ fn query_tile<T: Float>(
     let ((br, bc), mr, nr) = (tile::<T>(), T::MR, T::NR);
     let rows = lse.len();
     let rows_pad = round_up(rows, mr);
-    let dv_pad = packed.dv_pad;
+    let dv_pad = packed.kv.dv_pad;
     scr.o[..rows_pad * dv_pad].fill(T::zero());
     scr.max[..rows].fill(T::NEG_INFINITY);
     scr.sum[..rows].fill(T::zero());
@@ -149,7 +165,7 @@ fn query_tile<T: Float>(
                 stride: d,
             },
             Panels {
-                data: &packed.kt[(k0 / nr) * d * nr..],
+                data: &packed.kv.kt[(k0 / nr) * d * nr..],
                 stride: d * nr,
             },
             Out {
@@ -185,8 +201,8 @@ fn query_tile<T: Float>(
                     stride: bc,
                 },
                 Panels {
-                    data: &packed.v[k0 * nr..],
-                    stride: packed.m_pad * nr,
+                    data: &packed.kv.v[k0 * nr..],
+                    stride: packed.kv.m_pad * nr,
                 },
                 Out {
                     data: &mut scr.o,
@@ -415,7 +431,7 @@ mod tests {
             bias: bias.map(|b| b.as_view()),
             plan: plan(&qv, &kv, &vv, opts).unwrap(),
         };
-        let (out, lse) = forward(&problem, isa, Exec::Inline);
+        let (out, lse) = forward(&problem, &PackedKv::new(&problem), isa, Exec::Inline);
         let want = scaled_attention_reference(&q, &k, &v, mask, opts).unwrap();
         for (a, b) in out.iter().zip(want.output.iter()) {
             let (a, b) = (a.as_f64(), b.as_f64());
@@ -542,7 +558,7 @@ mod tests {
         );
         assert_eq!(want.lse[0], f32::INFINITY);
         for isa in Isa::available() {
-            let (out, lse) = forward(&problem, isa, Exec::Inline);
+            let (out, lse) = forward(&problem, &PackedKv::new(&problem), isa, Exec::Inline);
             assert_eq!(out.row(0), want.output.row(0));
             assert_eq!(lse[0], f32::INFINITY);
             assert!((out.row(1) - want.output.row(1)).amax() < 1e-6);

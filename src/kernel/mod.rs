@@ -75,17 +75,25 @@ pub(crate) fn attend<T: Float>(
     } else {
         threads
     };
-    with_threads(threads, |exec| {
+    // K and V are packed once per key-value head and shared by its group's query heads.
+    let run_group = |heads: &[Problem<'_, T>], exec: Exec| -> Vec<AttentionOutput<T>> {
+        let kv = forward::PackedKv::new(&heads[0]);
+        let one = |p: &Problem<'_, T>| wrap(forward::forward(p, &kv, isa, exec));
         if exec.parallel() {
+            heads.par_iter().map(one).collect()
+        } else {
+            heads.iter().map(one).collect()
+        }
+    };
+    with_threads(threads, |exec| {
+        let groups: Vec<Vec<AttentionOutput<T>>> = if exec.parallel() {
             problems
-                .par_iter()
-                .map(|p| wrap(forward::forward(p, isa, exec)))
+                .par_chunks(group)
+                .map(|g| run_group(g, exec))
                 .collect()
         } else {
-            problems
-                .iter()
-                .map(|p| wrap(forward::forward(p, isa, exec)))
-                .collect()
-        }
+            problems.chunks(group).map(|g| run_group(g, exec)).collect()
+        };
+        groups.into_iter().flatten().collect()
     })
 }
