@@ -139,7 +139,11 @@ pub fn kl_divergence<T: Float>(p: &[T], q: &[T]) -> Result<T> {
         });
     }
     Ok(p.iter().zip(q).fold(T::zero(), |acc, (&pi, &qi)| {
-        if pi == T::zero() {
+        if pi < T::zero() || qi < T::zero() {
+            // Not a distribution: the documented NaN (a ratio of two negatives would
+            // otherwise give a finite log).
+            T::NAN
+        } else if pi == T::zero() {
             acc
         } else if qi == T::zero() {
             // Adding keeps a NaN seen earlier (or later) in the result.

@@ -544,3 +544,49 @@ fn backward_survives_huge_scores_and_biases() {
     assert!((&g.dv - &r.dv).amax() < 1e-4, "{} vs {}", g.dv, r.dv);
     assert!((&g.dq - &r.dq).amax() <= 1e-4 * r.dq.amax().max(1.0));
 }
+
+/// Found by the fuzzer: negative entries in both arguments made a finite log ratio.
+#[test]
+fn kl_divergence_with_negative_entries_is_nan() {
+    assert!(
+        attention_math::kl_divergence(&[-7.0_f64], &[-5.0])
+            .unwrap()
+            .is_nan()
+    );
+    assert!(
+        attention_math::kl_divergence(&[0.5_f32, -0.5], &[0.5, 0.5])
+            .unwrap()
+            .is_nan()
+    );
+    assert!(
+        attention_math::kl_divergence(&[0.5_f32, 0.5], &[-0.5, 1.5])
+            .unwrap()
+            .is_nan()
+    );
+    assert_eq!(
+        attention_math::kl_divergence(&[0.5_f64, 0.5], &[0.5, 0.5]).unwrap(),
+        0.0
+    );
+}
+
+/// Found by the fuzzer: with d = 0 every score is 0 and the output is the mean of V; values
+/// near the float's maximum overflowed the kernel's unnormalised accumulator (inf), though
+/// the mean itself is finite. Such rows are recomputed with normalised weights.
+#[test]
+fn values_near_the_maximum_do_not_overflow_the_accumulator() {
+    use attention_math::{AttentionOptions, scaled_attention_reference, scaled_attention_with};
+    for n in [1, 14] {
+        let q = DMatrix::<f64>::zeros(n, 0);
+        let k = DMatrix::<f64>::zeros(9, 0);
+        let v = DMatrix::<f64>::from_fn(9, 3, |i, j| if i < 5 { f64::MAX } else { -(j as f64) });
+        let opts = AttentionOptions::new();
+        let fast = scaled_attention_with(&q, &k, &v, &Mask::none(), &opts).unwrap();
+        let want = scaled_attention_reference(&q, &k, &v, &Mask::none(), &opts).unwrap();
+        assert!(
+            fast.output.iter().all(|x| x.is_finite()),
+            "n = {n}: {}",
+            fast.output
+        );
+        assert!((&fast.output - &want.output).amax() <= 1e-15 * f64::MAX);
+    }
+}

@@ -165,7 +165,7 @@ pub fn attention_backward_reference<'q, 'k, 'v, 'g, T: Float>(
 /// Those of [`scaled_attention_with`](crate::scaled_attention_with), and:
 /// - [`Error::ShapeMismatch`] naming `d_out` (or `forward.output`) if it is not n x d_v;
 /// - [`Error::NonFinite`] naming `d_out` if it holds NaN or an infinity (likewise
-///   `forward.output`, and `forward.lse` if it holds NaN or `+inf`);
+///   `forward.output`, and `forward.lse` if it holds NaN; `+inf`, from scores that overflowed, is accepted);
 /// - [`Error::LengthMismatch`] naming `forward.lse` if its length is not n.
 ///
 /// # Examples
@@ -228,11 +228,7 @@ fn check_forward<T: Float>(forward: &AttentionOutput<T>, n: usize, dv: usize) ->
             expected: n,
         });
     }
-    match forward
-        .lse
-        .iter()
-        .position(|l| l.is_nan_value() || *l == T::INFINITY)
-    {
+    match forward.lse.iter().position(|l| l.is_nan_value()) {
         Some(row) => Err(Error::NonFinite {
             arg: "forward.lse",
             row,
@@ -298,7 +294,7 @@ fn backward_tiled<T: Float>(
 /// - [`Error::ShapeMismatch`] naming `d_out` or `forward.output` if not n x (H·d_v), or
 ///   `forward.lse` if not n x H;
 /// - [`Error::NonFinite`] naming `d_out` or `forward.output` for NaN or an infinity, or
-///   `forward.lse` for NaN or `+inf`.
+///   `forward.lse` for NaN (`+inf`, from overflowing scores, is accepted).
 ///
 /// # Examples
 ///
@@ -354,11 +350,7 @@ pub fn multi_head_attention_backward<'q, 'k, 'v, 'g, T: Float>(
             expected: (n, h),
         });
     }
-    if let Some(at) = forward
-        .lse
-        .iter()
-        .position(|l| l.is_nan_value() || *l == T::INFINITY)
-    {
+    if let Some(at) = forward.lse.iter().position(|l| l.is_nan_value()) {
         return Err(Error::NonFinite {
             arg: "forward.lse",
             row: at % n.max(1),

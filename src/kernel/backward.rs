@@ -507,12 +507,14 @@ pub(crate) fn backward<T: Float>(
     }
 }
 
-/// Whether a row's log-sum-exp is too large for `exp(S − lse)` to be trusted: past
+/// Whether a row's log-sum-exp is too large for `exp(S − lse)` to be trusted (or infinite):
+/// past
 /// `2⁻¹⁰ / ε` (8192 in f32) one ulp of `lse` is over 2⁻¹⁰, and the rounding of the saved
 /// lse alone would scale that row's weights by up to `e^(ulp/2)` (with a constant bias of
 /// 1e8 in f32, every weight became 1). Such rows are recomputed exactly instead.
 fn too_coarse<T: Float>(lse: T) -> bool {
-    lse.is_finite() && lse.abs() >= T::of_f64(2f64.powi(-10)) / T::EPSILON
+    // +inf: scores that overflowed in the forward pass, which shared the weight equally.
+    lse == T::INFINITY || (lse.is_finite() && lse.abs() >= T::of_f64(2f64.powi(-10)) / T::EPSILON)
 }
 
 /// Where [`exact_rows`] adds its gradients: the row-major padded buffers of the tiled pass.

@@ -17,7 +17,7 @@
 //! merged in chunk order, flash-decoding style: the same bits for any thread count.
 
 use super::Exec;
-use super::forward::{RowEnd, exact_row, finish_scores, online_step, q_factor, row_end};
+use super::forward::{RowEnd, exact_row, finish_scores, finite, online_step, q_factor, row_end};
 use crate::Float;
 use crate::mask::Block;
 use crate::simd::{self, Element, Isa, Kernel, Lanes};
@@ -245,7 +245,12 @@ pub(crate) fn decode<T: Float>(
         }
         let (out, lse) = &mut results[row.head];
         let seen = partials.iter().any(|p| p.seen[r]);
-        match row_end(big, sum, seen) {
+        let end = match row_end(big, sum, seen) {
+            // The unnormalised accumulator overflowed (values near the float's maximum).
+            RowEnd::Normal { .. } if !finite(&o) => RowEnd::Exact,
+            end => end,
+        };
+        match end {
             RowEnd::Normal { inv, lse: l } => {
                 for (c, &oc) in o.iter().enumerate() {
                     out[(row.query, c)] = oc * inv;

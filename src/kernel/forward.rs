@@ -219,6 +219,12 @@ fn query_tile<T: Float>(
     let mut exact = Vec::new();
     for (r, l) in lse.iter_mut().enumerate() {
         match row_end(scr.max[r], scr.sum[r], scr.seen[r]) {
+            // The unnormalised accumulator can overflow where the output cannot (values near
+            // the float's maximum): such a row is recomputed with normalised weights.
+            RowEnd::Normal { .. } if !finite(&scr.o[r * dv_pad..r * dv_pad + dv]) => {
+                scr.inv[r] = T::zero();
+                exact.push(r);
+            }
             RowEnd::Normal { inv, lse } => (scr.inv[r], *l) = (inv, lse),
             RowEnd::Masked => (scr.inv[r], *l) = (T::zero(), T::NEG_INFINITY),
             RowEnd::Exact => {
@@ -279,6 +285,11 @@ pub(super) fn online_step<T: Float>(
     } else {
         *sum += row_sum;
     }
+}
+
+/// Whether every entry is finite.
+pub(super) fn finite<T: Float>(x: &[T]) -> bool {
+    x.iter().all(|v| v.is_finite())
 }
 
 /// How a row ends, from its running maximum (log₂ units) and sum.
