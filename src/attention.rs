@@ -8,7 +8,7 @@ use crate::error::{Error, Result, check_finite, checked_len};
 use crate::kernel;
 use crate::mask::Mask;
 use crate::softmax::{logsumexp, softmax_in_place};
-use crate::spec::{AttentionOptions, AttentionOutput, add_bias, plan, problem};
+use crate::spec::{AttentionOptions, AttentionOutput, add_bias, plan, problem, raw_dots};
 use nalgebra::{DMatrix, DMatrixView, DVector};
 
 /// Scaled dot-product attention, `softmax(Q Kᵀ / √d + mask) V`.
@@ -258,7 +258,7 @@ pub fn scaled_attention_reference<'q, 'k, 'v, T: Float>(
     let plan = plan(&q, &k, &v, opts)?;
     let (n, m) = (plan.n, plan.m);
     checked_len::<T>("the n x m weights", n, m)?;
-    let dots = q * k.transpose();
+    let dots = raw_dots(&q, &k);
     let mut weights = DMatrix::<T>::zeros(n, m);
     let mut lse = DVector::<T>::zeros(n);
     let mut row = vec![T::zero(); m];

@@ -501,6 +501,59 @@ impl<T: Float> Problem<'_, T> {
     }
 }
 
+/// For a row whose largest magnitude exceeds 1, the power of two at or below it (else 1):
+/// dividing by it is exact and brings every entry into [−2, 2], so no product or partial sum
+/// of a dot product can overflow. (A power of two, always representable: 2^floor(log₂ max).)
+fn pow2_scale<T: Float>(x: impl Iterator<Item = T>) -> T {
+    let top = x.fold(0.0_f64, |m, v| m.max(v.as_f64().abs()));
+    if top <= 1.0 || !top.is_finite() {
+        return T::one();
+    }
+    T::of_f64(2f64.powi(top.log2().floor() as i32))
+}
+
+/// `(x · a) · b` with the smaller of the two scales applied first, so that the product
+/// overflows only if the result does.
+fn rescale<T: Float>(x: T, a: T, b: T) -> T {
+    if a >= b { (x * b) * a } else { (x * a) * b }
+}
+
+/// The raw dot products `X = Q Kᵀ` of the reference paths, robust to intermediate overflow:
+/// rows of Q and K are divided by powers of two that bring them into [−2, 2] (exact), the
+/// product is taken, and each entry is scaled back. Where the plain product would overflow
+/// part-way (`inf − inf = NaN` for finite inputs) this gives the true dot product, or ±inf
+/// only if that itself is out of range; elsewhere it equals the plain product to rounding.
+pub(crate) fn raw_dots<T: Float>(q: &DMatrixView<'_, T>, k: &DMatrixView<'_, T>) -> DMatrix<T> {
+    let a: Vec<T> = (0..q.nrows())
+        .map(|i| pow2_scale(q.row(i).iter().copied()))
+        .collect();
+    let b: Vec<T> = (0..k.nrows())
+        .map(|j| pow2_scale(k.row(j).iter().copied()))
+        .collect();
+    let qs = DMatrix::from_fn(q.nrows(), q.ncols(), |i, c| q[(i, c)] / a[i]);
+    let ks = DMatrix::from_fn(k.nrows(), k.ncols(), |j, c| k[(j, c)] / b[j]);
+    let mut x = qs * ks.transpose();
+    for j in 0..x.ncols() {
+        for i in 0..x.nrows() {
+            x[(i, j)] = rescale(x[(i, j)], a[i], b[j]);
+        }
+    }
+    x
+}
+
+/// One entry of [`raw_dots`]: `q_i · k_j` for row `i` of `q` and row `j` of `k`.
+pub(crate) fn raw_dot<T: Float>(
+    q: &DMatrixView<'_, T>,
+    i: usize,
+    k: &DMatrixView<'_, T>,
+    j: usize,
+) -> T {
+    let a = pow2_scale(q.row(i).iter().copied());
+    let b = pow2_scale(k.row(j).iter().copied());
+    let dot = (0..q.ncols()).fold(T::zero(), |acc, c| acc + (q[(i, c)] / a) * (k[(j, c)] / b));
+    rescale(dot, a, b)
+}
+
 /// `a + b` where either may be absent.
 #[inline]
 pub(crate) fn add_bias<T: Float>(a: Option<T>, b: Option<T>) -> Option<T> {

@@ -590,3 +590,35 @@ fn values_near_the_maximum_do_not_overflow_the_accumulator() {
         assert!((&fast.output - &want.output).amax() <= 1e-15 * f64::MAX);
     }
 }
+
+/// Found by the fuzzer: finite Q whose dot products overflow part-way (`+inf − inf = NaN`)
+/// gave NaN weights on the reference path and in the diagnostics, and on the kernel path a −inf
+/// that passed for a mask. The reference scales dot products by powers of two first, and the
+/// kernel recomputes such rows that way: the true scores, never NaN.
+#[test]
+fn overflowing_dot_products_are_not_nan() {
+    use attention_math::{AttentionOptions, scaled_attention_reference, scaled_attention_with};
+    let q = DMatrix::<f32>::from_row_slice(2, 3, &[3e38, -3e38, 1.0, 3e38, -3e38, 3e38]);
+    let k = DMatrix::<f32>::from_row_slice(3, 3, &[-7.0, -7.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0]);
+    let v = DMatrix::<f32>::from_row_slice(3, 1, &[1.0, 2.0, 3.0]);
+    let opts = AttentionOptions::new();
+    let r = scaled_attention_reference(
+        &q,
+        &k,
+        &v,
+        &Mask::none(),
+        &opts.clone().return_weights(true),
+    )
+    .unwrap();
+    let f = scaled_attention_with(&q, &k, &v, &Mask::none(), &opts).unwrap();
+    // Row 0: q·k₀ = −21e38 + 21e38 + 1 = 1 exactly in real arithmetic; q·k₁ = 0; q·k₂ = 1.
+    let w = r.weights.unwrap();
+    assert!(w.iter().all(|x| x.is_finite()), "{w}");
+    let e = (1.0_f32 / 3f32.sqrt()).exp();
+    let want0 = (e * 1.0 + 2.0 + e * 3.0) / (2.0 * e + 1.0);
+    assert!((r.output[(0, 0)] - want0).abs() < 1e-5, "{}", r.output);
+    assert_eq!(f.output, r.output);
+    // Row 1: q·k₀ = q·k₂ = 3e38 (finite, the plain products overflow part-way), q·k₁ = 0:
+    // half the weight on keys 0 and 2 each.
+    assert_eq!(r.output[(1, 0)], 2.0);
+}

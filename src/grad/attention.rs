@@ -9,7 +9,7 @@ use crate::kernel::{self, backward::backward, backward::tiles};
 use crate::mask::Mask;
 use crate::multihead::{Heads, MultiHeadOutput, head_problems};
 use crate::simd::Isa;
-use crate::spec::{AttentionOptions, AttentionOutput, Inputs, plan, problem};
+use crate::spec::{AttentionOptions, AttentionOutput, Inputs, plan, problem, raw_dots};
 use nalgebra::{DMatrix, DMatrixView};
 
 /// The gradients of a scalar loss `L` with respect to the inputs of an attention call,
@@ -127,7 +127,7 @@ pub fn attention_backward_reference<'q, 'k, 'v, 'g, T: Float>(
             ds[(i, j)] = *o;
         }
     }
-    let dots = q * k.transpose();
+    let dots = raw_dots(&q, &k);
     let d_dot = ds.zip_map(&dots, |g, x| g * plan.score_grad(x));
     Ok(AttentionGrads {
         dq: &d_dot * k,

@@ -23,7 +23,7 @@ use super::pack::{self, round_up};
 use crate::Float;
 use crate::mask::Block;
 use crate::simd::{self, Isa, Out, Panels, Rows, Shape};
-use crate::spec::Problem;
+use crate::spec::{Problem, raw_dot};
 use nalgebra::{DMatrix, DMatrixView};
 use rayon::prelude::*;
 
@@ -545,7 +545,7 @@ fn exact_rows<T: Float>(
     let mut dp = vec![T::zero(); m];
     for i in (0..n).filter(|&i| ctx.exact[i]) {
         for j in 0..m {
-            x[j] = p.q.row(i).dot(&p.k.row(j));
+            x[j] = raw_dot(&p.q, i, &p.k, j);
             s[j] = if p.mask.allows_in(n, m, i, j) {
                 plan.score(x[j], p.bias_at(i, j))
             } else {

@@ -182,6 +182,8 @@ struct Partial<T> {
     o: Vec<T>,
     /// Whether the mask allowed any key of the row in this chunk.
     seen: Vec<bool>,
+    /// Whether a raw product overflowed in this chunk.
+    overflow: Vec<bool>,
 }
 
 /// Attention for the heads `problems` (all with the same K, V, mask and options: one GQA
@@ -247,7 +249,9 @@ pub(crate) fn decode<T: Float>(
         let seen = partials.iter().any(|p| p.seen[r]);
         let end = match row_end(big, sum, seen) {
             // The unnormalised accumulator overflowed (values near the float's maximum).
-            RowEnd::Normal { .. } if !finite(&o) => RowEnd::Exact,
+            RowEnd::Normal { .. } if !finite(&o) || partials.iter().any(|p| p.overflow[r]) => {
+                RowEnd::Exact
+            }
             end => end,
         };
         match end {
@@ -291,6 +295,7 @@ fn chunk<T: Float>(
         sum: vec![T::zero(); count],
         o: vec![T::zero(); padded * dv],
         seen: vec![false; count],
+        overflow: vec![false; count],
     };
     for j0 in (c0..c1).step_by(BLOCK) {
         let bc = BLOCK.min(c1 - j0);
@@ -314,8 +319,9 @@ fn chunk<T: Float>(
         for (r, row) in rows.iter().enumerate() {
             let scores = &mut s[r * stride..r * stride + width];
             let p = problems[row.head];
-            part.seen[r] |=
-                finish_scores(p, row.query, j0, &mut scores[..bc], block == Block::Partial);
+            let seen = finish_scores(p, row.query, j0, &mut scores[..bc], block == Block::Partial);
+            part.seen[r] |= seen.seen;
+            part.overflow[r] |= seen.overflow;
             scores[bc..].fill(T::NEG_INFINITY);
             online_step(
                 isa,

@@ -8,7 +8,7 @@ use crate::Float;
 use crate::mask::Block;
 use crate::simd::{self, Isa, Out, Panels, Rows, Shape};
 use crate::softmax::{logsumexp, softmax_in_place};
-use crate::spec::{Plan, Problem};
+use crate::spec::{Plan, Problem, raw_dot};
 use nalgebra::{DMatrix, DVector};
 use rayon::prelude::*;
 
@@ -58,6 +58,8 @@ struct Scratch<T> {
     inv: Vec<T>,
     /// Per row: whether the mask allowed any key so far.
     seen: Vec<bool>,
+    /// Per row: whether a raw product overflowed.
+    overflow: Vec<bool>,
 }
 
 impl<T: Float> Scratch<T> {
@@ -70,6 +72,7 @@ impl<T: Float> Scratch<T> {
             sum: vec![T::zero(); br],
             inv: vec![T::zero(); br],
             seen: vec![false; br],
+            overflow: vec![false; br],
         }
     }
 }
@@ -142,6 +145,7 @@ fn query_tile<T: Float>(
     scr.max[..rows].fill(T::NEG_INFINITY);
     scr.sum[..rows].fill(T::zero());
     scr.seen[..rows].fill(false);
+    scr.overflow[..rows].fill(false);
     debug_assert!(rows <= br);
 
     for k0 in (0..m).step_by(bc) {
@@ -175,7 +179,9 @@ fn query_tile<T: Float>(
         );
         for r in 0..rows {
             let row = &mut scr.s[r * bc..r * bc + cols_pad];
-            scr.seen[r] |= finish_scores(p, q0 + r, k0, &mut row[..cols], block == Block::Partial);
+            let seen = finish_scores(p, q0 + r, k0, &mut row[..cols], block == Block::Partial);
+            scr.seen[r] |= seen.seen;
+            scr.overflow[r] |= seen.overflow;
             row[cols..].fill(T::NEG_INFINITY);
             online_step(
                 isa,
@@ -221,7 +227,9 @@ fn query_tile<T: Float>(
         match row_end(scr.max[r], scr.sum[r], scr.seen[r]) {
             // The unnormalised accumulator can overflow where the output cannot (values near
             // the float's maximum): such a row is recomputed with normalised weights.
-            RowEnd::Normal { .. } if !finite(&scr.o[r * dv_pad..r * dv_pad + dv]) => {
+            RowEnd::Normal { .. }
+                if scr.overflow[r] || !finite(&scr.o[r * dv_pad..r * dv_pad + dv]) =>
+            {
                 scr.inv[r] = T::zero();
                 exact.push(r);
             }
@@ -322,10 +330,37 @@ pub(super) fn row_end<T: Float>(max: T, sum: T, seen: bool) -> RowEnd<T> {
 /// Turns the raw products of one row of a tile into final scores in log₂ units: softcap,
 /// bias, and (in a partial tile) the mask.
 ///
-/// Returns whether the mask allows any key of the row here: a row whose scores all end at
-/// −inf although the mask allows keys has hit the float range (a bias of −3e38), not a
-/// fully masked row, and is recomputed exactly (see [`row_end`]).
+/// Returns what the row needs to know: whether the mask allows any key of it here (a row
+/// whose scores all end at −inf although the mask allows keys has hit the float range, a
+/// bias of −3e38, not a fully masked row), and whether a raw product left the float range
+/// (finite inputs, an infinite dot product: fused multiply-adds turn `+inf − inf` into ±inf,
+/// and a −inf would pass for a mask). Either way the row is recomputed exactly
+/// (see [`row_end`]).
 pub(super) fn finish_scores<T: Float>(
+    p: &Problem<'_, T>,
+    i: usize,
+    k0: usize,
+    row: &mut [T],
+    partial: bool,
+) -> Scores {
+    let overflow = !simd::all_finite(Isa::get(), row);
+    Scores {
+        seen: mask_scores(p, i, k0, row, partial),
+        overflow,
+    }
+}
+
+/// What [`finish_scores`] learnt about a row.
+#[derive(Clone, Copy)]
+pub(super) struct Scores {
+    /// The mask allows some key of the row in this block.
+    pub seen: bool,
+    /// A raw product was not finite.
+    pub overflow: bool,
+}
+
+/// Softcap, bias and mask of [`finish_scores`]; returns whether the mask allows any key.
+fn mask_scores<T: Float>(
     p: &Problem<'_, T>,
     i: usize,
     k0: usize,
@@ -382,7 +417,7 @@ pub(super) fn exact_row<T: Float>(p: &Problem<'_, T>, i: usize) -> (Vec<T>, T) {
     let mut row: Vec<T> = (0..m)
         .map(|j| {
             if p.mask.allows_in(n, m, i, j) {
-                let dot = p.q.row(i).dot(&p.k.row(j));
+                let dot = raw_dot(&p.q, i, &p.k, j);
                 p.plan.score(dot, p.bias_at(i, j))
             } else {
                 T::NEG_INFINITY
