@@ -314,7 +314,8 @@ impl Rope {
     /// # Errors
     ///
     /// - [`Error::InvalidParameter`] naming `head_dim` (0), `rotary_dim` (odd or > d),
-    ///   `theta` or `linear_scaling` (not finite and > 0), or `offset` if `offset + n`
+    ///   `theta` or `linear_scaling` (not finite and > 0, or so small that the last
+    ///   position's angle `(offset + n − 1) / scaling` overflows), or `offset` if `offset + n`
     ///   overflows `usize`;
     /// - [`Error::HeadWidth`] naming `x` if its columns are not a multiple of d;
     /// - [`Error::TooLarge`] if the cos/sin table (at most 64 x r/2) cannot be allocated.
@@ -406,6 +407,16 @@ impl Rope {
         let (heads, half) = (cols / d, inv_freq.len());
         if n == 0 || heads == 0 || half == 0 {
             return Ok(());
+        }
+        // The largest angle must be finite (a tiny scaling factor divides positions into
+        // infinities, whose sine is NaN). θ_0 = 1 is the largest frequency.
+        let last = (offset + n - 1) as f64 / self.scale;
+        if !last.is_finite() {
+            return Err(Error::InvalidParameter {
+                name: "linear_scaling",
+                value: self.scale,
+                requirement: "must keep the angles finite: (offset + n − 1) / scaling overflows",
+            });
         }
         let r = 2 * half;
         let block = ROW_BLOCK.min(n);

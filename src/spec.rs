@@ -509,7 +509,9 @@ fn pow2_scale<T: Float>(x: impl Iterator<Item = T>) -> T {
     if top <= 1.0 || !top.is_finite() {
         return T::one();
     }
-    T::of_f64(2f64.powi(top.log2().floor() as i32))
+    // The exponent field, exactly (log2 rounds up to 1024 at f64::MAX).
+    let exponent = ((top.to_bits() >> 52) & 0x7ff) as i32 - 1023;
+    T::of_f64(2f64.powi(exponent))
 }
 
 /// `(x · a) · b` with the smaller of the two scales applied first, so that the product

@@ -557,3 +557,28 @@ fn errors_name_the_argument_and_leave_x_unchanged() {
             .is_err()
     );
 }
+
+/// Found by the fuzzer: a tiny (finite, positive) linear scaling divides the positions into
+/// infinities, and the rotation became NaN. It is an error now, and x is left unchanged.
+#[test]
+fn a_scaling_that_overflows_the_angles_is_an_error() {
+    let rope = Rope::new(8, RopeLayout::Interleaved).linear_scaling(2.2250738585072014e-308);
+    let mut x = nalgebra::DMatrix::<f64>::from_element(3, 8, -7.0);
+    let before = x.clone();
+    let e = rope.apply(&mut x, 10).unwrap_err(); // positions 10..13: 12 / 2.2e-308 overflows
+    assert!(
+        matches!(
+            e,
+            attention_math::Error::InvalidParameter {
+                name: "linear_scaling",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(x, before);
+    // Position 0 alone (one row, offset 0) has angle 0: fine.
+    let mut one = nalgebra::DMatrix::<f64>::from_element(1, 8, -7.0);
+    rope.apply(&mut one, 0).unwrap();
+    assert_eq!(one, nalgebra::DMatrix::from_element(1, 8, -7.0));
+}
