@@ -1479,6 +1479,11 @@ fn rope_t<T: Fz>(b: &mut Bytes) {
     if offset.checked_add(n).is_none() {
         expected.push("InvalidParameter");
     }
+    // A factor so small that the last position's angle overflows (as of 10f456c an Err).
+    let last = offset.saturating_add(n).saturating_sub(1) as f64;
+    if n > 0 && scaling.is_some_and(|s| !(last / s).is_finite()) {
+        expected.push("InvalidParameter");
+    }
     let mut y = input.x.clone();
     let res = rope.apply(&mut y, offset);
     if expect("apply", res, ERRS, &expected, &input).is_none() {
