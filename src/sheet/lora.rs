@@ -322,9 +322,15 @@ impl<T: Float> LoraLinear<T> {
         let x = x.into();
         check_inner("x", x.ncols(), "w", Axis::Rows, self.w.nrows())?;
         let xa = product("the n x rank LoRA intermediate x a", &x, &self.a.as_view())?;
-        let mut y = product("the n x d_out LoRA output", &x, &self.w.as_view())?;
-        y.gemm(self.scaling(), &xa, &self.b, T::one());
-        Ok(y)
+        let y = product("the n x d_out LoRA output", &x, &self.w.as_view())?;
+        // (x A) B first, then the scaling: a huge α/r must not meet a zero B as inf · 0
+        // (the product then overflows only if the update itself does).
+        let xab = product(
+            "the n x d_out LoRA update",
+            &xa.as_view(),
+            &self.b.as_view(),
+        )?;
+        Ok(y + xab * self.scaling())
     }
 
     /// The merged weight `W + (α/r) A B` (d_in x d_out): one matmul at inference.
@@ -333,9 +339,8 @@ impl<T: Float> LoraLinear<T> {
     ///
     /// See [`LoraLinear`].
     pub fn merged(&self) -> DMatrix<T> {
-        let mut merged = self.w.clone();
-        merged.gemm(self.scaling(), &self.a, &self.b, T::one());
-        merged
+        // A B first, then the scaling, as in `forward`.
+        &self.w + (&self.a * &self.b) * self.scaling()
     }
 
     /// Recovers the base weight from a merged one: `W' − (α/r) A B`.
