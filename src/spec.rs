@@ -543,17 +543,25 @@ pub(crate) fn raw_dots<T: Float>(q: &DMatrixView<'_, T>, k: &DMatrixView<'_, T>)
     x
 }
 
-/// One entry of [`raw_dots`]: `q_i · k_j` for row `i` of `q` and row `j` of `k`.
-pub(crate) fn raw_dot<T: Float>(
+/// Row `i` of [`raw_dots`]: `q_i · k_j` for every row `j` of `k`, with the same scaling (the
+/// query row's scale found once).
+pub(crate) fn raw_dot_row<T: Float>(
     q: &DMatrixView<'_, T>,
     i: usize,
     k: &DMatrixView<'_, T>,
-    j: usize,
-) -> T {
+) -> Vec<T> {
     let a = pow2_scale(q.row(i).iter().copied());
-    let b = pow2_scale(k.row(j).iter().copied());
-    let dot = (0..q.ncols()).fold(T::zero(), |acc, c| acc + (q[(i, c)] / a) * (k[(j, c)] / b));
-    rescale(dot, a, b)
+    let qs: Vec<T> = q.row(i).iter().map(|&x| x / a).collect();
+    (0..k.nrows())
+        .map(|j| {
+            let b = pow2_scale(k.row(j).iter().copied());
+            let dot = qs
+                .iter()
+                .enumerate()
+                .fold(T::zero(), |acc, (c, &qc)| acc + qc * (k[(j, c)] / b));
+            rescale(dot, a, b)
+        })
+        .collect()
 }
 
 /// `a + b` where either may be absent.

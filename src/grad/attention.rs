@@ -212,15 +212,7 @@ pub fn attention_backward<'q, 'k, 'v, 'g, T: Float>(
 
 /// Checks the saved forward result against the shapes of the call.
 fn check_forward<T: Float>(forward: &AttentionOutput<T>, n: usize, dv: usize) -> Result<()> {
-    let o = &forward.output;
-    if o.shape() != (n, dv) {
-        return Err(Error::ShapeMismatch {
-            arg: "forward.output",
-            found: o.shape(),
-            expected: (n, dv),
-        });
-    }
-    check_finite("forward.output", &o.as_view())?;
+    check_saved_output(&forward.output, (n, dv))?;
     if forward.lse.len() != n {
         return Err(Error::LengthMismatch {
             arg: "forward.lse",
@@ -228,14 +220,39 @@ fn check_forward<T: Float>(forward: &AttentionOutput<T>, n: usize, dv: usize) ->
             expected: n,
         });
     }
-    match forward.lse.iter().position(|l| l.is_nan_value()) {
-        Some(row) => Err(Error::NonFinite {
+    check_saved_lse(forward.lse.as_slice(), n)
+}
+
+/// The saved forward output: of the call's shape and finite.
+fn check_saved_output<T: Float>(o: &DMatrix<T>, shape: (usize, usize)) -> Result<()> {
+    if o.shape() != shape {
+        return Err(Error::ShapeMismatch {
+            arg: "forward.output",
+            found: o.shape(),
+            expected: shape,
+        });
+    }
+    check_finite("forward.output", &o.as_view())
+}
+
+/// The saved log-sum-exps (column-major, `n` rows, one column per head): no NaN (`−inf`
+/// from fully masked rows and `+inf` from overflowing scores are results, not errors).
+fn check_saved_lse<T: Float>(lse: &[T], n: usize) -> Result<()> {
+    match lse.iter().position(|l| l.is_nan_value()) {
+        Some(at) => Err(Error::NonFinite {
             arg: "forward.lse",
-            row,
-            col: 0,
+            row: at % n.max(1),
+            col: at / n.max(1),
         }),
         None => Ok(()),
     }
+}
+
+/// `D_i = ⟨dO_i, O_i⟩` for every row: the softmax VJP's row correction.
+fn row_corrections<T: Float>(d_out: &DMatrixView<'_, T>, o: &DMatrixView<'_, T>) -> Vec<T> {
+    (0..o.nrows())
+        .map(|i| (0..o.ncols()).fold(T::zero(), |acc, c| acc + d_out[(i, c)] * o[(i, c)]))
+        .collect()
 }
 
 /// The tiled backward pass with blocks of `tiles` = (queries, keys), on the kernel.
@@ -254,10 +271,7 @@ fn backward_tiled<T: Float>(
     let (n, dv) = (problem.plan.n, problem.plan.dv);
     check_d_out(&d_out, n, dv)?;
     check_forward(forward, n, dv)?;
-    let o = &forward.output;
-    let delta: Vec<T> = (0..n)
-        .map(|i| (0..dv).fold(T::zero(), |acc, c| acc + d_out[(i, c)] * o[(i, c)]))
-        .collect();
+    let delta = row_corrections(&d_out, &forward.output.as_view());
     let g = kernel::with_threads(opts.threads, |exec| {
         backward(
             &problem,
@@ -335,14 +349,7 @@ pub fn multi_head_attention_backward<'q, 'k, 'v, 'g, T: Float>(
     let (n, m, h) = (q.nrows(), k.nrows(), heads.query);
     check_d_out(&d_out, n, h * dv)?;
     let fo = &forward.output;
-    if fo.shape() != (n, h * dv) {
-        return Err(Error::ShapeMismatch {
-            arg: "forward.output",
-            found: fo.shape(),
-            expected: (n, h * dv),
-        });
-    }
-    check_finite("forward.output", &fo.as_view())?;
+    check_saved_output(fo, (n, h * dv))?;
     if forward.lse.shape() != (n, h) {
         return Err(Error::ShapeMismatch {
             arg: "forward.lse",
@@ -350,20 +357,12 @@ pub fn multi_head_attention_backward<'q, 'k, 'v, 'g, T: Float>(
             expected: (n, h),
         });
     }
-    if let Some(at) = forward.lse.iter().position(|l| l.is_nan_value()) {
-        return Err(Error::NonFinite {
-            arg: "forward.lse",
-            row: at % n.max(1),
-            col: at / n.max(1),
-        });
-    }
+    check_saved_lse(forward.lse.as_slice(), n)?;
     let isa = Isa::get();
     let one_head = |hd: usize, exec| {
         let g = d_out.columns(hd * dv, dv);
         let o = fo.columns(hd * dv, dv);
-        let delta: Vec<T> = (0..n)
-            .map(|i| (0..dv).fold(T::zero(), |acc, c| acc + g[(i, c)] * o[(i, c)]))
-            .collect();
+        let delta = row_corrections(&g, &o);
         let lse: Vec<T> = forward.lse.column(hd).iter().copied().collect();
         backward(&problems[hd], g, &lse, &delta, isa, exec, tiles::<T>())
     };

@@ -23,7 +23,7 @@ use super::pack::{self, round_up};
 use crate::Float;
 use crate::mask::Block;
 use crate::simd::{self, Isa, Out, Panels, Rows, Shape};
-use crate::spec::{Problem, raw_dot};
+use crate::spec::{Problem, raw_dot_row};
 use nalgebra::{DMatrix, DMatrixView};
 use rayon::prelude::*;
 
@@ -541,11 +541,10 @@ fn exact_rows<T: Float>(
     let plan = &p.plan;
     let (n, m, d, dv) = (plan.n, plan.m, plan.d, plan.dv);
     let mut s = vec![T::zero(); m];
-    let mut x = vec![T::zero(); m];
     let mut dp = vec![T::zero(); m];
     for i in (0..n).filter(|&i| ctx.exact[i]) {
+        let x = raw_dot_row(&p.q, i, &p.k);
         for j in 0..m {
-            x[j] = raw_dot(&p.q, i, &p.k, j);
             s[j] = if p.mask.allows_in(n, m, i, j) {
                 plan.score(x[j], p.bias_at(i, j))
             } else {

@@ -319,7 +319,14 @@ fn chunk<T: Float>(
         for (r, row) in rows.iter().enumerate() {
             let scores = &mut s[r * stride..r * stride + width];
             let p = problems[row.head];
-            let seen = finish_scores(p, row.query, j0, &mut scores[..bc], block == Block::Partial);
+            let seen = finish_scores(
+                p,
+                isa,
+                row.query,
+                j0,
+                &mut scores[..bc],
+                block == Block::Partial,
+            );
             part.seen[r] |= seen.seen;
             part.overflow[r] |= seen.overflow;
             scores[bc..].fill(T::NEG_INFINITY);

@@ -8,7 +8,7 @@ use crate::Float;
 use crate::mask::Block;
 use crate::simd::{self, Isa, Out, Panels, Rows, Shape};
 use crate::softmax::{logsumexp, softmax_in_place};
-use crate::spec::{Plan, Problem, raw_dot};
+use crate::spec::{Plan, Problem, raw_dot_row};
 use nalgebra::{DMatrix, DVector};
 use rayon::prelude::*;
 
@@ -179,7 +179,14 @@ fn query_tile<T: Float>(
         );
         for r in 0..rows {
             let row = &mut scr.s[r * bc..r * bc + cols_pad];
-            let seen = finish_scores(p, q0 + r, k0, &mut row[..cols], block == Block::Partial);
+            let seen = finish_scores(
+                p,
+                isa,
+                q0 + r,
+                k0,
+                &mut row[..cols],
+                block == Block::Partial,
+            );
             scr.seen[r] |= seen.seen;
             scr.overflow[r] |= seen.overflow;
             row[cols..].fill(T::NEG_INFINITY);
@@ -338,12 +345,13 @@ pub(super) fn row_end<T: Float>(max: T, sum: T, seen: bool) -> RowEnd<T> {
 /// (see [`row_end`]).
 pub(super) fn finish_scores<T: Float>(
     p: &Problem<'_, T>,
+    isa: Isa,
     i: usize,
     k0: usize,
     row: &mut [T],
     partial: bool,
 ) -> Scores {
-    let overflow = !simd::all_finite(Isa::get(), row);
+    let overflow = !simd::all_finite(isa, row);
     Scores {
         seen: mask_scores(p, i, k0, row, partial),
         overflow,
@@ -414,16 +422,14 @@ fn mask_scores<T: Float>(
 /// row and the log-sum-exp. Only reached when a score is not finite.
 pub(super) fn exact_row<T: Float>(p: &Problem<'_, T>, i: usize) -> (Vec<T>, T) {
     let Plan { n, m, dv, .. } = p.plan;
-    let mut row: Vec<T> = (0..m)
-        .map(|j| {
-            if p.mask.allows_in(n, m, i, j) {
-                let dot = raw_dot(&p.q, i, &p.k, j);
-                p.plan.score(dot, p.bias_at(i, j))
-            } else {
-                T::NEG_INFINITY
-            }
-        })
-        .collect();
+    let mut row = raw_dot_row(&p.q, i, &p.k);
+    for (j, s) in row.iter_mut().enumerate() {
+        *s = if p.mask.allows_in(n, m, i, j) {
+            p.plan.score(*s, p.bias_at(i, j))
+        } else {
+            T::NEG_INFINITY
+        };
+    }
     let lse = logsumexp(&row);
     softmax_in_place(&mut row);
     let out = (0..dv)
