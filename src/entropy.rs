@@ -129,6 +129,8 @@ pub fn entropy_from_logits<T: Float>(s: &[T]) -> T {
 /// assert_eq!(kl_divergence(&[1.0_f64, 0.0], &[0.0, 1.0]).unwrap(), f64::INFINITY);
 /// assert!(kl_divergence(&p, &[1.0]).is_err());
 /// assert!(kl_divergence(&[f64::NAN, 1.0], &[0.0, 1.0]).unwrap().is_nan());
+/// // A NaN in q is not skipped where p is 0.
+/// assert!(kl_divergence(&[0.0_f64, 1.0], &[f64::NAN, 1.0]).unwrap().is_nan());
 /// ```
 pub fn kl_divergence<T: Float>(p: &[T], q: &[T]) -> Result<T> {
     if p.len() != q.len() {
@@ -139,9 +141,9 @@ pub fn kl_divergence<T: Float>(p: &[T], q: &[T]) -> Result<T> {
         });
     }
     Ok(p.iter().zip(q).fold(T::zero(), |acc, (&pi, &qi)| {
-        if pi < T::zero() || qi < T::zero() {
+        if !(pi >= T::zero() && qi >= T::zero()) {
             // Not a distribution: the documented NaN (a ratio of two negatives would
-            // otherwise give a finite log).
+            // otherwise give a finite log; a NaN q where p = 0 would be skipped).
             T::NAN
         } else if pi == T::zero() {
             acc

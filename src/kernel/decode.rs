@@ -37,8 +37,21 @@ pub(crate) fn suits(rows: usize, m: usize) -> bool {
     rows > 0 && rows <= MAX_ROWS && m >= 2 * rows
 }
 
-/// `S[r, ..bc] = Σ_c q[r, c] · K[j0 + .., c]` for `R` rows (see the module docs).
-struct Scores<'a, E, const R: usize> {
+/// Column `c` of `x` as a slice of its `nrows` elements.
+#[inline(always)]
+fn column<'a, E: nalgebra::Scalar>(x: &DMatrixView<'a, E>, c: usize) -> &'a [E] {
+    assert!(c < x.ncols());
+    // SAFETY: a `DMatrixView` has unit row stride, so column c < ncols is the `nrows`
+    // consecutive elements starting `c · column stride` after the view's first element, all
+    // borrowed for 'a.
+    unsafe { core::slice::from_raw_parts(x.as_ptr().add(c * x.strides().1), x.nrows()) }
+}
+
+/// `S[r, ..bc] = Σ_c q[r, c] · K[j0 + .., c]` for `R` rows (see the module docs), `KV`
+/// vectors of keys at a time: the `R x KV` partial scores stay in registers while the loop
+/// runs down all d columns (one load of K per vector of keys and column, one broadcast of q
+/// per row and column), and each score is stored once.
+struct Scores<'a, E, const R: usize, const KV: usize> {
     /// The query rows, row-major `R x d`, already multiplied by the plan's factor.
     q: &'a [E],
     k: DMatrixView<'a, E>,
@@ -49,7 +62,48 @@ struct Scores<'a, E, const R: usize> {
     stride: usize,
 }
 
-impl<E: Element + nalgebra::Scalar, const R: usize> Kernel<E> for Scores<'_, E, R> {
+/// Scores of keys `j0 + j .. j0 + j + U · LANES` for `R` rows; prefetches the keys a block
+/// (`ahead`) later in the same columns, a cache line at a time: a decode step reads d
+/// columns side by side, more streams than the hardware prefetcher follows.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn score_tile<E: Element + nalgebra::Scalar, S: Lanes<E>, const R: usize, const U: usize>(
+    s: S,
+    q: &[&[E]; R],
+    k: &DMatrixView<'_, E>,
+    j: usize,
+    ahead: Option<usize>,
+    out: &mut [E],
+    stride: usize,
+) {
+    let l = S::LANES;
+    let line = 64 / size_of::<E>();
+    let mut acc = [[s.splat(E::ZERO); U]; R];
+    for c in 0..k.ncols() {
+        let col = column(k, c);
+        if let Some(a) = ahead {
+            for at in (a..(a + U * l).min(col.len())).step_by(line) {
+                s.prefetch(&col[at..]);
+            }
+        }
+        let kv: [S::V; U] = core::array::from_fn(|u| s.load(&col[j + u * l..]));
+        for (qr, acc) in q.iter().zip(acc.iter_mut()) {
+            let qb = s.splat(qr[c]);
+            for (a, &kv) in acc.iter_mut().zip(&kv) {
+                *a = s.mul_add(qb, kv, *a);
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for (u, &a) in acc.iter().enumerate() {
+            s.store(&mut out[r * stride + u * l..], a);
+        }
+    }
+}
+
+impl<E: Element + nalgebra::Scalar, const R: usize, const KV: usize> Kernel<E>
+    for Scores<'_, E, R, KV>
+{
     type Output = ();
 
     #[inline(always)]
@@ -64,42 +118,33 @@ impl<E: Element + nalgebra::Scalar, const R: usize> Kernel<E> for Scores<'_, E, 
         } = self;
         let d = k.ncols();
         let l = S::LANES;
-        let full = bc / l * l;
-        for row in out.chunks_exact_mut(stride).take(R) {
-            row[..bc].fill(E::ZERO);
+        let qr: [&[E]; R] = core::array::from_fn(|r| &q[r * d..(r + 1) * d]);
+        let mut j = 0;
+        while j + KV * l <= bc {
+            let ahead = Some(j0 + bc + j);
+            score_tile::<E, S, R, KV>(s, &qr, &k, j0 + j, ahead, &mut out[j..], stride);
+            j += KV * l;
         }
-        let m = k.nrows();
-        let (ahead, line) = (j0 + bc, 64 / size_of::<E>());
-        for c in 0..d {
-            let column = k.column(c);
-            let all = column.as_slice();
-            // The next block of this column, a cache line at a time: a decode step reads d
-            // columns side by side, more streams than the hardware prefetcher follows.
-            for at in (ahead..(ahead + bc).min(m)).step_by(line) {
-                s.prefetch(&all[at..]);
-            }
-            let col = &all[j0..j0 + bc];
-            let qc: [E; R] = core::array::from_fn(|r| q[r * d + c]);
-            let qv: [S::V; R] = core::array::from_fn(|r| s.splat(qc[r]));
-            for j in (0..full).step_by(l) {
-                let kv = s.load(&col[j..]);
-                for r in 0..R {
-                    let o = &mut out[r * stride + j..];
-                    s.store(o, s.mul_add(qv[r], kv, s.load(o)));
+        while j + l <= bc {
+            score_tile::<E, S, R, 1>(s, &qr, &k, j0 + j, None, &mut out[j..], stride);
+            j += l;
+        }
+        for jj in j..bc {
+            for (r, qr) in qr.iter().enumerate() {
+                let mut acc = E::ZERO;
+                for (c, &qc) in qr.iter().enumerate() {
+                    acc = qc.mul_add(column(&k, c)[j0 + jj], acc);
                 }
-            }
-            for j in full..bc {
-                for r in 0..R {
-                    let o = &mut out[r * stride + j];
-                    *o = qc[r].mul_add(col[j], *o);
-                }
+                out[r * stride + jj] = acc;
             }
         }
     }
 }
 
-/// `O[r, c] += Σ_j P[r, j] · V[j0 + j, c]` for `R` rows.
-struct Values<'a, E, const R: usize> {
+/// `O[r, c] += Σ_j P[r, j] · V[j0 + j, c]` for `R` rows, `CV` columns of V at a time (the
+/// `R x CV` vector accumulators in registers; each vector of P loaded once per `CV`
+/// columns).
+struct Values<'a, E, const R: usize, const CV: usize> {
     /// `R` rows of probabilities, `stride` apart.
     p: &'a [E],
     stride: usize,
@@ -111,7 +156,54 @@ struct Values<'a, E, const R: usize> {
     ostride: usize,
 }
 
-impl<E: Element + nalgebra::Scalar, const R: usize> Kernel<E> for Values<'_, E, R> {
+/// Columns `c .. c + U` of `Values` (see there); prefetches the next block of them.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn value_tile<E: Element + nalgebra::Scalar, S: Lanes<E>, const R: usize, const U: usize>(
+    s: S,
+    p: &[&[E]; R],
+    v: &DMatrixView<'_, E>,
+    c: usize,
+    j0: usize,
+    bc: usize,
+    o: &mut [E],
+    ostride: usize,
+) {
+    let l = S::LANES;
+    let full = bc / l * l;
+    let line = 64 / size_of::<E>();
+    let cols: [&[E]; U] = core::array::from_fn(|u| column(v, c + u));
+    let ahead = j0 + bc;
+    for col in &cols {
+        for at in (ahead..(ahead + bc).min(col.len())).step_by(line) {
+            s.prefetch(&col[at..]);
+        }
+    }
+    let cols: [&[E]; U] = core::array::from_fn(|u| &cols[u][j0..j0 + bc]);
+    let mut acc = [[s.splat(E::ZERO); U]; R];
+    for j in (0..full).step_by(l) {
+        let vv: [S::V; U] = core::array::from_fn(|u| s.load(&cols[u][j..]));
+        for (pr, acc) in p.iter().zip(acc.iter_mut()) {
+            let pv = s.load(&pr[j..]);
+            for (a, &vv) in acc.iter_mut().zip(&vv) {
+                *a = s.mul_add(pv, vv, *a);
+            }
+        }
+    }
+    for (r, (pr, acc)) in p.iter().zip(&acc).enumerate() {
+        for (u, (&a, col)) in acc.iter().zip(&cols).enumerate() {
+            let mut sum = s.reduce_sum(a);
+            for j in full..bc {
+                sum = pr[j].mul_add(col[j], sum);
+            }
+            o[r * ostride + c + u] += sum;
+        }
+    }
+}
+
+impl<E: Element + nalgebra::Scalar, const R: usize, const CV: usize> Kernel<E>
+    for Values<'_, E, R, CV>
+{
     type Output = ();
 
     #[inline(always)]
@@ -125,44 +217,30 @@ impl<E: Element + nalgebra::Scalar, const R: usize> Kernel<E> for Values<'_, E, 
             o,
             ostride,
         } = self;
-        let l = S::LANES;
-        let full = bc / l * l;
-        let m = v.nrows();
-        let (ahead, line) = (j0 + bc, 64 / size_of::<E>());
-        for c in 0..v.ncols() {
-            let column = v.column(c);
-            let all = column.as_slice();
-            for at in (ahead..(ahead + bc).min(m)).step_by(line) {
-                s.prefetch(&all[at..]);
-            }
-            let col = &all[j0..j0 + bc];
-            let mut acc: [S::V; R] = [s.splat(E::ZERO); R];
-            for j in (0..full).step_by(l) {
-                let vv = s.load(&col[j..]);
-                for (r, a) in acc.iter_mut().enumerate() {
-                    *a = s.mul_add(s.load(&p[r * stride + j..]), vv, *a);
-                }
-            }
-            for (r, a) in acc.iter().enumerate() {
-                let mut sum = s.reduce_sum(*a);
-                for j in full..bc {
-                    sum = p[r * stride + j].mul_add(col[j], sum);
-                }
-                o[r * ostride + c] += sum;
-            }
+        let pr: [&[E]; R] = core::array::from_fn(|r| &p[r * stride..r * stride + bc]);
+        let dv = v.ncols();
+        let mut c = 0;
+        while c + CV <= dv {
+            value_tile::<E, S, R, CV>(s, &pr, &v, c, j0, bc, o, ostride);
+            c += CV;
+        }
+        while c < dv {
+            value_tile::<E, S, R, 1>(s, &pr, &v, c, j0, bc, o, ostride);
+            c += 1;
         }
     }
 }
 
 /// Runs `Scores` or `Values` with the row count as a constant (1, 2, 4 or 8 rows; the
-/// caller pads to one of them).
+/// caller pads to one of them) and a register tile that fits 16 vector registers: `R x U`
+/// accumulators (U = 4, 4, 2, 1 vectors of keys or columns of V).
 macro_rules! with_rows {
     ($rows:expr, $isa:expr, $op:ident { $($f:ident: $v:expr),* $(,)? }) => {
         match $rows {
-            1 => simd::dispatch($isa, $op::<_, 1> { $($f: $v),* }),
-            2 => simd::dispatch($isa, $op::<_, 2> { $($f: $v),* }),
-            3 | 4 => simd::dispatch($isa, $op::<_, 4> { $($f: $v),* }),
-            _ => simd::dispatch($isa, $op::<_, 8> { $($f: $v),* }),
+            1 => simd::dispatch($isa, $op::<_, 1, 4> { $($f: $v),* }),
+            2 => simd::dispatch($isa, $op::<_, 2, 4> { $($f: $v),* }),
+            3 | 4 => simd::dispatch($isa, $op::<_, 4, 2> { $($f: $v),* }),
+            _ => simd::dispatch($isa, $op::<_, 8, 1> { $($f: $v),* }),
         }
     };
 }

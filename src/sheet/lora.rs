@@ -369,9 +369,9 @@ impl<T: Float> LoraLinear<T> {
                 expected: self.w.shape(),
             });
         }
-        let mut base = merged.clone();
-        base.gemm(-self.scaling(), &self.a, &self.b, T::one());
-        Ok(base)
+        // A B first, then the scaling, as in `merged` (a gemm with the scaling as its α may
+        // scale A first: inf · 0 = NaN for a huge α/r and a zero B).
+        Ok(merged - (&self.a * &self.b) * self.scaling())
     }
 
     /// Parameters LoRA trains: `r (d_in + d_out)`, against `d_in · d_out` for full fine-tuning.
@@ -469,6 +469,17 @@ impl<T: Float> BottleneckAdapter<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A huge α/r with B = 0 (as initialised): the update is exactly 0, not inf · 0 = NaN
+    /// (found by the `lora` fuzz target).
+    #[test]
+    fn huge_scaling_with_zero_b_merges_and_unmerges_exactly() {
+        let w = DMatrix::<f32>::from_column_slice(3, 1, &[-1.1875, -6.6875, -6.0]);
+        let mut layer = LoraLinear::new(w.clone(), 3, -6.6875).unwrap();
+        layer.a_mut()[(0, 0)] = -1.715e38;
+        assert_eq!(layer.merged(), w);
+        assert_eq!(layer.unmerge(&w).unwrap(), w);
+    }
 
     #[test]
     fn forward_equals_merged_and_errors_are_named() {

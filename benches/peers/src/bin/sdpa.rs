@@ -5,14 +5,19 @@
 //! ```text
 //! sdpa --n 2048 [--m 2048] --d 64 [--dv 64] [--heads 1] [--kv-heads 1]
 //!      [--mask none|causal|causal_br|window:W] [--dtype f32|f64] [--threads 1]
-//!      [--backward] [--reps 5] [--min-secs 0] [--dump out.bin]
+//!      [--backward | --cache | --read-kv] [--reps 5] [--min-secs 0] [--dump out.bin]
 //! sdpa --info
 //! ```
 //!
 //! One head and one KV head: `scaled_attention_with`; otherwise `multi_head_attention` with
 //! `Heads::grouped(heads, kv_heads)` (Q is n x heads·d, head h in columns h·d..(h+1)·d;
 //! K, V are m x kv_heads·d, m x kv_heads·dv). `--backward` times forward and
-//! `attention_backward` together (one head only: the crate has no multi-head backward yet).
+//! `attention_backward` together (one head only). `--cache` appends K and V to a `KvCache`
+//! once, outside the timing, and times `KvCache::attention` (the decode step's real path: the
+//! cache's keys were checked when appended, so they are not rescanned), with the mask
+//! bottom-right aligned. `--read-kv` times no attention at all but one read of K and V (a sum
+//! of every element with independent accumulators): the memory-bandwidth bound of a decode
+//! step, measured in the same run.
 //! Threads: `AttentionOptions::threads`. After one untimed warm-up call, runs at least
 //! `--reps` calls and for at least `--min-secs` seconds, and prints one JSON line with the
 //! per-call wall times in ms and their median.
@@ -24,7 +29,7 @@
 //! dtype, each in (heads, rows, cols) row-major order: O, and for `--backward` also dQ, dK, dV.
 
 use attention_math::{
-    AttentionOptions, Float, Heads, Mask, attention_backward, instruction_set,
+    AttentionOptions, Float, Heads, KvCache, Mask, attention_backward, instruction_set,
     multi_head_attention, scaled_attention_with,
 };
 use nalgebra::DMatrix;
@@ -91,6 +96,8 @@ struct Args {
     dtype: String,
     threads: usize,
     backward: bool,
+    cache: bool,
+    read_kv: bool,
     reps: usize,
     min_secs: f64,
     dump: Option<String>,
@@ -99,11 +106,13 @@ struct Args {
 fn parse_args() -> Result<Args, String> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut kv = std::collections::HashMap::new();
-    let mut backward = false;
+    let (mut backward, mut cache, mut read_kv) = (false, false, false);
     let mut it = argv.into_iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--backward" => backward = true,
+            "--cache" => cache = true,
+            "--read-kv" => read_kv = true,
             s if s.starts_with("--") => {
                 let v = it.next().ok_or(format!("{s} needs a value"))?;
                 kv.insert(s[2..].to_string(), v);
@@ -131,6 +140,8 @@ fn parse_args() -> Result<Args, String> {
         dtype: kv.get("dtype").cloned().unwrap_or_else(|| "f32".into()),
         threads: num("threads", Some(1))?,
         backward,
+        cache,
+        read_kv,
         reps: num("reps", Some(5))?.max(1),
         min_secs: match kv.get("min-secs") {
             Some(v) => v.parse().map_err(|e| format!("--min-secs {v}: {e}"))?,
@@ -148,7 +159,10 @@ fn parse_args() -> Result<Args, String> {
         return Err(format!("unknown option --{k}"));
     }
     if args.backward && (args.heads != 1 || args.kv_heads != 1) {
-        return Err("--backward needs --heads 1 --kv-heads 1 (no multi-head backward)".into());
+        return Err("--backward needs --heads 1 --kv-heads 1".into());
+    }
+    if [args.backward, args.cache, args.read_kv].iter().filter(|&&b| b).count() > 1 {
+        return Err("--backward, --cache and --read-kv exclude each other".into());
     }
     Ok(args)
 }
@@ -171,6 +185,18 @@ fn mask_of(name: &str) -> Result<Mask, String> {
     })
 }
 
+/// The sum of `x` with 32 independent accumulators: one streaming read of `x`.
+fn read_all<T: Float>(x: &[T]) -> T {
+    let mut acc = [T::zero(); 32];
+    let mut chunks = x.chunks_exact(32);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    acc.iter().copied().fold(T::zero(), |s, a| s + a) + chunks.remainder().iter().copied().fold(T::zero(), |s, a| s + a)
+}
+
 /// Times the workload; returns the per-call times in seconds.
 fn run<T: Float + ToLe>(a: &Args) -> Result<Vec<f64>, Box<dyn std::error::Error>> {
     let q = tensor::<T>(0, a.heads, a.n, a.d);
@@ -181,11 +207,26 @@ fn run<T: Float + ToLe>(a: &Args) -> Result<Vec<f64>, Box<dyn std::error::Error>
     let opts = AttentionOptions::<T>::new().threads(a.threads);
     let heads = Heads::grouped(a.heads, a.kv_heads);
     let single = a.heads == 1 && a.kv_heads == 1;
+    let cache = if a.cache {
+        let mut c = KvCache::<T>::with_capacity(a.kv_heads, a.d, a.dv, a.m)?;
+        c.append(&k, &v)?;
+        Some(c)
+    } else {
+        None
+    };
 
     // One call of the timed work; returns what --dump writes.
     let call = |dump: bool| -> attention_math::Result<Vec<u8>> {
         let mut buf = Vec::new();
-        if a.backward {
+        if a.read_kv {
+            black_box(read_all(k.as_slice()) + read_all(v.as_slice()));
+        } else if let Some(c) = &cache {
+            let o = c.attention(&q, a.heads, &mask, &opts)?;
+            if dump {
+                push_heads(&mut buf, &o, a.heads);
+            }
+            black_box(o);
+        } else if a.backward {
             let fwd = scaled_attention_with(&q, &k, &v, &mask, &opts)?;
             let g = attention_backward(&q, &k, &v, &mask, &opts, &fwd, &d_out)?;
             if dump {
@@ -250,7 +291,7 @@ fn main() {
             sorted.sort_by(f64::total_cmp);
             let ms: Vec<String> = times.iter().map(|t| format!("{:.6}", t * 1e3)).collect();
             println!(
-                "{{\"impl\":\"attention-math\",\"n\":{},\"m\":{},\"d\":{},\"dv\":{},\"heads\":{},\"kv_heads\":{},\"mask\":\"{}\",\"dtype\":\"{}\",\"threads\":{},\"backward\":{},\"median_ms\":{:.6},\"times_ms\":[{}]}}",
+                "{{\"impl\":\"attention-math\",\"n\":{},\"m\":{},\"d\":{},\"dv\":{},\"heads\":{},\"kv_heads\":{},\"mask\":\"{}\",\"dtype\":\"{}\",\"threads\":{},\"backward\":{},\"cache\":{},\"read_kv\":{},\"median_ms\":{:.6},\"times_ms\":[{}]}}",
                 a.n,
                 a.m,
                 a.d,
@@ -261,6 +302,8 @@ fn main() {
                 a.dtype,
                 a.threads,
                 a.backward,
+                a.cache,
+                a.read_kv,
                 sorted[sorted.len() / 2] * 1e3,
                 ms.join(",")
             );
