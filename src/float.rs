@@ -43,6 +43,8 @@ pub trait Float:
     const NAN: Self;
     /// Name of the type, `"f32"` or `"f64"`, for messages and reports.
     const NAME: &'static str;
+    /// The largest finite value is just below `2^MAX_EXP` (128 for f32, 1024 for f64).
+    const MAX_EXP: i32;
 
     /// Converts from `f64`, rounding to nearest for `f32`.
     fn of_f64(x: f64) -> Self;
@@ -64,6 +66,7 @@ macro_rules! impl_float {
             const EPSILON: Self = <$t>::EPSILON;
             const NAN: Self = <$t>::NAN;
             const NAME: &'static str = stringify!($t);
+            const MAX_EXP: i32 = <$t>::MAX_EXP;
 
             #[inline(always)]
             fn of_f64(x: f64) -> Self {

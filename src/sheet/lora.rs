@@ -37,6 +37,11 @@ fn product<T: Float>(
     Ok(out)
 }
 
+/// `2^k` for `|k|` within the normal range of `T`.
+fn pow2<T: Float>(k: i32) -> T {
+    T::of_f64(2f64.powi(k))
+}
+
 fn check_inner(
     arg: &'static str,
     found: usize,
@@ -441,7 +446,9 @@ impl<T: Float> BottleneckAdapter<T> {
     /// `x + relu(x W_down) W_up` for `x` (n x d).
     ///
     /// NaN propagates: a NaN hidden activation stays NaN through the relu (a plain
-    /// `max(h, 0)` would turn it into 0).
+    /// `max(h, 0)` would turn it into 0). A hidden activation that overflows `T` although
+    /// its inputs are finite is recomputed at a power-of-two scale, so the output is finite
+    /// wherever the exact result is.
     ///
     /// # Errors
     ///
@@ -455,6 +462,22 @@ impl<T: Float> BottleneckAdapter<T> {
         let x = x.into();
         check_inner("x", x.ncols(), "down", Axis::Rows, self.down.nrows())?;
         let mut hidden = product("the n x r adapter hidden layer", &x, &self.down.as_view())?;
+        // Hidden entries that overflowed although their row of x and column of W_down are
+        // finite: recomputed below at a scale of 2^-e (relu is positively homogeneous), so
+        // a finite output is not lost to an intermediate inf (or NaN from inf · 0).
+        let mut overflowed = Vec::new();
+        for k in 0..hidden.ncols() {
+            if !self.down.column(k).iter().all(|v| v.is_finite()) {
+                continue;
+            }
+            for i in 0..hidden.nrows() {
+                let h = hidden[(i, k)];
+                if !h.is_finite() && !h.is_nan_value() && x.row(i).iter().all(|v| v.is_finite()) {
+                    overflowed.push((i, k));
+                    hidden[(i, k)] = T::zero();
+                }
+            }
+        }
         hidden.apply(|h| {
             if *h < T::zero() {
                 *h = T::zero();
@@ -462,6 +485,24 @@ impl<T: Float> BottleneckAdapter<T> {
         });
         let mut y = x.clone_owned();
         y.gemm(T::one(), &hidden, &self.up, T::one());
+        if !overflowed.is_empty() {
+            // |Σ_c x_ic w_ck| <= d · MAX², so each half of 2^-e with e = MAX_EXP + log2(d) + 2
+            // brings it below MAX/2, and every factor is a normal power of two.
+            let d = x.ncols();
+            let e = T::MAX_EXP + (usize::BITS - d.leading_zeros()) as i32 + 2;
+            let (lo, hi) = (e / 2, e - e / 2);
+            let (down_lo, down_hi) = (pow2::<T>(-lo), pow2::<T>(-hi));
+            for (i, k) in overflowed {
+                let z = (0..d).fold(T::zero(), |acc, c| {
+                    acc + (x[(i, c)] * down_lo) * (self.down[(c, k)] * down_hi)
+                });
+                if z > T::zero() {
+                    for j in 0..y.ncols() {
+                        y[(i, j)] += z * self.up[(k, j)] * pow2::<T>(lo) * pow2::<T>(hi);
+                    }
+                }
+            }
+        }
         Ok(y)
     }
 }
@@ -469,6 +510,22 @@ impl<T: Float> BottleneckAdapter<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A hidden activation past f32's range with a finite output (found by the `lora` fuzz
+    /// target): relu(-7 · -3.4e38) · 1.9e-5 = 4.5e34, not inf.
+    #[test]
+    fn adapter_hidden_overflow_keeps_a_finite_output() {
+        let down = DMatrix::<f32>::from_row_slice(1, 2, &[-3.4028235e38, 1.6940658e-21]);
+        let up = DMatrix::<f32>::from_row_slice(2, 1, &[1.9073486e-5, 10000.0]);
+        let adapter = BottleneckAdapter::new(down, up).unwrap();
+        let y = adapter
+            .forward(&DMatrix::from_element(3, 1, -7.0_f32))
+            .unwrap();
+        let want = -7.0 + 7.0 * 3.4028235e38_f64 * 1.9073486e-5;
+        for v in y.iter() {
+            assert!((f64::from(*v) - want).abs() < 1e-5 * want, "{v} vs {want}");
+        }
+    }
 
     /// A huge α/r with B = 0 (as initialised): the update is exactly 0, not inf · 0 = NaN
     /// (found by the `lora` fuzz target).

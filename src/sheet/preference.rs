@@ -234,8 +234,11 @@ pub fn ppo_clipped_loss<T: Float>(
     let mean = if total.is_finite() {
         total / n
     } else {
-        let inv_n = T::one() / n;
-        (0..logp.len()).fold(T::zero(), |acc, t| acc + term(t, inv_n))
+        // Each term scaled by 1/(2n): the positive ones are at most (1 + ε) |A| / (2n) with
+        // ε < 1, so they sum below MAX and cannot meet a legitimately -inf term as inf − inf.
+        let half = T::of_f64(0.5);
+        let scale = half / n;
+        (0..logp.len()).fold(T::zero(), |acc, t| acc + term(t, scale)) / half
     };
     Ok(-mean)
 }
@@ -243,6 +246,23 @@ pub fn ppo_clipped_loss<T: Float>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Terms near f32::MAX whose plain sum overflows, next to a term beyond the range: the
+    /// loss is +inf (the -inf term dominates), not NaN (found by the `preference` fuzz target).
+    #[test]
+    fn ppo_overflowing_terms_give_inf_not_nan() {
+        let max = f32::MAX;
+        let logp = [max, max, max, max, 3.4375, max, max, max, max, max];
+        let logp_old = [
+            max, max, max, -3.6875, -5.0, -6.9375, -7.0, -7.0, -7.0, -5.0,
+        ];
+        let mut adv = [max; 10];
+        adv[9] = -6.0;
+        assert_eq!(
+            ppo_clipped_loss(&logp, &logp_old, &adv, 0.2).unwrap(),
+            f32::INFINITY
+        );
+    }
 
     #[test]
     fn log_sigmoid_matches_direct_formula_where_it_is_safe() {
