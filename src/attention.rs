@@ -258,14 +258,14 @@ pub fn scaled_attention_reference<'q, 'k, 'v, T: Float>(
     let plan = plan(&q, &k, &v, opts)?;
     let (n, m) = (plan.n, plan.m);
     checked_len::<T>("the n x m weights", n, m)?;
-    let dots = raw_dots(&q, &k);
+    let dots = raw_dots(&q, &k, plan.scale);
     let mut weights = DMatrix::<T>::zeros(n, m);
     let mut lse = DVector::<T>::zeros(n);
     let mut row = vec![T::zero(); m];
     for i in 0..n {
         for (j, s) in row.iter_mut().enumerate() {
             *s = if mask.allows_in(n, m, i, j) {
-                plan.score(
+                plan.finish(
                     dots[(i, j)],
                     add_bias(opts.bias.as_ref().map(|b| b[(i, j)]), plan.alibi_at(i, j)),
                 )

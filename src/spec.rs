@@ -453,11 +453,21 @@ impl<T: Float> Plan<T> {
     /// The final score of one pair from its raw dot product `q_i · k_j`, before masking.
     #[inline]
     pub(crate) fn score(&self, dot: T, bias: Option<T>) -> T {
-        let mut s = self.scale * dot;
+        self.finish(self.scale * dot, bias)
+    }
+
+    /// The final score from the scaled dot product `scale · q_i · k_j` (as [`raw_dots`]
+    /// gives it): softcap, then the bias.
+    #[inline]
+    pub(crate) fn finish(&self, scaled: T, bias: Option<T>) -> T {
+        let mut s = scaled;
         if let Some(c) = self.softcap {
             s = c * (s / c).tanh();
         }
         match bias {
+            // A −inf bias masks the pair whatever the dot product, even one that overflowed
+            // to +inf (inf − inf would be NaN).
+            Some(b) if b == T::NEG_INFINITY => T::NEG_INFINITY,
             Some(b) => s + b,
             None => s,
         }
@@ -469,10 +479,16 @@ impl<T: Float> Plan<T> {
     /// relative accuracy where `tanh` saturates and tends to 0, never NaN, as `|dot|` grows.
     #[inline]
     pub(crate) fn score_grad(&self, dot: T) -> T {
+        self.score_grad_scaled(self.scale * dot)
+    }
+
+    /// [`Plan::score_grad`] from the scaled dot product `scale · q_i · k_j`.
+    #[inline]
+    pub(crate) fn score_grad_scaled(&self, scaled: T) -> T {
         match self.softcap {
             None => self.scale,
             Some(c) => {
-                let ch = (self.scale * dot / c).cosh();
+                let ch = (scaled / c).cosh();
                 self.scale / (ch * ch)
             }
         }
@@ -520,12 +536,18 @@ fn rescale<T: Float>(x: T, a: T, b: T) -> T {
     if a >= b { (x * b) * a } else { (x * a) * b }
 }
 
-/// The raw dot products `X = Q Kᵀ` of the reference paths, robust to intermediate overflow:
-/// rows of Q and K are divided by powers of two that bring them into [−2, 2] (exact), the
-/// product is taken, and each entry is scaled back. Where the plain product would overflow
-/// part-way (`inf − inf = NaN` for finite inputs) this gives the true dot product, or ±inf
-/// only if that itself is out of range; elsewhere it equals the plain product to rounding.
-pub(crate) fn raw_dots<T: Float>(q: &DMatrixView<'_, T>, k: &DMatrixView<'_, T>) -> DMatrix<T> {
+/// The scaled dot products `scale · Q Kᵀ` of the reference and exact paths, robust to
+/// intermediate overflow: rows of Q and K are divided by powers of two that bring them into
+/// [−2, 2] (exact), the product is taken and multiplied by `scale`, and each entry is scaled
+/// back. Where the plain product would overflow part-way (`inf − inf = NaN` for finite
+/// inputs), or the dot product itself overflows although `scale ·` it does not (a scale below
+/// 1, or 0), this gives the true value, or ±inf only if that itself is out of range; elsewhere
+/// it equals `scale · (q · k)` to rounding.
+pub(crate) fn raw_dots<T: Float>(
+    q: &DMatrixView<'_, T>,
+    k: &DMatrixView<'_, T>,
+    scale: T,
+) -> DMatrix<T> {
     let a: Vec<T> = (0..q.nrows())
         .map(|i| pow2_scale(q.row(i).iter().copied()))
         .collect();
@@ -537,18 +559,19 @@ pub(crate) fn raw_dots<T: Float>(q: &DMatrixView<'_, T>, k: &DMatrixView<'_, T>)
     let mut x = qs * ks.transpose();
     for j in 0..x.ncols() {
         for i in 0..x.nrows() {
-            x[(i, j)] = rescale(x[(i, j)], a[i], b[j]);
+            x[(i, j)] = rescale(scale * x[(i, j)], a[i], b[j]);
         }
     }
     x
 }
 
-/// Row `i` of [`raw_dots`]: `q_i · k_j` for every row `j` of `k`, with the same scaling (the
-/// query row's scale found once).
+/// Row `i` of [`raw_dots`]: `scale · q_i · k_j` for every row `j` of `k`, with the same
+/// scaling (the query row's scale found once).
 pub(crate) fn raw_dot_row<T: Float>(
     q: &DMatrixView<'_, T>,
     i: usize,
     k: &DMatrixView<'_, T>,
+    scale: T,
 ) -> Vec<T> {
     let a = pow2_scale(q.row(i).iter().copied());
     let qs: Vec<T> = q.row(i).iter().map(|&x| x / a).collect();
@@ -559,7 +582,7 @@ pub(crate) fn raw_dot_row<T: Float>(
                 .iter()
                 .enumerate()
                 .fold(T::zero(), |acc, (c, &qc)| acc + qc * (k[(j, c)] / b));
-            rescale(dot, a, b)
+            rescale(scale * dot, a, b)
         })
         .collect()
 }

@@ -525,3 +525,14 @@ fn the_cache_call_aligns_whole_sequence_masks() {
         }
     }
 }
+
+/// Zero-width heads with a capacity near usize::MAX: the views are empty and valid (a column
+/// stride of that size overflowed nalgebra's bounds check: found by the `kv_cache` target).
+#[test]
+fn zero_width_heads_with_a_huge_capacity_have_views() {
+    let mut cache = attention_math::KvCache::<f32>::with_capacity(2, 0, 0, usize::MAX).unwrap();
+    let z = nalgebra::DMatrix::<f32>::zeros(3, 0);
+    cache.append(&z, &z).unwrap();
+    assert_eq!(cache.keys(1).unwrap().shape(), (3, 0));
+    assert_eq!(cache.all_values().shape(), (3, 0));
+}

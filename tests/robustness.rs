@@ -622,3 +622,39 @@ fn overflowing_dot_products_are_not_nan() {
     // half the weight on keys 0 and 2 each.
     assert_eq!(r.output[(1, 0)], 2.0);
 }
+
+/// A −inf bias masks its pair even where the dot product overflows to +inf (inf − inf was
+/// NaN on every path: found by the `multihead` fuzz target), and a scale of 0 gives score 0
+/// even for a dot product past the type's range (0 · inf was NaN: the `diagnostics` target).
+#[test]
+fn masking_bias_and_zero_scale_survive_overflowing_dots() {
+    use attention_math::{Heads, multi_head_attention, scaled_attention_with};
+    let x = 1e154_f64; // x · x · 2 = 2e308 overflows
+    let (q, k) = (
+        DMatrix::from_element(1, 2, x),
+        DMatrix::from_element(3, 2, x),
+    );
+    let v = DMatrix::from_row_slice(3, 1, &[1.0, 2.0, 6.0]);
+    let bias = DMatrix::from_row_slice(1, 3, &[f64::NEG_INFINITY, 0.0, f64::NEG_INFINITY]);
+    let opts = AttentionOptions::new().bias(&bias);
+    for out in [
+        scaled_attention_with(&q, &k, &v, &Mask::none(), &opts).unwrap(),
+        scaled_attention_reference(&q, &k, &v, &Mask::none(), &opts).unwrap(),
+    ] {
+        // Only key 1 is left: its value, whatever its (infinite) score.
+        assert_eq!(out.output[(0, 0)], 2.0);
+    }
+    let all = DMatrix::from_element(1, 3, f64::NEG_INFINITY);
+    let masked = AttentionOptions::new().bias(&all);
+    let mha = multi_head_attention(&q, &k, &v, Heads::grouped(1, 1), &Mask::none(), &masked);
+    assert_eq!(mha.unwrap()[(0, 0)], 0.0);
+    // scale 0: every score is 0, the output the mean of V.
+    let zero = AttentionOptions::new().scale(0.0);
+    for out in [
+        scaled_attention_with(&q, &k, &v, &Mask::none(), &zero).unwrap(),
+        scaled_attention_reference(&q, &k, &v, &Mask::none(), &zero).unwrap(),
+    ] {
+        assert!((out.output[(0, 0)] - 3.0).abs() < 1e-15, "{}", out.output);
+        assert!((out.lse[0] - 3f64.ln()).abs() < 1e-15);
+    }
+}

@@ -127,8 +127,8 @@ pub fn attention_backward_reference<'q, 'k, 'v, 'g, T: Float>(
             ds[(i, j)] = *o;
         }
     }
-    let dots = raw_dots(&q, &k);
-    let d_dot = ds.zip_map(&dots, |g, x| g * plan.score_grad(x));
+    let dots = raw_dots(&q, &k, plan.scale);
+    let d_dot = ds.zip_map(&dots, |g, x| g * plan.score_grad_scaled(x));
     Ok(AttentionGrads {
         dq: &d_dot * k,
         dk: d_dot.transpose() * q,

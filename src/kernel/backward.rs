@@ -543,10 +543,10 @@ fn exact_rows<T: Float>(
     let mut s = vec![T::zero(); m];
     let mut dp = vec![T::zero(); m];
     for i in (0..n).filter(|&i| ctx.exact[i]) {
-        let x = raw_dot_row(&p.q, i, &p.k);
+        let x = raw_dot_row(&p.q, i, &p.k, plan.scale);
         for j in 0..m {
             s[j] = if p.mask.allows_in(n, m, i, j) {
-                plan.score(x[j], p.bias_at(i, j))
+                plan.finish(x[j], p.bias_at(i, j))
             } else {
                 T::NEG_INFINITY
             };
@@ -566,7 +566,7 @@ fn exact_rows<T: Float>(
             if let Some(db) = out.dbias.as_deref_mut() {
                 db[i + j * n] = ds;
             }
-            let dx = ds * plan.score_grad(x[j]);
+            let dx = ds * plan.score_grad_scaled(x[j]);
             let kr = key_row(j);
             for c in 0..d {
                 out.dq[i * out.d_pad + c] += dx * p.k[(j, c)];

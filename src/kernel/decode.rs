@@ -24,6 +24,7 @@ use crate::simd::{self, Element, Isa, Kernel, Lanes};
 use crate::spec::Problem;
 use nalgebra::{DMatrix, DMatrixView, DVector};
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Keys per block: the scores of one block are `rows x BLOCK` (in L1).
 const BLOCK: usize = 256;
@@ -62,30 +63,34 @@ struct Scores<'a, E, const R: usize, const KV: usize> {
     stride: usize,
 }
 
-/// Scores of keys `j0 + j .. j0 + j + U · LANES` for `R` rows; prefetches the keys a block
-/// (`ahead`) later in the same columns, a cache line at a time: a decode step reads d
-/// columns side by side, more streams than the hardware prefetcher follows.
+/// Columns of K per pass over a block's keys (see [`Scores`]).
+const PANEL: usize = 16;
+
+/// Scores of keys `j .. j + U · LANES` for `R` rows over the columns `cols`, added to the
+/// partial scores in `out` unless `first`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn score_tile<E: Element + nalgebra::Scalar, S: Lanes<E>, const R: usize, const U: usize>(
     s: S,
     q: &[&[E]; R],
     k: &DMatrixView<'_, E>,
+    cols: Range<usize>,
     j: usize,
-    ahead: Option<usize>,
+    first: bool,
     out: &mut [E],
     stride: usize,
 ) {
     let l = S::LANES;
-    let line = 64 / size_of::<E>();
     let mut acc = [[s.splat(E::ZERO); U]; R];
-    for c in 0..k.ncols() {
-        let col = column(k, c);
-        if let Some(a) = ahead {
-            for at in (a..(a + U * l).min(col.len())).step_by(line) {
-                s.prefetch(&col[at..]);
+    if !first {
+        for (r, acc) in acc.iter_mut().enumerate() {
+            for (u, a) in acc.iter_mut().enumerate() {
+                *a = s.load(&out[r * stride + u * l..]);
             }
         }
+    }
+    for c in cols {
+        let col = column(k, c);
         let kv: [S::V; U] = core::array::from_fn(|u| s.load(&col[j + u * l..]));
         for (qr, acc) in q.iter().zip(acc.iter_mut()) {
             let qb = s.splat(qr[c]);
@@ -119,16 +124,28 @@ impl<E: Element + nalgebra::Scalar, const R: usize, const KV: usize> Kernel<E>
         let d = k.ncols();
         let l = S::LANES;
         let qr: [&[E]; R] = core::array::from_fn(|r| &q[r * d..(r + 1) * d]);
-        let mut j = 0;
-        while j + KV * l <= bc {
-            let ahead = Some(j0 + bc + j);
-            score_tile::<E, S, R, KV>(s, &qr, &k, j0 + j, ahead, &mut out[j..], stride);
-            j += KV * l;
+        let vectors = bc / l * l;
+        for c0 in (0..d).step_by(PANEL) {
+            let cols = c0..(c0 + PANEL).min(d);
+            let first = c0 == 0;
+            let mut j = 0;
+            while j + KV * l <= vectors {
+                let o = &mut out[j..];
+                score_tile::<E, S, R, KV>(s, &qr, &k, cols.clone(), j0 + j, first, o, stride);
+                j += KV * l;
+            }
+            while j < vectors {
+                let o = &mut out[j..];
+                score_tile::<E, S, R, 1>(s, &qr, &k, cols.clone(), j0 + j, first, o, stride);
+                j += l;
+            }
         }
-        while j + l <= bc {
-            score_tile::<E, S, R, 1>(s, &qr, &k, j0 + j, None, &mut out[j..], stride);
-            j += l;
+        if d == 0 {
+            for row in out.chunks_mut(stride).take(R) {
+                row[..vectors].fill(E::ZERO);
+            }
         }
+        let j = vectors;
         for jj in j..bc {
             for (r, qr) in qr.iter().enumerate() {
                 let mut acc = E::ZERO;

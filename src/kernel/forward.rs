@@ -422,10 +422,10 @@ fn mask_scores<T: Float>(
 /// row and the log-sum-exp. Only reached when a score is not finite.
 pub(super) fn exact_row<T: Float>(p: &Problem<'_, T>, i: usize) -> (Vec<T>, T) {
     let Plan { n, m, dv, .. } = p.plan;
-    let mut row = raw_dot_row(&p.q, i, &p.k);
+    let mut row = raw_dot_row(&p.q, i, &p.k, p.plan.scale);
     for (j, s) in row.iter_mut().enumerate() {
         *s = if p.mask.allows_in(n, m, i, j) {
-            p.plan.score(*s, p.bias_at(i, j))
+            p.plan.finish(*s, p.bias_at(i, j))
         } else {
             T::NEG_INFINITY
         };

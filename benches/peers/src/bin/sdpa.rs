@@ -17,7 +17,8 @@
 //! cache's keys were checked when appended, so they are not rescanned), with the mask
 //! bottom-right aligned. `--read-kv` times no attention at all but one read of K and V (a sum
 //! of every element with independent accumulators): the memory-bandwidth bound of a decode
-//! step, measured in the same run.
+//! step, measured in the same run; with `--cache`, of the cache's own memory (which asks for
+//! huge pages), else of the input matrices.
 //! Threads: `AttentionOptions::threads`. After one untimed warm-up call, runs at least
 //! `--reps` calls and for at least `--min-secs` seconds, and prints one JSON line with the
 //! per-call wall times in ms and their median.
@@ -161,8 +162,8 @@ fn parse_args() -> Result<Args, String> {
     if args.backward && (args.heads != 1 || args.kv_heads != 1) {
         return Err("--backward needs --heads 1 --kv-heads 1".into());
     }
-    if [args.backward, args.cache, args.read_kv].iter().filter(|&&b| b).count() > 1 {
-        return Err("--backward, --cache and --read-kv exclude each other".into());
+    if args.backward && (args.cache || args.read_kv) {
+        return Err("--backward excludes --cache and --read-kv".into());
     }
     Ok(args)
 }
@@ -218,7 +219,17 @@ fn run<T: Float + ToLe>(a: &Args) -> Result<Vec<f64>, Box<dyn std::error::Error>
     // One call of the timed work; returns what --dump writes.
     let call = |dump: bool| -> attention_math::Result<Vec<u8>> {
         let mut buf = Vec::new();
-        if a.read_kv {
+        if let (true, Some(c)) = (a.read_kv, &cache) {
+            // The cache's own memory, column by column (each column is contiguous).
+            let (ck, cv) = (c.all_keys(), c.all_values());
+            let mut sum = T::zero();
+            for x in [&ck, &cv] {
+                for j in 0..x.ncols() {
+                    sum += read_all(x.column(j).as_slice());
+                }
+            }
+            black_box(sum);
+        } else if a.read_kv {
             black_box(read_all(k.as_slice()) + read_all(v.as_slice()));
         } else if let Some(c) = &cache {
             let o = c.attention(&q, a.heads, &mask, &opts)?;
