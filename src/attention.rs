@@ -7,8 +7,10 @@ use crate::Float;
 use crate::error::{Error, Result, check_finite, checked_len};
 use crate::kernel;
 use crate::mask::Mask;
-use crate::softmax::{logsumexp, softmax_in_place};
-use crate::spec::{AttentionOptions, AttentionOutput, add_bias, plan, problem, raw_dots};
+
+use crate::spec::{
+    AttentionOptions, AttentionOutput, add_bias, plan, problem, raw_dots, softmax_exact_row,
+};
 use nalgebra::{DMatrix, DMatrixView, DVector};
 
 /// Scaled dot-product attention, `softmax(Q Kᵀ / √d + mask) V`.
@@ -273,8 +275,9 @@ pub fn scaled_attention_reference<'q, 'k, 'v, T: Float>(
                 T::NEG_INFINITY
             };
         }
-        lse[i] = logsumexp(&row);
-        softmax_in_place(&mut row);
+        let bias = |j| add_bias(opts.bias.as_ref().map(|b| b[(i, j)]), plan.alibi_at(i, j));
+        let allowed = |j| mask.allows_in(n, m, i, j);
+        lse[i] = softmax_exact_row(&plan, &q, i, &k, &mut row, allowed, bias);
         for (j, p) in row.iter().enumerate() {
             weights[(i, j)] = *p;
         }

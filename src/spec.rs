@@ -6,6 +6,7 @@
 use crate::Float;
 use crate::error::{Axis, Error, Result, check_finite, check_positive, checked_len};
 use crate::mask::Mask;
+use crate::softmax::{logsumexp, softmax_in_place};
 use nalgebra::{DMatrix, DMatrixView, DVector};
 
 #[cfg(doc)]
@@ -515,6 +516,106 @@ impl<T: Float> Problem<'_, T> {
             self.plan.alibi_at(i, j),
         )
     }
+}
+
+/// The exponent of [`pow2_scale`]: `floor(log₂ max |x|)` if that is above 0, else 0.
+fn pow2_exponent<T: Float>(x: impl Iterator<Item = T>) -> i32 {
+    let top = x.fold(0.0_f64, |m, v| m.max(v.as_f64().abs()));
+    if top <= 1.0 || !top.is_finite() {
+        return 0;
+    }
+    ((top.to_bits() >> 52) & 0x7ff) as i32 - 1023
+}
+
+/// `x · 2^e` for any `e`, in steps that stay within the normal powers of two of `T` (so the
+/// result overflows or underflows only if the exact product does).
+fn mul_pow2<T: Float>(mut x: T, mut e: i32) -> T {
+    if x == T::zero() || !x.is_finite() {
+        return x;
+    }
+    let step = T::MAX_EXP - 2;
+    while e.abs() > step {
+        let s = step * e.signum();
+        x *= T::of_f64(2f64.powi(s));
+        e -= s;
+    }
+    x * T::of_f64(2f64.powi(e))
+}
+
+/// The softmax of one row of final scores, in place, and its log-sum-exp: `row` holds the
+/// scores (`−inf` where masked, as [`Plan::finish`] of [`raw_dot_row`] gives them) and
+/// becomes the weights.
+///
+/// Without a softcap, a score can be out of the type's range although every input is finite
+/// (`q · k` or `scale · q · k + bias` past MAX rounds to ±inf): then a masked key and an allowed
+/// key with a hugely negative score would both read −inf, and two huge scores of different
+/// true value would tie. Such a row is recomputed exactly at a power-of-two scale: every score
+/// as `2^E · t_j` with `t_j` in range (`E` the largest exponent of the row's dot products, at
+/// least 1), the weights `exp(2^E (t_j − max t))` and `lse = 2^E max t + ln Σ`: the true
+/// softmax (to rounding, which in this range picks the winners), and `lse = ±inf` only if
+/// the true value is out of range. `allowed` and `bias` describe the row's keys (mask and the
+/// additive bias with ALiBi, as for [`Plan::finish`]).
+pub(crate) fn softmax_exact_row<T: Float>(
+    plan: &Plan<T>,
+    q: &DMatrixView<'_, T>,
+    i: usize,
+    k: &DMatrixView<'_, T>,
+    row: &mut [T],
+    allowed: impl Fn(usize) -> bool,
+    bias: impl Fn(usize) -> Option<T>,
+) -> T {
+    let out_of_range = plan.softcap.is_none()
+        && row
+            .iter()
+            .enumerate()
+            .any(|(j, s)| !s.is_finite() && allowed(j) && bias(j) != Some(T::NEG_INFINITY));
+    if !out_of_range {
+        let lse = logsumexp(row);
+        softmax_in_place(row);
+        return lse;
+    }
+    let ea = pow2_exponent(q.row(i).iter().copied());
+    let qs: Vec<T> = q.row(i).iter().map(|&x| mul_pow2(x, -ea)).collect();
+    let eb: Vec<i32> = (0..k.nrows())
+        .map(|j| pow2_exponent(k.row(j).iter().copied()))
+        .collect();
+    let top = (0..k.nrows())
+        .filter(|&j| allowed(j))
+        .map(|j| eb[j])
+        .max()
+        .unwrap_or(0);
+    let e = (ea + top).max(1);
+    for (j, s) in row.iter_mut().enumerate() {
+        let b = bias(j);
+        *s = if !allowed(j) || b == Some(T::NEG_INFINITY) {
+            T::NEG_INFINITY
+        } else {
+            let dot = qs.iter().enumerate().fold(T::zero(), |acc, (c, &qc)| {
+                acc + qc * mul_pow2(k[(j, c)], -eb[j])
+            });
+            let t = mul_pow2(plan.scale * dot, ea + eb[j] - e);
+            match b {
+                Some(b) => t + mul_pow2(b, -e),
+                None => t,
+            }
+        };
+    }
+    let max = row
+        .iter()
+        .fold(T::NEG_INFINITY, |a, &s| if s > a { s } else { a });
+    let mut sum = T::zero();
+    for s in row.iter_mut() {
+        *s = if *s == T::NEG_INFINITY {
+            T::zero()
+        } else {
+            mul_pow2(*s - max, e).exp()
+        };
+        sum += *s;
+    }
+    for s in row.iter_mut() {
+        *s /= sum;
+    }
+    mul_pow2(max, e) + sum.ln()
 }
 
 /// For a row whose largest magnitude exceeds 1, the power of two at or below it (else 1):

@@ -658,3 +658,31 @@ fn masking_bias_and_zero_scale_survive_overflowing_dots() {
         assert!((out.lse[0] - 3f64.ln()).abs() < 1e-15);
     }
 }
+
+/// Scores past the type's range on allowed keys are not a mask: one key gets all the weight
+/// (its score −7e38 rounds to −inf in f32: found by the `attention` fuzz target), and of two
+/// huge scores the larger wins, where rounding both to +inf would split the weight.
+#[test]
+fn scores_past_the_range_keep_their_order() {
+    use attention_math::scaled_attention_with;
+    let q = DMatrix::<f32>::from_row_slice(1, 2, &[-3.4028235e38, -1.4375]);
+    let k = DMatrix::<f32>::from_row_slice(1, 2, &[-1.4375, -1.4375]);
+    let v = DMatrix::<f32>::from_row_slice(1, 1, &[5.0]);
+    let opts = AttentionOptions::new().scale(-1.4375).return_weights(true);
+    let r = scaled_attention_reference(&q, &k, &v, &Mask::none(), &opts).unwrap();
+    assert_eq!(r.weights.unwrap()[(0, 0)], 1.0);
+    assert_eq!(r.output[(0, 0)], 5.0);
+    assert_eq!(r.lse[0], f32::NEG_INFINITY); // the true lse, −7e38, is out of range
+    let f = scaled_attention_with(&q, &k, &v, &Mask::none(), &opts).unwrap();
+    assert_eq!(f.output[(0, 0)], 5.0);
+    // q · k₀ = 2e38 · 3 = 6e38 and q · k₁ = 2e38 · 2 = 4e38 (d = 1, scale 1): key 0 wins.
+    let q = DMatrix::<f32>::from_element(1, 1, 2e38);
+    let k = DMatrix::<f32>::from_row_slice(2, 1, &[3.0, 2.0]);
+    let v = DMatrix::<f32>::from_row_slice(2, 1, &[1.0, -1.0]);
+    let opts = AttentionOptions::new();
+    let r = scaled_attention_reference(&q, &k, &v, &Mask::none(), &opts).unwrap();
+    let f = scaled_attention_with(&q, &k, &v, &Mask::none(), &opts).unwrap();
+    assert_eq!(r.output[(0, 0)], 1.0);
+    assert_eq!(f.output[(0, 0)], 1.0);
+    assert_eq!(f.lse[0], f32::INFINITY);
+}

@@ -23,7 +23,7 @@ use super::pack::{self, round_up};
 use crate::Float;
 use crate::mask::Block;
 use crate::simd::{self, Isa, Out, Panels, Rows, Shape};
-use crate::spec::{Problem, raw_dot_row};
+use crate::spec::{Problem, raw_dot_row, softmax_exact_row};
 use nalgebra::{DMatrix, DMatrixView};
 use rayon::prelude::*;
 
@@ -552,7 +552,15 @@ fn exact_rows<T: Float>(
             };
             dp[j] = d_out.row(i).dot(&p.v.row(j));
         }
-        crate::softmax::softmax_in_place(&mut s);
+        softmax_exact_row(
+            plan,
+            &p.q,
+            i,
+            &p.k,
+            &mut s,
+            |j| p.mask.allows_in(n, m, i, j),
+            |j| p.bias_at(i, j),
+        );
         let delta = s
             .iter()
             .zip(&dp)

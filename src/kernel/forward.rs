@@ -7,8 +7,8 @@ use super::{Exec, tile};
 use crate::Float;
 use crate::mask::Block;
 use crate::simd::{self, Isa, Out, Panels, Rows, Shape};
-use crate::softmax::{logsumexp, softmax_in_place};
-use crate::spec::{Plan, Problem, raw_dot_row};
+
+use crate::spec::{Plan, Problem, raw_dot_row, softmax_exact_row};
 use nalgebra::{DMatrix, DVector};
 use rayon::prelude::*;
 
@@ -430,8 +430,15 @@ pub(super) fn exact_row<T: Float>(p: &Problem<'_, T>, i: usize) -> (Vec<T>, T) {
             T::NEG_INFINITY
         };
     }
-    let lse = logsumexp(&row);
-    softmax_in_place(&mut row);
+    let lse = softmax_exact_row(
+        &p.plan,
+        &p.q,
+        i,
+        &p.k,
+        &mut row,
+        |j| p.mask.allows_in(n, m, i, j),
+        |j| p.bias_at(i, j),
+    );
     let out = (0..dv)
         .map(|c| {
             row.iter()
@@ -603,10 +610,11 @@ mod tests {
             plan: plan(&qv, &kv, &vv, &opts).unwrap(),
         };
         let want = scaled_attention_reference(&q, &k, &v, &mask, &opts).unwrap();
-        // Row 0: two scores are +inf and share the weight, as in the reference.
+        // Row 0: scores 1e40 and 2e40 are both past f32's range; the larger wins (rounding
+        // both to +inf would split the weight between them).
         assert_eq!(
             want.output.row(0).iter().copied().collect::<Vec<_>>(),
-            [2.0, 3.0]
+            [3.0, 4.0]
         );
         assert_eq!(want.lse[0], f32::INFINITY);
         for isa in Isa::available() {
