@@ -9,7 +9,8 @@ use crate::kernel;
 use crate::mask::Mask;
 
 use crate::spec::{
-    AttentionOptions, AttentionOutput, add_bias, plan, problem, raw_dots, softmax_exact_row,
+    AttentionOptions, AttentionOutput, add_bias, convex_combination, plan, problem, raw_dots,
+    softmax_exact_row,
 };
 use nalgebra::{DMatrix, DMatrixView, DVector};
 
@@ -282,7 +283,16 @@ pub fn scaled_attention_reference<'q, 'k, 'v, T: Float>(
             weights[(i, j)] = *p;
         }
     }
-    let output = &weights * v;
+    let mut output = DMatrix::<T>::zeros(n, plan.dv);
+    let mut w = vec![T::zero(); m];
+    for i in 0..n {
+        for (j, x) in w.iter_mut().enumerate() {
+            *x = weights[(i, j)];
+        }
+        for c in 0..plan.dv {
+            output[(i, c)] = convex_combination(&w, &v, c);
+        }
+    }
     Ok(AttentionOutput {
         output,
         lse,

@@ -618,6 +618,31 @@ pub(crate) fn softmax_exact_row<T: Float>(
     mul_pow2(max, e) + sum.ln()
 }
 
+/// Column `c` of `Σ_j w_j v_j` for one row of weights `w` (summing to 1, or all 0), clamped to
+/// the range of the values it combines: a convex combination lies within them, and the clamp
+/// only undoes rounding (weights that sum to 1 + ε times values near the float's maximum
+/// would otherwise overflow to ±inf).
+pub(crate) fn convex_combination<T: Float>(w: &[T], v: &DMatrixView<'_, T>, c: usize) -> T {
+    let (mut sum, mut lo, mut hi) = (T::zero(), T::INFINITY, T::NEG_INFINITY);
+    for (j, &wj) in w.iter().enumerate() {
+        if wj != T::zero() {
+            let x = v[(j, c)];
+            sum += wj * x;
+            lo = if x < lo { x } else { lo };
+            hi = if x > hi { x } else { hi };
+        }
+    }
+    if lo > hi {
+        sum // no weight at all: 0
+    } else if sum < lo {
+        lo
+    } else if sum > hi {
+        hi
+    } else {
+        sum // also NaN, which propagates
+    }
+}
+
 /// For a row whose largest magnitude exceeds 1, the power of two at or below it (else 1):
 /// dividing by it is exact and brings every entry into [−2, 2], so no product or partial sum
 /// of a dot product can overflow. (A power of two, always representable: 2^floor(log₂ max).)

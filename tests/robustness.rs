@@ -686,3 +686,20 @@ fn scores_past_the_range_keep_their_order() {
     assert_eq!(f.output[(0, 0)], 1.0);
     assert_eq!(f.lse[0], f32::INFINITY);
 }
+
+/// Weights that sum to 1 + ε times values at −f64::MAX: the output stays −MAX, not −inf, on
+/// the reference and on the kernel's exact rows (found by the `attention` fuzz target).
+#[test]
+fn convex_combinations_of_extreme_values_do_not_overflow() {
+    use attention_math::scaled_attention_with;
+    let m = f64::MAX;
+    // Row 0: scores 1.75, 9.5 and −2·MAX (past the range, so the row takes the exact path).
+    let q = DMatrix::from_element(1, 1, 2.0);
+    let k = DMatrix::from_row_slice(3, 1, &[0.875, 4.75, -m]);
+    let v = DMatrix::from_row_slice(3, 1, &[-m, -m, 6.3125]);
+    let opts = AttentionOptions::new();
+    let r = scaled_attention_reference(&q, &k, &v, &Mask::none(), &opts).unwrap();
+    let f = scaled_attention_with(&q, &k, &v, &Mask::none(), &opts).unwrap();
+    assert_eq!(r.output[(0, 0)], -m);
+    assert_eq!(f.output[(0, 0)], -m);
+}

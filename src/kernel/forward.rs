@@ -8,7 +8,7 @@ use crate::Float;
 use crate::mask::Block;
 use crate::simd::{self, Isa, Out, Panels, Rows, Shape};
 
-use crate::spec::{Plan, Problem, raw_dot_row, softmax_exact_row};
+use crate::spec::{Plan, Problem, convex_combination, raw_dot_row, softmax_exact_row};
 use nalgebra::{DMatrix, DVector};
 use rayon::prelude::*;
 
@@ -439,13 +439,7 @@ pub(super) fn exact_row<T: Float>(p: &Problem<'_, T>, i: usize) -> (Vec<T>, T) {
         |j| p.mask.allows_in(n, m, i, j),
         |j| p.bias_at(i, j),
     );
-    let out = (0..dv)
-        .map(|c| {
-            row.iter()
-                .enumerate()
-                .fold(T::zero(), |acc, (j, &w)| acc + w * p.v[(j, c)])
-        })
-        .collect();
+    let out = (0..dv).map(|c| convex_combination(&row, &p.v, c)).collect();
     (out, lse)
 }
 
