@@ -11,7 +11,13 @@
 //! `queries/{n}/4096/t1`: n = 1 ... 96 queries of one head at m = 4096 (what one query costs
 //! next to a full tile).
 //!
-//! Run: `cargo bench --bench decode`
+//! `chunked/{n}x{m}` is chunked prefill: n new tokens of one GQA group (4 query heads over 1
+//! KV head, d = 128) against a cache of m positions through `KvCache::attention` (causal,
+//! aligned bottom-right), beside `square/{N}`: a causal prefill of N tokens with the same
+//! number of (query, key) pairs, through `multi_head_attention`. Throughput is in FLOPs
+//! (`2 · pairs · (d + d_v)` per head), so criterion's "elem/s" reads as FLOP/s.
+//!
+//! Run: `cargo bench --bench decode` (a group alone: `cargo bench --bench decode -- chunked`)
 
 use attention_math::{
     AttentionOptions, Heads, KvCache, Mask, multi_head_attention, scaled_attention_with,
@@ -86,5 +92,53 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+/// Allowed pairs of n queries, the last n of m positions, under the causal mask.
+fn chunk_pairs(n: usize, m: usize) -> usize {
+    (0..n).map(|i| m - n + i + 1).sum()
+}
+
+fn chunked(c: &mut Criterion) {
+    const H: Heads = Heads { query: 4, kv: 1 };
+    let mut group = c.benchmark_group("chunked");
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_millis(300));
+    group.measurement_time(Duration::from_secs(2));
+    let opts = AttentionOptions::new().threads(1);
+    let flops = |pairs: usize| (2 * pairs * 2 * D * H.query) as u64;
+    for m in [1024, 8192] {
+        let k = common::normal::<f32>(m, D, 2);
+        let v = common::normal::<f32>(m, D, 3);
+        for n in [64, 256, 512] {
+            let mut cache = KvCache::<f32>::with_capacity(1, D, D, m).unwrap();
+            cache.append(k.rows(0, m - n), v.rows(0, m - n)).unwrap();
+            let q = common::normal::<f32>(n, H.query * D, 1);
+            // The step appends the chunk's own keys, then attends; rolled back after.
+            let (kn, vn) = (k.rows(m - n, n).clone_owned(), v.rows(m - n, n).clone_owned());
+            group.throughput(Throughput::Elements(flops(chunk_pairs(n, m))));
+            group.bench_function(format!("{n}x{m}/t1"), |b| {
+                b.iter(|| {
+                    cache.append(&kn, &vn).unwrap();
+                    let o = cache.attention(black_box(&q), H.query, &Mask::causal(), &opts);
+                    cache.truncate(m - n).unwrap();
+                    o.unwrap()
+                })
+            });
+            // The square causal prefill with as many pairs: N (N + 1) / 2 = pairs.
+            let pairs = chunk_pairs(n, m);
+            let side = (((8 * pairs + 1) as f64).sqrt() as usize - 1) / 2;
+            let qs = common::normal::<f32>(side, H.query * D, 4);
+            let (ks, vs) = (k.rows(0, side.min(m)), v.rows(0, side.min(m)));
+            group.throughput(Throughput::Elements(flops(side * (side + 1) / 2)));
+            group.bench_function(format!("square-{side}-for-{n}x{m}/t1"), |b| {
+                b.iter(|| {
+                    multi_head_attention(black_box(&qs), ks, vs, H, &Mask::causal(), &opts)
+                        .unwrap()
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench, chunked);
 criterion_main!(benches);

@@ -69,16 +69,23 @@ def inputs(t, heads, rows, cols, dtype):
 
 class Workload:
     def __init__(self, name, n, d, heads=1, kv_heads=None, m=None, mask="none",
-                 dtype="f32", backward=False):
+                 dtype="f32", backward=False, cache=False):
         self.name, self.n, self.d, self.heads = name, n, d, heads
         self.kv_heads = heads if kv_heads is None else kv_heads
         self.m = n if m is None else m
         self.mask, self.dtype, self.backward = mask, dtype, backward
+        # The crate's side through KvCache::attention (the decode path of a real model);
+        # PyTorch's is the same SDPA call on the cached K and V.
+        self.cache = cache
 
     def crate_args(self):
         a = ["--n", self.n, "--m", self.m, "--d", self.d, "--heads", self.heads,
              "--kv-heads", self.kv_heads, "--mask", self.mask, "--dtype", self.dtype]
-        return [str(x) for x in a] + (["--backward"] if self.backward else [])
+        return ([str(x) for x in a] + (["--backward"] if self.backward else [])
+                + (["--cache"] if self.cache else []))
+
+    def kv_bytes(self):
+        return self.m * self.kv_heads * 2 * self.d * (4 if self.dtype == "f32" else 8)
 
     def pairs(self):
         """Allowed (query, key) pairs of the mask for n queries and m keys (one head)."""
@@ -115,7 +122,10 @@ def full_workloads():
     w.append(Workload("fwd+bwd 1 head n=2048 d=64 none", 2048, 64, backward=True))
     w.append(Workload("f64 1 head n=1024 d=64 none", 1024, 64, dtype="f64"))
     for m in (1024, 4096, 8192, 32768):
-        w.append(Workload(f"decode 32q/8kv m={m} d=128", 1, 128, heads=32, kv_heads=8, m=m))
+        w.append(Workload(f"decode 32q/8kv m={m} d=128 cache", 1, 128, heads=32, kv_heads=8,
+                          m=m, cache=True))
+    w.append(Workload("decode 32q/8kv m=8192 d=128 views", 1, 128, heads=32, kv_heads=8,
+                      m=8192))
     return w
 
 
@@ -126,7 +136,8 @@ def quick_workloads():
         Workload("4 heads n=64 d=64 causal", 64, 64, heads=4, mask="causal"),
         Workload("fwd+bwd 1 head n=128 d=64 causal", 128, 64, mask="causal", backward=True),
         Workload("f64 1 head n=128 d=64 none", 128, 64, dtype="f64"),
-        Workload("decode 8q/2kv m=512 d=64", 1, 64, heads=8, kv_heads=2, m=512),
+        Workload("decode 8q/2kv m=512 d=64 cache", 1, 64, heads=8, kv_heads=2, m=512,
+                 cache=True),
     ]
 
 
@@ -216,6 +227,16 @@ def crate_turn(w, threads, secs, dump=None, min_reps=3):
         cmd += ["--dump", dump]
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()}")
+    return json.loads(r.stdout.strip().splitlines()[-1])["times_ms"]
+
+
+def read_turn(w, threads, secs):
+    """One read of the workload's cached K and V (the decode bound), in ms per call."""
+    cmd = [BIN] + w.crate_args() + ["--read-kv", "--threads", str(threads), "--reps", "3",
+                                     "--min-secs", str(secs)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()}")
     return json.loads(r.stdout.strip().splitlines()[-1])["times_ms"]
@@ -346,6 +367,7 @@ def main():
                 torch.set_num_threads(t)
                 t_turns, c_turns = [], []
                 diff = "-"
+                r_turns = []
                 for r in range(rounds):
                     t_turns.append(side.turn(secs))
                     time.sleep(0.05)  # let torch's OpenMP workers stop spinning
@@ -353,6 +375,8 @@ def main():
                     c_turns.append(crate_turn(w, t, secs, dump))
                     if dump:
                         diff = max_diff(w, side, dump)
+                    if w.cache:
+                        r_turns.append(read_turn(w, t, secs))
                 tt = [x for turn in t_turns for x in turn]
                 ct = [x for turn in c_turns for x in turn]
                 c_ms, t_ms = float(np.median(ct)), float(np.median(tt))
@@ -362,7 +386,16 @@ def main():
                 print(f"{w.name:<36} {t:>3} | {c_ms:>9.3f} {t_ms:>9.3f} {t_ms / c_ms:>6.2f}x{flag}| "
                       f"{g / c_ms * 1e3:>10.1f} {g / t_ms * 1e3:>10.1f} | {backend:<13} | {diff}",
                       flush=True)
+                read = None
+                if w.cache:
+                    read = float(np.median([x for turn in r_turns for x in turn]))
+                    print(f"{'  read K, V once (the bound)':<36} {t:>3} | {read:>9.3f} "
+                          f"{'':>9} {c_ms / read:>6.2f}x | "
+                          f"{w.kv_bytes() / read * 1e-6:>7.1f} GB/s; the step: "
+                          f"{w.kv_bytes() / c_ms * 1e-6:.1f} GB/s, {c_ms / read:.2f}x the read",
+                          flush=True)
                 results.append({"workload": w.name, "threads": t, "crate_ms": c_ms,
+                                "read_kv_ms": read,
                                 "torch_ms": t_ms, "ratio": t_ms / c_ms, "gflop": g,
                                 "torch_backend": backend, "max_abs_diff": diff,
                                 "noisy": flag == "*",

@@ -219,18 +219,35 @@ fn run<T: Float + ToLe>(a: &Args) -> Result<Vec<f64>, Box<dyn std::error::Error>
     // One call of the timed work; returns what --dump writes.
     let call = |dump: bool| -> attention_math::Result<Vec<u8>> {
         let mut buf = Vec::new();
-        if let (true, Some(c)) = (a.read_kv, &cache) {
-            // The cache's own memory, column by column (each column is contiguous).
-            let (ck, cv) = (c.all_keys(), c.all_values());
-            let mut sum = T::zero();
-            for x in [&ck, &cv] {
-                for j in 0..x.ncols() {
-                    sum += read_all(x.column(j).as_slice());
-                }
-            }
+        if a.read_kv {
+            // The cache's own memory (else the input matrices), column by column (each
+            // column is contiguous), the columns split over `--threads` scoped threads.
+            let (ck, cv) = match &cache {
+                Some(c) => (c.all_keys(), c.all_values()),
+                None => (k.as_view(), v.as_view()),
+            };
+            let cols: Vec<&[T]> = [&ck, &cv]
+                .iter()
+                .flat_map(|x| {
+                    (0..x.ncols()).map(|j| {
+                        let col = x.column(j);
+                        // SAFETY: a column of a view with unit row stride is `nrows` consecutive
+                        // elements, borrowed from `ck` / `cv`, which outlive `cols`.
+                        unsafe { std::slice::from_raw_parts(col.as_ptr(), col.nrows()) }
+                    })
+                })
+                .collect();
+            let per = cols.len().div_ceil(a.threads.max(1));
+            let sum = std::thread::scope(|s| {
+                let parts: Vec<_> = cols
+                    .chunks(per.max(1))
+                    .map(|part| {
+                        s.spawn(move || part.iter().fold(T::zero(), |acc, c| acc + read_all(c)))
+                    })
+                    .collect();
+                parts.into_iter().fold(T::zero(), |acc, h| acc + h.join().unwrap())
+            });
             black_box(sum);
-        } else if a.read_kv {
-            black_box(read_all(k.as_slice()) + read_all(v.as_slice()));
         } else if let Some(c) = &cache {
             let o = c.attention(&q, a.heads, &mask, &opts)?;
             if dump {
