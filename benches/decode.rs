@@ -113,7 +113,10 @@ fn chunked(c: &mut Criterion) {
             cache.append(k.rows(0, m - n), v.rows(0, m - n)).unwrap();
             let q = common::normal::<f32>(n, H.query * D, 1);
             // The step appends the chunk's own keys, then attends; rolled back after.
-            let (kn, vn) = (k.rows(m - n, n).clone_owned(), v.rows(m - n, n).clone_owned());
+            let (kn, vn) = (
+                k.rows(m - n, n).clone_owned(),
+                v.rows(m - n, n).clone_owned(),
+            );
             group.throughput(Throughput::Elements(flops(chunk_pairs(n, m))));
             group.bench_function(format!("{n}x{m}/t1"), |b| {
                 b.iter(|| {
@@ -131,8 +134,7 @@ fn chunked(c: &mut Criterion) {
             group.throughput(Throughput::Elements(flops(side * (side + 1) / 2)));
             group.bench_function(format!("square-{side}-for-{n}x{m}/t1"), |b| {
                 b.iter(|| {
-                    multi_head_attention(black_box(&qs), ks, vs, H, &Mask::causal(), &opts)
-                        .unwrap()
+                    multi_head_attention(black_box(&qs), ks, vs, H, &Mask::causal(), &opts).unwrap()
                 })
             });
         }

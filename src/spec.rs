@@ -216,7 +216,8 @@ impl<'a, T: Float> AttentionOptions<'a, T> {
     /// pool. The result is bit-identical for every thread count; 0 is treated as 1, and a count
     /// above four threads per logical CPU is capped there (a larger pool only adds OS threads
     /// that wait: `threads(usize::MAX)` must not try to spawn them). The reference
-    /// implementation is always single-threaded.
+    /// implementation is always single-threaded, and so is everything when the crate is
+    /// built without its `rayon` feature (the count is then accepted and has no effect).
     ///
     /// # Examples
     ///

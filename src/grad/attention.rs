@@ -367,7 +367,7 @@ pub fn multi_head_attention_backward<'q, 'k, 'v, 'g, T: Float>(
         backward(&problems[hd], g, &lse, &delta, isa, exec, tiles::<T>())
     };
     let per_head: Vec<_> = kernel::with_threads(opts.threads, |exec| {
-        use rayon::prelude::*;
+        use crate::kernel::par::*;
         if exec.parallel() {
             (0..h)
                 .into_par_iter()

@@ -20,12 +20,12 @@
 
 use super::Exec;
 use super::pack::{self, round_up};
+use super::threads::par::*;
 use crate::Float;
 use crate::mask::Block;
 use crate::simd::{self, Isa, Out, Panels, Rows, Shape};
 use crate::spec::{Problem, raw_dot_row, softmax_exact_row};
 use nalgebra::{DMatrix, DMatrixView};
-use rayon::prelude::*;
 
 /// Queries and keys per block: multiples of MR, and of lcm(MR, NR) for keys (a key block is
 /// both the columns of the score block and the rows of the dK, dV products).

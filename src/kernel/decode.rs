@@ -18,12 +18,12 @@
 
 use super::Exec;
 use super::forward::{RowEnd, exact_row, finish_scores, finite, online_step, q_factor, row_end};
+use super::threads::par::*;
 use crate::Float;
 use crate::mask::Block;
 use crate::simd::{self, Element, Isa, Kernel, Lanes};
 use crate::spec::Problem;
 use nalgebra::{DMatrix, DMatrixView, DVector};
-use rayon::prelude::*;
 use std::ops::Range;
 
 /// Keys per block. Each block reads every column of K and V in a run of `BLOCK` elements

@@ -8,9 +8,9 @@ use crate::Float;
 use crate::mask::Block;
 use crate::simd::{self, Isa, Out, Panels, Rows, Shape};
 
+use super::threads::par::*;
 use crate::spec::{Plan, Problem, convex_combination, raw_dot_row, softmax_exact_row};
 use nalgebra::{DMatrix, DVector};
-use rayon::prelude::*;
 
 /// Everything a query tile reads, shared by all tiles (and threads).
 struct Packed<'a, T> {

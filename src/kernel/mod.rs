@@ -9,12 +9,12 @@ pub(crate) mod forward;
 mod pack;
 mod threads;
 
-pub(crate) use threads::{Exec, with_threads};
+pub(crate) use threads::{Exec, par, with_threads};
 
 use crate::Float;
 use crate::simd::Isa;
 use crate::spec::{AttentionOutput, Problem};
-use rayon::prelude::*;
+use threads::par::*;
 
 /// Query rows per tile (a multiple of MR) and keys per tile (a multiple of NR): f32 96 x 256,
 /// f64 48 x 128, so that one tile's scores and accumulator stay in L2.

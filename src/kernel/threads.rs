@@ -1,6 +1,11 @@
 //! Where the work of one call runs: inline on the calling thread, or on a rayon pool (the
 //! current one, or a private pool per thread count, built once and reused).
+//!
+//! Without the `rayon` feature every call runs inline, and [`par`] stands in for rayon's
+//! prelude with the same method names on plain sequential iterators, so the kernels are
+//! written once.
 
+#[cfg(feature = "rayon")]
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// Where the independent pieces of a call (query tiles, key blocks, heads) run.
@@ -9,20 +14,72 @@ pub(crate) enum Exec {
     /// One after another on the calling thread.
     Inline,
     /// In parallel on the current rayon pool.
+    #[cfg_attr(not(feature = "rayon"), allow(dead_code))]
     Pool,
 }
 
 impl Exec {
     /// Whether work handed to rayon here can actually run in parallel.
+    #[cfg(feature = "rayon")]
     pub(crate) fn parallel(self) -> bool {
         self == Exec::Pool && rayon::current_num_threads() > 1
     }
+
+    /// Whether work can run in parallel: never without the `rayon` feature.
+    #[cfg(not(feature = "rayon"))]
+    pub(crate) fn parallel(self) -> bool {
+        false
+    }
+}
+
+/// rayon's prelude, or (without the `rayon` feature) sequential stand-ins with its names.
+#[cfg(feature = "rayon")]
+pub(crate) mod par {
+    pub(crate) use rayon::prelude::*;
+}
+
+/// Sequential stand-ins for the parts of rayon's prelude the kernels use.
+#[cfg(not(feature = "rayon"))]
+pub(crate) mod par {
+    /// `into_par_iter`: the plain iterator.
+    pub(crate) trait IntoParallelIterator: IntoIterator + Sized {
+        fn into_par_iter(self) -> Self::IntoIter {
+            self.into_iter()
+        }
+    }
+    impl<I: IntoIterator> IntoParallelIterator for I {}
+
+    /// `par_iter` and `par_chunks` on slices: the plain ones.
+    pub(crate) trait ParallelSlice<T> {
+        fn par_iter(&self) -> std::slice::Iter<'_, T>;
+        fn par_chunks(&self, size: usize) -> std::slice::Chunks<'_, T>;
+    }
+    impl<T> ParallelSlice<T> for [T] {
+        fn par_iter(&self) -> std::slice::Iter<'_, T> {
+            self.iter()
+        }
+        fn par_chunks(&self, size: usize) -> std::slice::Chunks<'_, T> {
+            self.chunks(size)
+        }
+    }
+
+    /// `for_each_init`: one state for the whole (sequential) loop.
+    pub(crate) trait ForEachInit: Iterator + Sized {
+        fn for_each_init<S>(self, init: impl Fn() -> S, op: impl Fn(&mut S, Self::Item)) {
+            let mut state = init();
+            for x in self {
+                op(&mut state, x);
+            }
+        }
+    }
+    impl<I: Iterator> ForEachInit for I {}
 }
 
 /// The largest private pool: four threads per logical CPU. More only adds OS threads that
 /// wait, and `threads(usize::MAX)` must not try to spawn them.
 /// Computed once: `available_parallelism` reads the affinity mask and cgroup files, tens of
 /// microseconds that a small call cannot afford.
+#[cfg(feature = "rayon")]
 pub(crate) fn max_threads() -> usize {
     static MAX: OnceLock<usize> = OnceLock::new();
     *MAX.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()) * 4)
@@ -36,6 +93,7 @@ pub(crate) fn max_threads() -> usize {
 /// Private pools are built once per thread count and kept for the life of the process:
 /// building one costs tens of microseconds, as much as a whole attention at n = 256.
 /// rayon's global pool is never touched.
+#[cfg(feature = "rayon")]
 pub(crate) fn with_threads<R: Send>(threads: Option<usize>, f: impl FnOnce(Exec) -> R + Send) -> R {
     match threads.map(|t| t.min(max_threads())) {
         None => f(Exec::Pool),
@@ -48,9 +106,11 @@ pub(crate) fn with_threads<R: Send>(threads: Option<usize>, f: impl FnOnce(Exec)
 }
 
 /// The private pools built so far, by thread count.
+#[cfg(feature = "rayon")]
 type Pools = Mutex<Vec<(usize, Arc<rayon::ThreadPool>)>>;
 
 /// The private pool of `threads` threads, built on first use.
+#[cfg(feature = "rayon")]
 fn private_pool(threads: usize) -> Option<Arc<rayon::ThreadPool>> {
     static POOLS: OnceLock<Pools> = OnceLock::new();
     let mut pools = POOLS
@@ -70,7 +130,14 @@ fn private_pool(threads: usize) -> Option<Arc<rayon::ThreadPool>> {
     Some(pool)
 }
 
-#[cfg(test)]
+/// Without the `rayon` feature: always inline (the same bits as any pool would give).
+#[cfg(not(feature = "rayon"))]
+pub(crate) fn with_threads<R: Send>(threads: Option<usize>, f: impl FnOnce(Exec) -> R + Send) -> R {
+    let _ = threads;
+    f(Exec::Inline)
+}
+
+#[cfg(all(test, feature = "rayon"))]
 mod tests {
     use super::*;
 
