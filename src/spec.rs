@@ -551,8 +551,8 @@ fn mul_pow2<T: Float>(mut x: T, mut e: i32) -> T {
 /// (`q · k` or `scale · q · k + bias` past MAX rounds to ±inf): then a masked key and an allowed
 /// key with a hugely negative score would both read −inf, and two huge scores of different
 /// true value would tie. Such a row is recomputed exactly at a power-of-two scale: every score
-/// as `2^E · t_j` with `t_j` in range (`E` the largest exponent of the row's dot products, at
-/// least 1), the weights `exp(2^E (t_j − max t))` and `lse = 2^E max t + ln Σ`: the true
+/// as `2^E · t_j` with `t_j` in range (`E` the largest exponent of the row's dot products and
+/// the scale, at least 1), the weights `exp(2^E (t_j − max t))` and `lse = 2^E max t + ln Σ`: the true
 /// softmax (to rounding, which in this range picks the winners), and `lse = ±inf` only if
 /// the true value is out of range. `allowed` and `bias` describe the row's keys (mask and the
 /// additive bias with ALiBi, as for [`Plan::finish`]).
@@ -585,7 +585,10 @@ pub(crate) fn softmax_exact_row<T: Float>(
         .map(|j| eb[j])
         .max()
         .unwrap_or(0);
-    let e = (ea + top).max(1);
+    // The scale's own exponent too (a scale near MAX overflows a moderate dot product).
+    let es = pow2_exponent(std::iter::once(plan.scale));
+    let scale = mul_pow2(plan.scale, -es);
+    let e = (ea + top + es).max(1);
     for (j, s) in row.iter_mut().enumerate() {
         let b = bias(j);
         *s = if !allowed(j) || b == Some(T::NEG_INFINITY) {
@@ -594,7 +597,7 @@ pub(crate) fn softmax_exact_row<T: Float>(
             let dot = qs.iter().enumerate().fold(T::zero(), |acc, (c, &qc)| {
                 acc + qc * mul_pow2(k[(j, c)], -eb[j])
             });
-            let t = mul_pow2(plan.scale * dot, ea + eb[j] - e);
+            let t = mul_pow2(scale * dot, ea + eb[j] + es - e);
             match b {
                 Some(b) => t + mul_pow2(b, -e),
                 None => t,

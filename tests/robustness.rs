@@ -703,3 +703,38 @@ fn convex_combinations_of_extreme_values_do_not_overflow() {
     assert_eq!(r.output[(0, 0)], -m);
     assert_eq!(f.output[(0, 0)], -m);
 }
+
+/// A scale near f64::MAX makes every score past the range although each dot product is
+/// moderate: three equal scores still share the weight (it was NaN: the `attention` target).
+#[test]
+fn a_huge_scale_keeps_equal_scores_equal() {
+    use attention_math::scaled_attention_with;
+    let q = DMatrix::from_element(1, 1, -6.625);
+    let k = DMatrix::from_element(3, 1, 4.8125);
+    let v = DMatrix::from_row_slice(3, 1, &[-7.0, 389120.0, -7.0]);
+    let opts = AttentionOptions::new().scale(-f64::MAX);
+    let want = (389120.0 - 14.0) / 3.0;
+    for out in [
+        scaled_attention_with(&q, &k, &v, &Mask::none(), &opts).unwrap(),
+        scaled_attention_reference(&q, &k, &v, &Mask::none(), &opts).unwrap(),
+    ] {
+        assert!(
+            (out.output[(0, 0)] - want).abs() < 1e-9 * want,
+            "{}",
+            out.output
+        );
+        assert_eq!(out.lse[0], f64::INFINITY);
+    }
+}
+
+/// `x A` past f32's range with B = 0: the LoRA update is exactly 0, so the output is `x W`
+/// (it was NaN, inf · 0: the `lora` target).
+#[test]
+fn lora_forward_survives_an_overflowing_x_a() {
+    let w = DMatrix::<f32>::from_fn(3, 2, |i, j| (i + 2 * j) as f32 - 2.0);
+    let mut layer = LoraLinear::new(w.clone(), 2, -6.9375).unwrap();
+    layer.a_mut()[(0, 0)] = -2.5654098e38;
+    let x = DMatrix::<f32>::from_element(2, 3, -5.5625);
+    let y = layer.forward(&x).unwrap();
+    assert_eq!(y, &x * &w);
+}

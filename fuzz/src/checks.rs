@@ -982,7 +982,11 @@ fn backward_t<T: Fz>(b: &mut Bytes) {
     }
     // Tiled against reference where every row is well conditioned.
     let err = infos.iter().fold(0.0_f64, |acc, r| acc.max(r.score_err));
-    if !moderate || !(err < 1e-3) {
+    // Where dP = dO Vᵀ (or the gradients built from it) may leave the range, the two paths
+    // may overflow at different places: the documented limit of the backward
+    // (docs/robustness.md), not compared.
+    let grads_in_range = dp * (m + n + d + 8) as f64 * 16.0 < T::MAXV;
+    if !moderate || !(err < 1e-3) || !grads_in_range {
         return;
     }
     let rel = 32.0 * (2.0 * err + (m + n) as f64 * e + (d + dv + 8) as f64 * e);

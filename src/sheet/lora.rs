@@ -42,6 +42,75 @@ fn pow2<T: Float>(k: i32) -> T {
     T::of_f64(2f64.powi(k))
 }
 
+/// Entries of `h = x m` (computed by the caller) that overflowed although their row of `x` and
+/// column of `m` are finite, recomputed at the scale `2^-e`: `(i, k, h_ik · 2^-e)`, with the
+/// entry in `h` set to 0 so that the caller's next product skips it. `|Σ_c x_ic m_ck|` is at
+/// most `d · MAX²`, so `e = MAX_EXP + log₂(d) + 2`, applied half to x and half to m (each half
+/// a normal power of two), brings it below MAX/2.
+struct Rescued<T> {
+    entries: Vec<(usize, usize, T)>,
+    /// `e`, split into two halves whose powers of two are normal.
+    halves: (i32, i32),
+}
+
+fn rescue_overflow<T: Float>(
+    x: &DMatrixView<'_, T>,
+    m: &DMatrixView<'_, T>,
+    h: &mut DMatrix<T>,
+) -> Rescued<T> {
+    let d = x.ncols();
+    let e = T::MAX_EXP + (usize::BITS - d.leading_zeros()) as i32 + 2;
+    let halves = (e / 2, e - e / 2);
+    let (lo, hi) = (pow2::<T>(-halves.0), pow2::<T>(-halves.1));
+    let mut entries = Vec::new();
+    for k in 0..h.ncols() {
+        if !m.column(k).iter().all(|v| v.is_finite()) {
+            continue;
+        }
+        for i in 0..h.nrows() {
+            let v = h[(i, k)];
+            if !v.is_finite() && !v.is_nan_value() && x.row(i).iter().all(|v| v.is_finite()) {
+                let z = (0..d).fold(T::zero(), |acc, c| {
+                    acc + (x[(i, c)] * lo) * (m[(c, k)] * hi)
+                });
+                entries.push((i, k, z));
+                h[(i, k)] = T::zero();
+            }
+        }
+    }
+    Rescued { entries, halves }
+}
+
+/// Adds the rescued entries' share of `f(h) n` to `y`: `y_ij += (f(h'_ik) · s · n_kj) · 2^e` for
+/// a positively homogeneous `f` (identity or relu), so the scale comes out exactly.
+fn add_rescued<T: Float>(
+    y: &mut DMatrix<T>,
+    r: &Rescued<T>,
+    n: &DMatrix<T>,
+    s: T,
+    f: impl Fn(T) -> T,
+) {
+    let (a, b) = (pow2::<T>(r.halves.0), pow2::<T>(r.halves.1));
+    for &(i, k, z) in &r.entries {
+        let z = f(z);
+        if z == T::zero() {
+            continue;
+        }
+        for j in 0..y.ncols() {
+            // The smaller of the two factors first, so the product overflows only if it must.
+            let nk = n[(k, j)];
+            let term = if s.abs() < nk.abs() {
+                z * s * nk
+            } else {
+                z * nk * s
+            };
+            if term != T::zero() {
+                y[(i, j)] += term * a * b;
+            }
+        }
+    }
+}
+
 fn check_inner(
     arg: &'static str,
     found: usize,
@@ -326,8 +395,11 @@ impl<T: Float> LoraLinear<T> {
     pub fn forward<'x>(&self, x: impl Into<DMatrixView<'x, T>>) -> Result<DMatrix<T>> {
         let x = x.into();
         check_inner("x", x.ncols(), "w", Axis::Rows, self.w.nrows())?;
-        let xa = product("the n x rank LoRA intermediate x a", &x, &self.a.as_view())?;
+        let mut xa = product("the n x rank LoRA intermediate x a", &x, &self.a.as_view())?;
         let y = product("the n x d_out LoRA output", &x, &self.w.as_view())?;
+        // An entry of x A past the range (B may still make the update finite, or 0) is
+        // recomputed at a power-of-two scale.
+        let rescued = rescue_overflow(&x, &self.a.as_view(), &mut xa);
         // (x A) B first, then the scaling: a huge α/r must not meet a zero B as inf · 0
         // (the product then overflows only if the update itself does).
         let xab = product(
@@ -335,7 +407,9 @@ impl<T: Float> LoraLinear<T> {
             &xa.as_view(),
             &self.b.as_view(),
         )?;
-        Ok(y + xab * self.scaling())
+        let mut y = y + xab * self.scaling();
+        add_rescued(&mut y, &rescued, &self.b, self.scaling(), |z| z);
+        Ok(y)
     }
 
     /// The merged weight `W + (α/r) A B` (d_in x d_out): one matmul at inference.
@@ -462,22 +536,10 @@ impl<T: Float> BottleneckAdapter<T> {
         let x = x.into();
         check_inner("x", x.ncols(), "down", Axis::Rows, self.down.nrows())?;
         let mut hidden = product("the n x r adapter hidden layer", &x, &self.down.as_view())?;
-        // Hidden entries that overflowed although their row of x and column of W_down are
-        // finite: recomputed below at a scale of 2^-e (relu is positively homogeneous), so
-        // a finite output is not lost to an intermediate inf (or NaN from inf · 0).
-        let mut overflowed = Vec::new();
-        for k in 0..hidden.ncols() {
-            if !self.down.column(k).iter().all(|v| v.is_finite()) {
-                continue;
-            }
-            for i in 0..hidden.nrows() {
-                let h = hidden[(i, k)];
-                if !h.is_finite() && !h.is_nan_value() && x.row(i).iter().all(|v| v.is_finite()) {
-                    overflowed.push((i, k));
-                    hidden[(i, k)] = T::zero();
-                }
-            }
-        }
+        // Hidden entries that overflowed although their inputs are finite: recomputed at a
+        // power-of-two scale (relu is positively homogeneous), so a finite output is not lost
+        // to an intermediate inf (or NaN from inf · 0).
+        let rescued = rescue_overflow(&x, &self.down.as_view(), &mut hidden);
         hidden.apply(|h| {
             if *h < T::zero() {
                 *h = T::zero();
@@ -485,24 +547,8 @@ impl<T: Float> BottleneckAdapter<T> {
         });
         let mut y = x.clone_owned();
         y.gemm(T::one(), &hidden, &self.up, T::one());
-        if !overflowed.is_empty() {
-            // |Σ_c x_ic w_ck| <= d · MAX², so each half of 2^-e with e = MAX_EXP + log2(d) + 2
-            // brings it below MAX/2, and every factor is a normal power of two.
-            let d = x.ncols();
-            let e = T::MAX_EXP + (usize::BITS - d.leading_zeros()) as i32 + 2;
-            let (lo, hi) = (e / 2, e - e / 2);
-            let (down_lo, down_hi) = (pow2::<T>(-lo), pow2::<T>(-hi));
-            for (i, k) in overflowed {
-                let z = (0..d).fold(T::zero(), |acc, c| {
-                    acc + (x[(i, c)] * down_lo) * (self.down[(c, k)] * down_hi)
-                });
-                if z > T::zero() {
-                    for j in 0..y.ncols() {
-                        y[(i, j)] += z * self.up[(k, j)] * pow2::<T>(lo) * pow2::<T>(hi);
-                    }
-                }
-            }
-        }
+        let relu = |z: T| if z > T::zero() { z } else { T::zero() };
+        add_rescued(&mut y, &rescued, &self.up, T::one(), relu);
         Ok(y)
     }
 }
