@@ -686,13 +686,28 @@ pub(crate) fn raw_dots<T: Float>(
         .collect();
     let qs = DMatrix::from_fn(q.nrows(), q.ncols(), |i, c| q[(i, c)] / a[i]);
     let ks = DMatrix::from_fn(k.nrows(), k.ncols(), |j, c| k[(j, c)] / b[j]);
-    let mut x = qs * ks.transpose();
+    let scaled = qs * ks.transpose();
+    let mut x = q * k.transpose();
     for j in 0..x.ncols() {
         for i in 0..x.nrows() {
-            x[(i, j)] = rescale(scale * x[(i, j)], a[i], b[j]);
+            x[(i, j)] = pick(x[(i, j)], scale, scaled[(i, j)], a[i], b[j]);
         }
     }
     x
+}
+
+/// `scale · dot` from the plain dot product where it is finite, else from the scaled one
+/// `dot_s = dot / (a b)`. The two agree to the bit wherever neither over- nor underflows
+/// (the scales are powers of two); the plain one keeps tiny products that the scaled rows
+/// flush to zero (a huge entry in both q and k scales the small ones into underflow), the
+/// scaled one survives products past the range.
+fn pick<T: Float>(dot: T, scale: T, dot_s: T, a: T, b: T) -> T {
+    let plain = scale * dot;
+    if dot.is_finite() && plain.is_finite() {
+        plain
+    } else {
+        rescale(scale * dot_s, a, b)
+    }
 }
 
 /// Row `i` of [`raw_dots`]: `scale · q_i · k_j` for every row `j` of `k`, with the same
@@ -708,11 +723,16 @@ pub(crate) fn raw_dot_row<T: Float>(
     (0..k.nrows())
         .map(|j| {
             let b = pow2_scale(k.row(j).iter().copied());
-            let dot = qs
+            let dot_s = qs
                 .iter()
                 .enumerate()
                 .fold(T::zero(), |acc, (c, &qc)| acc + qc * (k[(j, c)] / b));
-            rescale(scale * dot, a, b)
+            let dot = q
+                .row(i)
+                .iter()
+                .enumerate()
+                .fold(T::zero(), |acc, (c, &qc)| acc + qc * k[(j, c)]);
+            pick(dot, scale, dot_s, a, b)
         })
         .collect()
 }

@@ -738,3 +738,41 @@ fn lora_forward_survives_an_overflowing_x_a() {
     let y = layer.forward(&x).unwrap();
     assert_eq!(y, &x * &w);
 }
+
+/// A huge entry in both q and k must not flush the small products to zero: the score is the
+/// plain dot product wherever that is finite (the power-of-two scaled one gave 0 here: found
+/// by the `diagnostics` target).
+#[test]
+fn tiny_products_beside_huge_entries_are_kept() {
+    let q = DMatrix::from_row_slice(
+        1,
+        4,
+        &[
+            2.567347490188928e-289,
+            -1.7044745290527055e289,
+            2.567347490188928e-289,
+            -6.75,
+        ],
+    );
+    let k = DMatrix::from_row_slice(
+        2,
+        4,
+        &[
+            -1.7044745290527055e289,
+            3.8153151459466e-311,
+            -7.0,
+            -7.0,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+        ],
+    );
+    let v = DMatrix::from_row_slice(2, 1, &[1.0, 0.0]);
+    let opts = AttentionOptions::new().return_weights(true);
+    let r = scaled_attention_reference(&q, &k, &v, &Mask::none(), &opts).unwrap();
+    // q · k₀ = −4.3758... + 47.25 (+ negligible terms) = 42.874, / √4.
+    let s0: f64 = (2.567347490188928e-289 * -1.7044745290527055e289 + 47.25) / 2.0;
+    let w0 = 1.0 / (1.0 + (-s0).exp());
+    assert!((r.output[(0, 0)] - w0).abs() < 1e-15, "{}", r.output);
+}
