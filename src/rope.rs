@@ -314,8 +314,9 @@ impl Rope {
     /// # Errors
     ///
     /// - [`Error::InvalidParameter`] naming `head_dim` (0), `rotary_dim` (odd or > d),
-    ///   `theta` or `linear_scaling` (not finite and > 0, or so small that the last
-    ///   position's angle `(offset + n − 1) / scaling` overflows), or `offset` if `offset + n`
+    ///   `theta` or `linear_scaling` (not finite and > 0, or such that the largest angle,
+    ///   `(offset + n − 1) / scaling` times the largest frequency, overflows: a tiny scaling,
+    ///   or a theta so far below 1 that `θ^(-2k/r)` is huge), or `offset` if `offset + n`
     ///   overflows `usize`;
     /// - [`Error::HeadWidth`] naming `x` if its columns are not a multiple of d;
     /// - [`Error::TooLarge`] if the cos/sin table (at most 64 x r/2) cannot be allocated.
@@ -409,13 +410,20 @@ impl Rope {
             return Ok(());
         }
         // The largest angle must be finite (a tiny scaling factor divides positions into
-        // infinities, whose sine is NaN). θ_0 = 1 is the largest frequency.
-        let last = (offset + n - 1) as f64 / self.scale;
-        if !last.is_finite() {
+        // infinities, and a theta below 1 makes frequencies above 1; the sine of inf is NaN).
+        let top = inv_freq.iter().fold(0.0_f64, |a, &f| a.max(f));
+        let position = (offset + n - 1) as f64 / self.scale;
+        if !(position * top).is_finite() {
+            let (name, value) = if position.is_finite() {
+                ("theta", self.theta)
+            } else {
+                ("linear_scaling", self.scale)
+            };
             return Err(Error::InvalidParameter {
-                name: "linear_scaling",
-                value: self.scale,
-                requirement: "must keep the angles finite: (offset + n − 1) / scaling overflows",
+                name,
+                value,
+                requirement: "must keep every angle finite: (offset + n − 1) / linear_scaling \
+                    times the largest frequency (1, or more for theta < 1) overflows",
             });
         }
         let r = 2 * half;

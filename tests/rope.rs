@@ -582,3 +582,36 @@ fn a_scaling_that_overflows_the_angles_is_an_error() {
     rope.apply(&mut one, 0).unwrap();
     assert_eq!(one, nalgebra::DMatrix::from_element(1, 8, -7.0));
 }
+
+/// A theta far below 1 makes frequencies far above 1, and with a tiny scaling the angles
+/// overflow: an `Err` naming the parameter, x unchanged (it was NaN: the `rope` fuzz target).
+#[test]
+fn tiny_theta_and_scaling_are_errors_not_nan() {
+    use attention_math::{Error, Rope, RopeLayout};
+    let mut x = nalgebra::DMatrix::<f32>::from_element(2, 12, 1.0);
+    let before = x.clone();
+    let rope = Rope::new(12, RopeLayout::RotateHalf)
+        .theta(2.2250738585072014e-308)
+        .linear_scaling(2.2250738585072014e-308);
+    let e = rope.apply(&mut x, 0).unwrap_err();
+    // Position 1 / 2.2e-308 is finite; the frequencies (up to θ^(-10/12) ~ 1e256) overflow it.
+    assert!(
+        matches!(e, Error::InvalidParameter { name: "theta", .. }),
+        "{e:?}"
+    );
+    assert_eq!(x, before);
+    // A scaling so small that the position itself overflows is to blame on its own.
+    let rope = Rope::new(12, RopeLayout::RotateHalf).linear_scaling(5e-324);
+    let e = rope.apply(&mut x, 0).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidParameter {
+                name: "linear_scaling",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert_eq!(x, before);
+}

@@ -1491,7 +1491,10 @@ fn rope_t<T: Fz>(b: &mut Bytes) {
     // where any angle is computed at all (some row, some head, some rotated pair).
     let last = offset.saturating_add(n).saturating_sub(1) as f64;
     let rotates = n > 0 && d > 0 && cols / d > 0 && r >= 2;
-    if rotates && scaling.is_some_and(|s| !(last / s).is_finite()) {
+    let top = freqs
+        .as_ref()
+        .map_or(1.0, |f| f.iter().fold(0.0_f64, |a, &v| a.max(v.as_f64())));
+    if rotates && !(last / scaling.unwrap_or(1.0) * top).is_finite() {
         expected.push("InvalidParameter");
     }
     let mut y = input.x.clone();
