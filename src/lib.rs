@@ -23,6 +23,9 @@ mod softmax;
 mod spec;
 
 pub mod guide;
+#[cfg(feature = "ndarray")]
+#[cfg_attr(docsrs, doc(cfg(feature = "ndarray")))]
+pub mod ndarray;
 pub mod sheet;
 
 pub use attention::{

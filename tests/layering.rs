@@ -28,6 +28,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("rope", 8),
     ("cache", 9),
     ("sheet", 10),
+    ("ndarray", 10),
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
