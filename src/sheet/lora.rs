@@ -42,8 +42,8 @@ fn pow2<T: Float>(k: i32) -> T {
     T::of_f64(2f64.powi(k))
 }
 
-/// Entries of `h = x m` (computed by the caller) that overflowed although their row of `x` and
-/// column of `m` are finite, recomputed at the scale `2^-e`: `(i, k, h_ik · 2^-e)`, with the
+/// Entries of `h = x m` (computed by the caller) that overflowed (to ±inf, or to NaN through
+/// inf − inf part-way) although their row of `x` and column of `m` are finite, recomputed at the scale `2^-e`: `(i, k, h_ik · 2^-e)`, with the
 /// entry in `h` set to 0 so that the caller's next product skips it. `|Σ_c x_ic m_ck|` is at
 /// most `d · MAX²`, so `e = MAX_EXP + log₂(d) + 2`, applied half to x and half to m (each half
 /// a normal power of two), brings it below MAX/2.
@@ -69,7 +69,8 @@ fn rescue_overflow<T: Float>(
         }
         for i in 0..h.nrows() {
             let v = h[(i, k)];
-            if !v.is_finite() && !v.is_nan_value() && x.row(i).iter().all(|v| v.is_finite()) {
+            // Not finite (inf, or NaN from inf − inf part-way) from a finite row and column.
+            if !v.is_finite() && x.row(i).iter().all(|v| v.is_finite()) {
                 let z = (0..d).fold(T::zero(), |acc, c| {
                     acc + (x[(i, c)] * lo) * (m[(c, k)] * hi)
                 });
