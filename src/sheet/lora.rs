@@ -11,8 +11,9 @@
 //! `B` starts at zero, so training starts from the base model exactly. The update can be
 //! merged into the weight, `W' = W + (α/r) A B`, so inference costs nothing extra, and
 //! unmerged again to swap adapters. It trains `r (d_in + d_out)` parameters instead of
-//! `d_in · d_out`; applied to the Q, K, V and O projections of attention it changes what the
-//! heads attend to without touching the frozen weights.
+//! `d_in · d_out` ([`lora_parameter_ratio`]: 0.39% for Llama-2-7B's 4096 x 4096 `q_proj` at
+//! rank 8); applied to the Q, K, V and O projections of attention it changes what the heads
+//! attend to without touching the frozen weights.
 //!
 //! A **bottleneck adapter** (Houlsby et al. 2019) adds a small residual MLP after a sublayer:
 //!
@@ -21,10 +22,23 @@
 //! ```
 //!
 //! which, unlike LoRA, cannot be merged away (the nonlinearity), so it adds inference latency.
+//!
+//! **Gradients.** Given `d_y = ∂L/∂y` ([`LoraLinear::backward`],
+//! [`BottleneckAdapter::backward`]), with `s = α/r` and `H = x W_down`:
+//!
+//! ```text
+//! LoRA     ∂L/∂B = s (x A)ᵀ d_y     ∂L/∂A = s xᵀ (d_y Bᵀ)     ∂L/∂x = d_y Wᵀ + s (d_y Bᵀ) Aᵀ
+//! adapter  G = (d_y W_upᵀ) ⊙ relu'(H)
+//!          ∂L/∂W_up = relu(H)ᵀ d_y   ∂L/∂W_down = xᵀ G     ∂L/∂x = d_y + G W_downᵀ
+//! ```
+//!
+//! `W` is frozen: LoRA has no `∂L/∂W`. Since `B = 0` at initialisation, `∂L/∂A = 0` at the
+//! first step; only `B` moves, and `A` starts learning once `B` is non-zero. The derivations
+//! and the sources are in `docs/rlhf-and-lora.md`.
 
 use crate::Float;
 use crate::error::{Axis, Error, Result, try_matrix};
-use nalgebra::{DMatrix, DMatrixView, DMatrixViewMut};
+use nalgebra::{DMatrix, DMatrixView, DMatrixViewMut, Dyn, MatrixView};
 
 /// `a · b` (n x k times k x p) into a freshly allocated, size-checked n x p matrix named `what`.
 fn product<T: Float>(
@@ -34,6 +48,44 @@ fn product<T: Float>(
 ) -> Result<DMatrix<T>> {
     let mut out = try_matrix(what, a.nrows(), b.ncols(), |_, _| T::zero())?;
     out.gemm(T::one(), a, b, T::zero());
+    Ok(out)
+}
+
+/// `aᵀ · b` (k x n transposed, times k x p) into a freshly allocated, size-checked n x p
+/// matrix named `what`.
+fn product_tn<T: Float>(
+    what: &'static str,
+    a: &DMatrixView<'_, T>,
+    b: &DMatrixView<'_, T>,
+) -> Result<DMatrix<T>> {
+    let mut out = try_matrix(what, a.ncols(), b.ncols(), |_, _| T::zero())?;
+    out.gemm_tr(T::one(), a, b, T::zero());
+    Ok(out)
+}
+
+/// `a · bᵀ` (n x k times p x k transposed) into a freshly allocated, size-checked n x p
+/// matrix named `what`; `bᵀ` is read in place, as a view of `b`'s storage with the strides
+/// swapped.
+fn product_nt<T: Float>(
+    what: &'static str,
+    a: &DMatrixView<'_, T>,
+    b: &DMatrix<T>,
+) -> Result<DMatrix<T>> {
+    let mut out = try_matrix(what, a.nrows(), b.nrows(), |_, _| T::zero())?;
+    // An empty b gives an empty product or a sum of no terms (zeros), and it may have a
+    // dimension near usize::MAX, which the view's bounds check would overflow on.
+    if !b.is_empty() {
+        let (p, k) = b.shape();
+        // Entry (j, i) of bᵀ is b[(i, j)] at offset i + j p: row stride p, column stride 1.
+        let bt = MatrixView::<'_, T, Dyn, Dyn, Dyn, Dyn>::from_slice_with_strides(
+            b.as_slice(),
+            k,
+            p,
+            p,
+            1,
+        );
+        out.gemm(T::one(), a, &bt, T::zero());
+    }
     Ok(out)
 }
 
@@ -112,6 +164,36 @@ fn add_rescued<T: Float>(
     }
 }
 
+/// Adds the rescued entries' share of `s f(h)ᵀ n` to `y`, the transposed counterpart of
+/// [`add_rescued`] for the gradients: `y_kj += (f(h'_ik) · s · n_ij) · 2^e`.
+fn add_rescued_tn<T: Float>(
+    y: &mut DMatrix<T>,
+    r: &Rescued<T>,
+    n: &DMatrixView<'_, T>,
+    s: T,
+    f: impl Fn(T) -> T,
+) {
+    let (a, b) = (pow2::<T>(r.halves.0), pow2::<T>(r.halves.1));
+    for &(i, k, z) in &r.entries {
+        let z = f(z);
+        if z == T::zero() {
+            continue;
+        }
+        for j in 0..y.ncols() {
+            // The smaller of the two factors first, as in `add_rescued`.
+            let ni = n[(i, j)];
+            let term = if s.abs() < ni.abs() {
+                z * s * ni
+            } else {
+                z * ni * s
+            };
+            if term != T::zero() {
+                y[(k, j)] += term * a * b;
+            }
+        }
+    }
+}
+
 fn check_inner(
     arg: &'static str,
     found: usize,
@@ -128,6 +210,18 @@ fn check_inner(
             found,
             other,
             other_axis,
+            expected,
+        })
+    }
+}
+
+fn check_shape(arg: &'static str, found: (usize, usize), expected: (usize, usize)) -> Result<()> {
+    if found == expected {
+        Ok(())
+    } else {
+        Err(Error::ShapeMismatch {
+            arg,
+            found,
             expected,
         })
     }
@@ -454,6 +548,88 @@ impl<T: Float> LoraLinear<T> {
         Ok(merged - (&self.a * &self.b) * self.scaling())
     }
 
+    /// The gradients of a loss `L` through [`forward`](Self::forward), given `d_y = ∂L/∂y`
+    /// (n x d_out) at the input `x` (n x d_in), for `y = x W + s (x A) B` with `s = α/r`:
+    ///
+    /// ```text
+    /// ∂L/∂B = s (x A)ᵀ d_y         r x d_out
+    /// ∂L/∂A = s xᵀ (d_y Bᵀ)        d_in x r
+    /// ∂L/∂x = d_y Wᵀ + s (d_y Bᵀ) Aᵀ   n x d_in
+    /// ```
+    ///
+    /// `W` is frozen, so it has no gradient. The products are formed first and scaled after
+    /// (as in `forward`: a huge `α/r` meets a zero factor as 0, not `inf · 0`), entries of
+    /// `x A` past the range are recomputed at a power-of-two scale (as in `forward`), and the
+    /// n x r intermediates `x A` and `d_y Bᵀ` are computed once; `A B` is never formed. With
+    /// `B = 0`, as after [`new`](Self::new), `∂L/∂A` is exactly 0 and only `B` learns at the
+    /// first step. NaN or infinite entries propagate to the gradients they reach.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::DimensionMismatch`] if `x` does not have d_in columns;
+    /// - [`Error::ShapeMismatch`] unless `d_y` is n x d_out;
+    /// - [`Error::TooLarge`] if an intermediate (n x r) or a gradient cannot be allocated.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attention_math::sheet::lora::LoraLinear;
+    /// use nalgebra::{dmatrix, DMatrix};
+    ///
+    /// let mut layer = LoraLinear::new(DMatrix::<f64>::identity(2, 2), 1, 2.0)?; // s = 2
+    /// layer.set_a(dmatrix![1.0; 0.5])?;
+    /// layer.set_b(dmatrix![0.0, 3.0])?;
+    /// let x = dmatrix![1.0, 2.0];
+    /// let d_y = dmatrix![1.0, -1.0]; // L = y_0 − y_1
+    /// let g = layer.backward(&x, &d_y)?;
+    /// // x A = 2, so ∂L/∂B = 2 · 2 · (1, −1); d_y Bᵀ = −3, so ∂L/∂A = 2 · xᵀ · −3.
+    /// assert_eq!(g.d_b, dmatrix![4.0, -4.0]);
+    /// assert_eq!(g.d_a, dmatrix![-6.0; -12.0]);
+    /// // ∂L/∂x = d_y Wᵀ + 2 · −3 · Aᵀ = (1, −1) + (−6, −3).
+    /// assert_eq!(g.d_x, dmatrix![-5.0, -4.0]);
+    /// // Shapes are checked.
+    /// assert!(layer.backward(&x, &DMatrix::zeros(1, 3)).is_err());
+    /// # Ok::<(), attention_math::Error>(())
+    /// ```
+    pub fn backward<'x, 'g>(
+        &self,
+        x: impl Into<DMatrixView<'x, T>>,
+        d_y: impl Into<DMatrixView<'g, T>>,
+    ) -> Result<LoraGrads<T>> {
+        let (x, d_y) = (x.into(), d_y.into());
+        check_inner("x", x.ncols(), "w", Axis::Rows, self.w.nrows())?;
+        check_shape("d_y", d_y.shape(), (x.nrows(), self.w.ncols()))?;
+        let s = self.scaling();
+        let mut xa = product("the n x rank LoRA intermediate x a", &x, &self.a.as_view())?;
+        // Entries of x A past the range are recomputed at a power-of-two scale, as in
+        // `forward`, so d_b is finite wherever its exact value is.
+        let rescued = rescue_overflow(&x, &self.a.as_view(), &mut xa);
+        let g = product_nt("the n x rank LoRA intermediate d_y bᵀ", &d_y, &self.b)?;
+        let mut d_b = product_tn("the rank x d_out LoRA gradient d_b", &xa.as_view(), &d_y)? * s;
+        add_rescued_tn(&mut d_b, &rescued, &d_y, s, |z| z);
+        let d_a = product_tn("the d_in x rank LoRA gradient d_a", &x, &g.as_view())? * s;
+        let mut d_x = product_nt("the n x d_in LoRA gradient d_x", &d_y, &self.w)?;
+        d_x += product_nt("the n x d_in LoRA update of d_x", &g.as_view(), &self.a)? * s;
+        Ok(LoraGrads { d_a, d_b, d_x })
+    }
+
+    /// Parameters full fine-tuning would train in this layer: `d_in · d_out`, the entries of
+    /// `W`. See [`lora_parameter_ratio`] for the ratio at a given shape.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use attention_math::sheet::lora::LoraLinear;
+    /// # use nalgebra::DMatrix;
+    /// let layer = LoraLinear::new(DMatrix::<f32>::zeros(64, 32), 4, 8.0)?;
+    /// assert_eq!(layer.full_fine_tuning_parameters(), 2048);
+    /// assert_eq!(layer.trainable_parameters(), 4 * (64 + 32)); // 384: 18.75%
+    /// # Ok::<(), attention_math::Error>(())
+    /// ```
+    pub fn full_fine_tuning_parameters(&self) -> usize {
+        self.w.len()
+    }
+
     /// Parameters LoRA trains: `r (d_in + d_out)`, against `d_in · d_out` for full fine-tuning.
     ///
     /// # Examples
@@ -469,6 +645,104 @@ impl<T: Float> LoraLinear<T> {
         // Both factors are allocated, so each count is below isize::MAX.
         self.a.len() + self.b.len()
     }
+}
+
+/// The gradients of a loss with respect to LoRA's trainable factors and to the layer's
+/// input; made by [`LoraLinear::backward`] (see there for the formulas and the errors).
+///
+/// # Examples
+///
+/// ```
+/// use attention_math::sheet::lora::LoraLinear;
+/// use nalgebra::DMatrix;
+///
+/// let layer = LoraLinear::new(DMatrix::<f64>::identity(4, 3), 2, 4.0)?;
+/// let x = DMatrix::from_fn(5, 4, |i, j| (i as f64) - (j as f64));
+/// let g = layer.backward(&x, &DMatrix::from_element(5, 3, 1.0))?;
+/// // Shaped like A (d_in x r), B (r x d_out) and x (n x d_in).
+/// assert_eq!((g.d_a.shape(), g.d_b.shape(), g.d_x.shape()), ((4, 2), (2, 3), (5, 4)));
+/// # Ok::<(), attention_math::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraGrads<T: Float> {
+    /// `∂L/∂A = (α/r) xᵀ (∂L/∂y) Bᵀ`, d_in x r.
+    pub d_a: DMatrix<T>,
+    /// `∂L/∂B = (α/r) (x A)ᵀ ∂L/∂y`, r x d_out.
+    pub d_b: DMatrix<T>,
+    /// `∂L/∂x = (∂L/∂y) Wᵀ + (α/r) (∂L/∂y) Bᵀ Aᵀ`, n x d_in.
+    pub d_x: DMatrix<T>,
+}
+
+/// LoRA's trainable parameters as a fraction of full fine-tuning's for a `d_in x d_out`
+/// weight at rank `rank`:
+///
+/// ```text
+/// r (d_in + d_out) / (d_in · d_out) = r / d_out + r / d_in
+/// ```
+///
+/// computed in `f64` in the second form, which cannot overflow. It needs no matrix, so it
+/// works for real layer shapes without allocating them. (A rank above `min(d_in, d_out)`
+/// is allowed, though pointless: the ratio may then exceed 1.)
+///
+/// # Errors
+///
+/// [`Error::InvalidParameter`] if `rank`, `d_in` or `d_out` is 0 (full fine-tuning of an
+/// empty layer trains nothing, so there is no ratio).
+///
+/// # Examples
+///
+/// Llama-2-7B's attention projections are 4096 x 4096 (`q_proj`, `k_proj`, `v_proj`,
+/// `o_proj`, in each of its 32 layers); at rank 8 LoRA trains `8 · (4096 + 4096) = 65,536`
+/// parameters of `q_proj` instead of 16,777,216:
+///
+/// ```
+/// use attention_math::sheet::lora::lora_parameter_ratio;
+///
+/// let ratio = lora_parameter_ratio(4096, 4096, 8)?;
+/// assert_eq!(ratio, 65_536.0 / 16_777_216.0); // 2^-8 exactly
+/// assert_eq!(format!("{:.2}%", 100.0 * ratio), "0.39%");
+/// assert!(lora_parameter_ratio(4096, 0, 8).is_err());
+/// # Ok::<(), attention_math::Error>(())
+/// ```
+pub fn lora_parameter_ratio(d_in: usize, d_out: usize, rank: usize) -> Result<f64> {
+    for (name, value) in [("rank", rank), ("d_in", d_in), ("d_out", d_out)] {
+        if value == 0 {
+            return Err(Error::InvalidParameter {
+                name,
+                value: 0.0,
+                requirement: "must be >= 1",
+            });
+        }
+    }
+    let r = rank as f64;
+    Ok(r / d_out as f64 + r / d_in as f64)
+}
+
+/// The gradients of a loss through a [`BottleneckAdapter`]; made by
+/// [`BottleneckAdapter::backward`] (see there for the formulas and the errors).
+///
+/// # Examples
+///
+/// ```
+/// use attention_math::sheet::lora::BottleneckAdapter;
+/// use nalgebra::DMatrix;
+///
+/// let adapter = BottleneckAdapter::new(DMatrix::<f64>::zeros(6, 2), DMatrix::zeros(2, 6))?;
+/// let g = adapter.backward(&DMatrix::zeros(3, 6), &DMatrix::from_element(3, 6, 1.0))?;
+/// // Shaped like W_down (d x r), W_up (r x d) and x (n x d); with every hidden unit
+/// // closed only the residual path carries the gradient.
+/// assert_eq!((g.d_down.shape(), g.d_up.shape()), ((6, 2), (2, 6)));
+/// assert_eq!(g.d_x, DMatrix::from_element(3, 6, 1.0));
+/// # Ok::<(), attention_math::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdapterGrads<T: Float> {
+    /// `∂L/∂W_down = xᵀ G`, d x r, with `G = ((∂L/∂y) W_upᵀ) ⊙ relu'(x W_down)`.
+    pub d_down: DMatrix<T>,
+    /// `∂L/∂W_up = relu(x W_down)ᵀ ∂L/∂y`, r x d.
+    pub d_up: DMatrix<T>,
+    /// `∂L/∂x = ∂L/∂y + G W_downᵀ`, n x d (the first term is the residual path).
+    pub d_x: DMatrix<T>,
 }
 
 /// A bottleneck adapter `y = x + relu(x W_down) W_up`; see the [module docs](self).
@@ -552,11 +826,421 @@ impl<T: Float> BottleneckAdapter<T> {
         add_rescued(&mut y, &rescued, &self.up, T::one(), relu);
         Ok(y)
     }
+
+    /// The gradients of a loss `L` through [`forward`](Self::forward), given `d_y = ∂L/∂y`
+    /// (n x d) at the input `x` (n x d), for `y = x + relu(H) W_up` with `H = x W_down`:
+    ///
+    /// ```text
+    /// G         = (d_y W_upᵀ) ⊙ relu'(H)       n x r,  relu'(h) = 1 if h > 0, else 0
+    /// ∂L/∂W_up   = relu(H)ᵀ d_y                r x d
+    /// ∂L/∂W_down = xᵀ G                        d x r
+    /// ∂L/∂x      = d_y + G W_downᵀ              n x d
+    /// ```
+    ///
+    /// `relu'(0) = 0`, as in PyTorch. A NaN hidden activation gives a NaN entry of `G`
+    /// (PyTorch would pass the gradient through it), so NaN in `x` or `W_down` reaches every
+    /// gradient it touches instead of being dropped at the relu. Hidden activations that
+    /// overflow although their inputs are finite are recomputed at a power-of-two scale, as
+    /// in `forward`, so `∂L/∂W_up` is finite wherever its exact value is.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::DimensionMismatch`] if `x` does not have d columns;
+    /// - [`Error::ShapeMismatch`] unless `d_y` is n x d;
+    /// - [`Error::TooLarge`] if the n x r hidden layer or its gradient cannot be allocated.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attention_math::sheet::lora::BottleneckAdapter;
+    /// use nalgebra::dmatrix;
+    ///
+    /// let adapter = BottleneckAdapter::new(dmatrix![1.0_f64; -1.0], dmatrix![2.0_f64, 0.0])?;
+    /// // Row 0: h = 2 > 0, the bottleneck is open; row 1: h = −2, it is closed.
+    /// let x = dmatrix![3.0_f64, 1.0; 1.0, 3.0];
+    /// let d_y = dmatrix![1.0_f64, 1.0; 1.0, 1.0];
+    /// let g = adapter.backward(&x, &d_y)?;
+    /// // G = (d_y W_upᵀ) ⊙ relu'(h) = (2, 0)ᵀ.
+    /// assert_eq!(g.d_up, dmatrix![2.0, 2.0]); // relu(h)ᵀ d_y = 2 · (1, 1)
+    /// assert_eq!(g.d_down, dmatrix![6.0; 2.0]); // xᵀ G = 2 · (3, 1)ᵀ
+    /// assert_eq!(g.d_x, dmatrix![3.0, -1.0; 1.0, 1.0]); // d_y + G W_downᵀ
+    /// # Ok::<(), attention_math::Error>(())
+    /// ```
+    pub fn backward<'x, 'g>(
+        &self,
+        x: impl Into<DMatrixView<'x, T>>,
+        d_y: impl Into<DMatrixView<'g, T>>,
+    ) -> Result<AdapterGrads<T>> {
+        let (x, d_y) = (x.into(), d_y.into());
+        check_inner("x", x.ncols(), "down", Axis::Rows, self.down.nrows())?;
+        check_shape("d_y", d_y.shape(), (x.nrows(), self.down.nrows()))?;
+        let mut hidden = product("the n x r adapter hidden layer", &x, &self.down.as_view())?;
+        // Overflowed hidden entries, recomputed at a power-of-two scale as in `forward`; they
+        // hold 0 in `hidden`, and their sign is their z's.
+        let rescued = rescue_overflow(&x, &self.down.as_view(), &mut hidden);
+        hidden.apply(|h| {
+            if *h < T::zero() {
+                *h = T::zero();
+            }
+        });
+        let mut d_up = product_tn("the r x d adapter gradient d_up", &hidden.as_view(), &d_y)?;
+        let relu = |z: T| if z > T::zero() { z } else { T::zero() };
+        add_rescued_tn(&mut d_up, &rescued, &d_y, T::one(), relu);
+        // G = (d_y W_upᵀ) ⊙ relu'(H), by selection (no 0 · inf): kept where h > 0, NaN
+        // where h is NaN, 0 elsewhere.
+        let mut grad_h = product_nt("the n x r adapter hidden gradient", &d_y, &self.up)?;
+        let open: Vec<(usize, usize, T)> = rescued
+            .entries
+            .iter()
+            .filter(|(_, _, z)| *z > T::zero())
+            .map(|&(i, k, _)| (i, k, grad_h[(i, k)]))
+            .collect();
+        grad_h.zip_apply(&hidden, |g, a| {
+            if a.is_nan_value() {
+                *g = T::NAN;
+            } else if a <= T::zero() {
+                *g = T::zero();
+            }
+        });
+        for (i, k, g) in open {
+            grad_h[(i, k)] = g;
+        }
+        let d_down = product_tn("the d x r adapter gradient d_down", &x, &grad_h.as_view())?;
+        let mut d_x = product_nt(
+            "the n x d adapter gradient d_x",
+            &grad_h.as_view(),
+            &self.down,
+        )?;
+        d_x += d_y;
+        Ok(AdapterGrads { d_down, d_up, d_x })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const H: f64 = 1e-6;
+
+    /// A deterministic r x c matrix with entries in [-scale, scale].
+    fn fill(rows: usize, cols: usize, seed: f64, scale: f64) -> DMatrix<f64> {
+        DMatrix::from_fn(rows, cols, |i, j| {
+            scale * (((i * cols + j) as f64 + 1.0) * 0.917 + seed).sin()
+        })
+    }
+
+    /// `analytic` agrees with the central difference `numeric` to a relative 1e-6 of the
+    /// largest entry of the gradient it belongs to.
+    fn assert_grad(analytic: f64, numeric: f64, scale: f64, what: &str) {
+        assert!(
+            (analytic - numeric).abs() <= 1e-6 * scale.max(1e-3),
+            "{what}: analytic {analytic:e} vs finite difference {numeric:e}"
+        );
+    }
+
+    /// Checks every entry of `grad` against central differences of `loss` in the entries
+    /// of `at`, each perturbed through `set`.
+    fn check_entries(
+        grad: &DMatrix<f64>,
+        at: &DMatrix<f64>,
+        loss: impl Fn(&DMatrix<f64>) -> f64,
+        what: &str,
+    ) {
+        assert_eq!(grad.shape(), at.shape(), "{what}");
+        let scale = grad.amax();
+        for i in 0..at.nrows() {
+            for j in 0..at.ncols() {
+                let mut plus = at.clone();
+                plus[(i, j)] += H;
+                let mut minus = at.clone();
+                minus[(i, j)] -= H;
+                let numeric = (loss(&plus) - loss(&minus)) / (2.0 * H);
+                assert_grad(grad[(i, j)], numeric, scale, &format!("{what}[({i}, {j})]"));
+            }
+        }
+    }
+
+    /// A LoRA layer with every factor non-zero.
+    fn lora_layer(d_in: usize, d_out: usize, rank: usize, alpha: f64) -> LoraLinear<f64> {
+        let mut layer = LoraLinear::new(fill(d_in, d_out, 0.1, 1.0), rank, alpha).unwrap();
+        layer.set_a(fill(d_in, rank, 1.7, 0.8)).unwrap();
+        layer.set_b(fill(rank, d_out, 2.3, 0.6)).unwrap();
+        layer
+    }
+
+    #[test]
+    fn lora_backward_matches_finite_differences() {
+        // Small shapes (nalgebra's own loops) and shapes above 5 (matrixmultiply, which
+        // reads the transposed views through their strides).
+        for (n, d_in, d_out, rank, alpha) in [(3, 4, 5, 2, 3.0), (7, 8, 9, 6, 12.0)] {
+            let layer = lora_layer(d_in, d_out, rank, alpha);
+            let x = fill(n, d_in, 0.4, 1.5);
+            let d_y = fill(n, d_out, 3.1, 1.0);
+            // L = Σ y ⊙ d_y, so ∂L/∂y = d_y.
+            let loss_of = |layer: &LoraLinear<f64>, x: &DMatrix<f64>| {
+                layer.forward(x).unwrap().component_mul(&d_y).sum()
+            };
+            let g = layer.backward(&x, &d_y).unwrap();
+            check_entries(
+                &g.d_a,
+                layer.a(),
+                |a| {
+                    let mut l = layer.clone();
+                    l.set_a(a.clone()).unwrap();
+                    loss_of(&l, &x)
+                },
+                "d_a",
+            );
+            check_entries(
+                &g.d_b,
+                layer.b(),
+                |b| {
+                    let mut l = layer.clone();
+                    l.set_b(b.clone()).unwrap();
+                    loss_of(&l, &x)
+                },
+                "d_b",
+            );
+            check_entries(&g.d_x, &x, |x| loss_of(&layer, x), "d_x");
+            // And against the textbook formulas with nalgebra's own transposes.
+            let s = layer.scaling();
+            let (w, a, b) = (layer.w(), layer.a(), layer.b());
+            let d_b = (&x * a).transpose() * &d_y * s;
+            let d_a = x.transpose() * (&d_y * b.transpose()) * s;
+            let d_x = &d_y * w.transpose() + (&d_y * b.transpose()) * a.transpose() * s;
+            assert!((&g.d_b - d_b).amax() < 1e-12);
+            assert!((&g.d_a - d_a).amax() < 1e-12);
+            assert!((&g.d_x - d_x).amax() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn lora_backward_at_initialisation_trains_only_b() {
+        // B = 0 (as after `new`) with a huge α/r: ∂L/∂A is exactly 0, not inf · 0 = NaN,
+        // and ∂L/∂x is the base layer's d_y Wᵀ.
+        let w = fill(4, 3, 0.2, 1.0);
+        let layer = LoraLinear::new(w.clone(), 1, 1e300).unwrap();
+        let x = fill(2, 4, 0.9, 1.0);
+        let d_y = fill(2, 3, 1.3, 1e-10);
+        let g = layer.backward(&x, &d_y).unwrap();
+        assert_eq!(g.d_a, DMatrix::zeros(4, 1));
+        assert_eq!(g.d_x, &d_y * w.transpose());
+        assert!(g.d_b.iter().all(|v| v.is_finite() && *v != 0.0));
+    }
+
+    /// An entry of x A past f32's range (as the forward's fuzz find): d_b = s (x A)ᵀ d_y is
+    /// finite, because the entry is recomputed at a power-of-two scale as in `forward`.
+    #[test]
+    fn lora_backward_survives_an_overflowing_x_a() {
+        let mut layer = LoraLinear::new(DMatrix::<f32>::zeros(2, 2), 1, 0.5).unwrap();
+        layer
+            .set_a(DMatrix::from_column_slice(2, 1, &[-3.4e38, 1.0]))
+            .unwrap();
+        layer
+            .set_b(DMatrix::from_row_slice(1, 2, &[1e-3, -2.0]))
+            .unwrap();
+        let x = DMatrix::from_row_slice(1, 2, &[-7.0_f32, 0.5]);
+        let d_y = DMatrix::from_row_slice(1, 2, &[1e-5_f32, -3e-6]);
+        let g = layer.backward(&x, &d_y).unwrap();
+        // x A = 7 · 3.4e38 + 0.5 = 2.38e39, s = 0.5.
+        let xa = 7.0 * f64::from(3.4e38_f32) + 0.5;
+        for j in 0..2 {
+            let want = 0.5 * xa * f64::from(d_y[(0, j)]);
+            let got = f64::from(g.d_b[(0, j)]);
+            assert!(
+                (got / want - 1.0).abs() < 1e-5,
+                "d_b[{j}] = {got} vs {want}"
+            );
+        }
+        assert!(g.d_a.iter().chain(g.d_x.iter()).all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn lora_backward_checks_shapes_and_propagates_nan() {
+        let layer = lora_layer(5, 3, 2, 4.0);
+        let x = fill(4, 5, 0.0, 1.0);
+        let e = layer
+            .backward(&DMatrix::<f64>::zeros(4, 4), &DMatrix::zeros(4, 3))
+            .unwrap_err();
+        assert_eq!(e.to_string(), "x has 4 columns but w has 5 rows");
+        let e = layer.backward(&x, &DMatrix::zeros(4, 2)).unwrap_err();
+        assert_eq!(
+            e,
+            Error::ShapeMismatch {
+                arg: "d_y",
+                found: (4, 2),
+                expected: (4, 3)
+            }
+        );
+        // NaN at x[(1, 2)]: every entry of d_b (each sums over the rows of x A) and row 2
+        // of d_a are NaN; d_x does not depend on x and stays finite.
+        let mut bad = x.clone();
+        bad[(1, 2)] = f64::NAN;
+        let g = layer.backward(&bad, &fill(4, 3, 0.5, 1.0)).unwrap();
+        assert!(g.d_b.iter().all(|v| v.is_nan()));
+        for c in 0..5 {
+            assert_eq!(g.d_a.row(c).iter().all(|v| v.is_nan()), c == 2, "row {c}");
+            assert!(c == 2 || g.d_a.row(c).iter().all(|v| v.is_finite()));
+        }
+        assert!(g.d_x.iter().all(|v| v.is_finite()));
+        let mut bad_dy = fill(4, 3, 0.5, 1.0);
+        bad_dy[(3, 0)] = f64::NAN;
+        let g = layer.backward(&x, &bad_dy).unwrap();
+        assert!(g.d_x.row(3).iter().all(|v| v.is_nan()));
+        assert!(g.d_x.row(0).iter().all(|v| v.is_finite()));
+        assert!(g.d_b.column(0).iter().all(|v| v.is_nan()));
+        // Empty batch: zero gradients of the right shapes.
+        let g = layer
+            .backward(&DMatrix::<f64>::zeros(0, 5), &DMatrix::zeros(0, 3))
+            .unwrap();
+        assert_eq!(
+            (g.d_a, g.d_b, g.d_x.shape()),
+            (DMatrix::zeros(5, 2), DMatrix::zeros(2, 3), (0, 5))
+        );
+        // Sizes whose intermediates cannot be allocated are errors, not panics.
+        let tiny = LoraLinear::new(DMatrix::<f32>::zeros(0, 0), 1 << 32, 1.0).unwrap();
+        let x = DMatrix::<f32>::zeros(1 << 32, 0);
+        assert!(matches!(
+            tiny.backward(&x, &x),
+            Err(Error::TooLarge {
+                what: "the n x rank LoRA intermediate x a",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn parameter_ratio_for_real_shapes() {
+        // Llama-2-7B's q_proj, 4096 x 4096 at rank 8: 65,536 of 16,777,216, 0.39%.
+        let ratio = lora_parameter_ratio(4096, 4096, 8).unwrap();
+        assert_eq!(ratio, 65_536.0 / 16_777_216.0);
+        assert!((100.0 * ratio - 0.390625).abs() < 1e-15);
+        // Its MLP up projection, 4096 x 11008 at rank 16.
+        let ratio = lora_parameter_ratio(4096, 11008, 16).unwrap();
+        let want = (16 * (4096 + 11008)) as f64 / (4096 * 11008) as f64;
+        assert!((ratio - want).abs() < 1e-16);
+        // The layer's own counts agree with the ratio.
+        let layer = LoraLinear::new(DMatrix::<f32>::zeros(48, 20), 3, 1.0).unwrap();
+        assert_eq!(layer.full_fine_tuning_parameters(), 960);
+        let counts = layer.trainable_parameters() as f64 / 960.0;
+        assert!((lora_parameter_ratio(48, 20, 3).unwrap() - counts).abs() < 1e-16);
+        // Dimensions near usize::MAX do not overflow.
+        let huge = lora_parameter_ratio(usize::MAX, usize::MAX, usize::MAX).unwrap();
+        assert_eq!(huge, 2.0);
+        for (d_in, d_out, rank, name) in [(0, 4, 1, "d_in"), (4, 0, 1, "d_out"), (4, 4, 0, "rank")]
+        {
+            assert_eq!(
+                lora_parameter_ratio(d_in, d_out, rank),
+                Err(Error::InvalidParameter {
+                    name,
+                    value: 0.0,
+                    requirement: "must be >= 1"
+                })
+            );
+        }
+    }
+
+    /// An adapter whose hidden pre-activations on `x` are all at least 1e-2 away from the
+    /// relu's kink, so central differences with h = 1e-6 see a smooth function.
+    fn adapter_case(n: usize, d: usize, r: usize) -> (BottleneckAdapter<f64>, DMatrix<f64>) {
+        let down = fill(d, r, 0.6, 1.0);
+        let up = fill(r, d, 1.9, 0.7);
+        let x = fill(n, d, 2.6, 1.2);
+        let h = &x * &down;
+        assert!(h.iter().all(|v| v.abs() > 1e-2), "pick another fill: {h}");
+        assert!(h.iter().any(|v| *v > 0.0) && h.iter().any(|v| *v < 0.0));
+        (BottleneckAdapter::new(down, up).unwrap(), x)
+    }
+
+    #[test]
+    fn adapter_backward_matches_finite_differences() {
+        for (n, d, r) in [(5, 4, 3), (7, 8, 6)] {
+            let (adapter, x) = adapter_case(n, d, r);
+            let d_y = fill(n, d, 0.8, 1.0);
+            let loss_of = |a: &BottleneckAdapter<f64>, x: &DMatrix<f64>| {
+                a.forward(x).unwrap().component_mul(&d_y).sum()
+            };
+            let g = adapter.backward(&x, &d_y).unwrap();
+            check_entries(
+                &g.d_down,
+                &adapter.down,
+                |down| {
+                    let a = BottleneckAdapter::new(down.clone(), adapter.up.clone()).unwrap();
+                    loss_of(&a, &x)
+                },
+                "d_down",
+            );
+            check_entries(
+                &g.d_up,
+                &adapter.up,
+                |up| {
+                    let a = BottleneckAdapter::new(adapter.down.clone(), up.clone()).unwrap();
+                    loss_of(&a, &x)
+                },
+                "d_up",
+            );
+            check_entries(&g.d_x, &x, |x| loss_of(&adapter, x), "d_x");
+        }
+    }
+
+    #[test]
+    fn adapter_backward_relu_at_zero_and_nan() {
+        // Row 0: h = 1 − 1 = 0 exactly, relu'(0) = 0, so the bottleneck passes nothing back
+        // and d_x is the residual path alone. Row 1: h = 2 > 0.
+        let adapter = BottleneckAdapter::new(
+            DMatrix::<f64>::from_element(2, 1, 1.0),
+            nalgebra::dmatrix![3.0, -1.0],
+        )
+        .unwrap();
+        let x = nalgebra::dmatrix![1.0, -1.0; 1.0, 1.0];
+        let d_y = nalgebra::dmatrix![0.5, 2.0; 1.0, 1.0];
+        let g = adapter.backward(&x, &d_y).unwrap();
+        assert_eq!(g.d_x.row(0), d_y.row(0));
+        // Row 1: G = d_y W_upᵀ = 3 − 1 = 2; d_x = d_y + 2 · W_downᵀ.
+        assert_eq!(g.d_x.row(1), nalgebra::dmatrix![3.0, 3.0].row(0));
+        assert_eq!(g.d_down, nalgebra::dmatrix![2.0; 2.0]); // only row 1 of x contributes
+        assert_eq!(g.d_up, nalgebra::dmatrix![2.0, 2.0]); // relu(h)ᵀ d_y = 2 · (1, 1)
+        // NaN in x reaches every gradient it touches: its hidden unit is NaN, so G is NaN
+        // there (not the upstream gradient, as PyTorch's relu backward would give).
+        let bad = nalgebra::dmatrix![f64::NAN, 0.0; 1.0, 1.0];
+        let g = adapter.backward(&bad, &d_y).unwrap();
+        assert!(g.d_x.row(0).iter().all(|v| v.is_nan()));
+        assert!(g.d_x.row(1).iter().all(|v| v.is_finite()));
+        assert!(g.d_down.iter().all(|v| v.is_nan()));
+        assert!(g.d_up.iter().all(|v| v.is_nan()));
+        // Shapes.
+        let e = adapter
+            .backward(&DMatrix::<f64>::zeros(2, 3), &DMatrix::zeros(2, 3))
+            .unwrap_err();
+        assert!(matches!(e, Error::DimensionMismatch { arg: "x", .. }));
+        let e = adapter.backward(&x, &DMatrix::zeros(3, 2)).unwrap_err();
+        assert_eq!(e.to_string(), "d_y is 3 x 2 but must be 2 x 2");
+    }
+
+    /// The forward's overflow case (a hidden activation past f32's range with a finite
+    /// output): d_up = Σ_i h_i d_y_i is finite too, as is everything else.
+    #[test]
+    fn adapter_backward_survives_hidden_overflow() {
+        let down = DMatrix::<f32>::from_row_slice(1, 2, &[-3.4028235e38, 1.6940658e-21]);
+        let up = DMatrix::<f32>::from_row_slice(2, 1, &[1.9073486e-5, 10000.0]);
+        let adapter = BottleneckAdapter::new(down, up).unwrap();
+        let x = DMatrix::from_element(3, 1, -7.0_f32);
+        let d_y = DMatrix::from_element(3, 1, 1e-5_f32);
+        let g = adapter.backward(&x, &d_y).unwrap();
+        let h0 = 7.0 * 3.4028235e38_f64;
+        let want = 3.0 * h0 * f64::from(1e-5_f32);
+        assert!(
+            (f64::from(g.d_up[(0, 0)]) / want - 1.0).abs() < 1e-5,
+            "{} vs {want}",
+            g.d_up[(0, 0)]
+        );
+        // The second hidden unit, h = −7 · 1.7e-21 < 0, is closed.
+        assert_eq!(g.d_up[(1, 0)], 0.0);
+        assert!(g.d_down.iter().chain(g.d_x.iter()).all(|v| v.is_finite()));
+        // G = d_y · W_up[0] on the open unit: d_down[0] = Σ x_i G_i = 3 · −7 · 1e-5 · 1.9e-5.
+        let want = 3.0 * -7.0 * f64::from(1e-5_f32) * f64::from(1.9073486e-5_f32);
+        assert!((f64::from(g.d_down[(0, 0)]) / want - 1.0).abs() < 1e-5);
+    }
 
     /// A hidden activation past f32's range with a finite output (found by the `lora` fuzz
     /// target): relu(-7 · -3.4e38) · 1.9e-5 = 4.5e34, not inf.
