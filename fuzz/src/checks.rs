@@ -948,7 +948,9 @@ fn backward_t<T: Fz>(b: &mut Bytes) {
                 .sum();
             ensure!(
                 (got - want).abs()
-                    <= 8.0 * (m as f64 + n as f64 + 4.0) * e * abs + m as f64 * T::TINY,
+                    <= 8.0 * (m as f64 + n as f64 + 4.0) * e * abs + m as f64 * T::TINY
+                    // A column of dO summing past the range: dV's sum rightly overflows too.
+                    || (!grads_in_range && got.is_infinite()),
                 &x,
                 "{name}: the column sums of dv are {got:e}, those of d_out over rows with a key {want:e}"
             );

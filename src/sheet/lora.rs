@@ -497,13 +497,21 @@ impl<T: Float> LoraLinear<T> {
         let rescued = rescue_overflow(&x, &self.a.as_view(), &mut xa);
         // (x A) B first, then the scaling: a huge α/r must not meet a zero B as inf · 0
         // (the product then overflows only if the update itself does).
-        let xab = product(
+        let mut xab = product(
             "the n x d_out LoRA update",
             &xa.as_view(),
             &self.b.as_view(),
         )?;
-        let mut y = y + xab * self.scaling();
-        add_rescued(&mut y, &rescued, &self.b, self.scaling(), |z| z);
+        // And entries of (x A) B past the range that a tiny α/r brings back (recomputed at a
+        // power-of-two scale, then scaled by α/r before the scale comes out).
+        let again = rescue_overflow(&xa.as_view(), &self.b.as_view(), &mut xab);
+        let s = self.scaling();
+        let mut y = y + xab * s;
+        add_rescued(&mut y, &rescued, &self.b, s, |z| z);
+        let (lo, hi) = (pow2::<T>(again.halves.0), pow2::<T>(again.halves.1));
+        for &(i, j, z) in &again.entries {
+            y[(i, j)] += if s.abs() < T::one() { z * s * lo * hi } else { z * lo * hi * s };
+        }
         Ok(y)
     }
 
