@@ -134,6 +134,21 @@ fn rescue_overflow<T: Float>(
     Rescued { entries, halves }
 }
 
+/// `z · s · n · a · b` (a, b the two halves of the power of two), the smaller of `s` and `n`
+/// applied first so that the product overflows only if it must; 0 stays 0.
+fn rescued_term<T: Float>(z: T, s: T, n: T, a: T, b: T) -> T {
+    let term = if s.abs() < n.abs() {
+        z * s * n
+    } else {
+        z * n * s
+    };
+    if term == T::zero() {
+        term
+    } else {
+        term * a * b
+    }
+}
+
 /// Adds the rescued entries' share of `f(h) n` to `y`: `y_ij += (f(h'_ik) · s · n_kj) · 2^e` for
 /// a positively homogeneous `f` (identity or relu), so the scale comes out exactly.
 fn add_rescued<T: Float>(
@@ -150,15 +165,9 @@ fn add_rescued<T: Float>(
             continue;
         }
         for j in 0..y.ncols() {
-            // The smaller of the two factors first, so the product overflows only if it must.
-            let nk = n[(k, j)];
-            let term = if s.abs() < nk.abs() {
-                z * s * nk
-            } else {
-                z * nk * s
-            };
-            if term != T::zero() {
-                y[(i, j)] += term * a * b;
+            let t = rescued_term(z, s, n[(k, j)], a, b);
+            if t != T::zero() {
+                y[(i, j)] += t;
             }
         }
     }
@@ -180,15 +189,9 @@ fn add_rescued_tn<T: Float>(
             continue;
         }
         for j in 0..y.ncols() {
-            // The smaller of the two factors first, as in `add_rescued`.
-            let ni = n[(i, j)];
-            let term = if s.abs() < ni.abs() {
-                z * s * ni
-            } else {
-                z * ni * s
-            };
-            if term != T::zero() {
-                y[(k, j)] += term * a * b;
+            let t = rescued_term(z, s, n[(i, j)], a, b);
+            if t != T::zero() {
+                y[(k, j)] += t;
             }
         }
     }
@@ -510,7 +513,11 @@ impl<T: Float> LoraLinear<T> {
         add_rescued(&mut y, &rescued, &self.b, s, |z| z);
         let (lo, hi) = (pow2::<T>(again.halves.0), pow2::<T>(again.halves.1));
         for &(i, j, z) in &again.entries {
-            y[(i, j)] += if s.abs() < T::one() { z * s * lo * hi } else { z * lo * hi * s };
+            y[(i, j)] += if s.abs() < T::one() {
+                z * s * lo * hi
+            } else {
+                z * lo * hi * s
+            };
         }
         Ok(y)
     }
