@@ -149,6 +149,20 @@ fn rescued_term<T: Float>(z: T, s: T, n: T, a: T, b: T) -> T {
     }
 }
 
+/// Adds the rescued entries of a product, scaled by `s`, to `y`: `y_ij += s · z · 2^e`, the
+/// scaling applied first when it is below 1 (so a tiny `s` brings the entry back into range
+/// before the power of two comes out).
+fn add_scaled_back<T: Float>(y: &mut DMatrix<T>, r: &Rescued<T>, s: T) {
+    let (lo, hi) = (pow2::<T>(r.halves.0), pow2::<T>(r.halves.1));
+    for &(i, j, z) in &r.entries {
+        y[(i, j)] += if s.abs() < T::one() {
+            z * s * lo * hi
+        } else {
+            z * lo * hi * s
+        };
+    }
+}
+
 /// Adds the rescued entries' share of `f(h) n` to `y`: `y_ij += (f(h'_ik) · s · n_kj) · 2^e` for
 /// a positively homogeneous `f` (identity or relu), so the scale comes out exactly.
 fn add_rescued<T: Float>(
@@ -511,14 +525,7 @@ impl<T: Float> LoraLinear<T> {
         let s = self.scaling();
         let mut y = y + xab * s;
         add_rescued(&mut y, &rescued, &self.b, s, |z| z);
-        let (lo, hi) = (pow2::<T>(again.halves.0), pow2::<T>(again.halves.1));
-        for &(i, j, z) in &again.entries {
-            y[(i, j)] += if s.abs() < T::one() {
-                z * s * lo * hi
-            } else {
-                z * lo * hi * s
-            };
-        }
+        add_scaled_back(&mut y, &again, s);
         Ok(y)
     }
 
@@ -528,8 +535,19 @@ impl<T: Float> LoraLinear<T> {
     ///
     /// See [`LoraLinear`].
     pub fn merged(&self) -> DMatrix<T> {
-        // A B first, then the scaling, as in `forward`.
-        &self.w + (&self.a * &self.b) * self.scaling()
+        &self.w + self.update()
+    }
+
+    /// The update `(α/r) A B`: A B first, then the scaling, as in `forward` (a huge α/r must
+    /// not meet a zero B as inf · 0), with entries of A B past the range that a tiny α/r
+    /// brings back recomputed at a power-of-two scale.
+    fn update(&self) -> DMatrix<T> {
+        let mut ab = &self.a * &self.b;
+        let again = rescue_overflow(&self.a.as_view(), &self.b.as_view(), &mut ab);
+        let s = self.scaling();
+        let mut update = ab * s;
+        add_scaled_back(&mut update, &again, s);
+        update
     }
 
     /// Recovers the base weight from a merged one: `W' − (α/r) A B`.
@@ -558,9 +576,9 @@ impl<T: Float> LoraLinear<T> {
                 expected: self.w.shape(),
             });
         }
-        // A B first, then the scaling, as in `merged` (a gemm with the scaling as its α may
-        // scale A first: inf · 0 = NaN for a huge α/r and a zero B).
-        Ok(merged - (&self.a * &self.b) * self.scaling())
+        // The same update as `merged` (a gemm with the scaling as its α may scale A first:
+        // inf · 0 = NaN for a huge α/r and a zero B).
+        Ok(merged - self.update())
     }
 
     /// The gradients of a loss `L` through [`forward`](Self::forward), given `d_y = ∂L/∂y`
