@@ -776,3 +776,22 @@ fn tiny_products_beside_huge_entries_are_kept() {
     let w0 = 1.0 / (1.0 + (-s0).exp());
     assert!((r.output[(0, 0)] - w0).abs() < 1e-15, "{}", r.output);
 }
+
+/// Scale 0 with q · k past the range: every score is 0, the weights uniform, and the tiled
+/// backward's gradients finite (dQ was NaN, 0 · inf: found by the `backward` fuzz target).
+#[test]
+fn the_backward_survives_overflowing_dots_at_scale_zero() {
+    use attention_math::{attention_backward, attention_backward_reference, scaled_attention_with};
+    let q = DMatrix::from_row_slice(1, 2, &[-4.0, 1.3407807929942596e154]);
+    let k = DMatrix::from_row_slice(2, 2, &[-1.25, 0.0, -5.375, f64::MAX]);
+    let v = DMatrix::from_row_slice(2, 1, &[1.0, 3.0]);
+    let opts = AttentionOptions::new().scale(0.0);
+    let fwd = scaled_attention_with(&q, &k, &v, &Mask::none(), &opts).unwrap();
+    assert_eq!(fwd.output[(0, 0)], 2.0);
+    let d_out = DMatrix::from_element(1, 1, 1.0);
+    let g = attention_backward(&q, &k, &v, &Mask::none(), &opts, &fwd, &d_out).unwrap();
+    let r = attention_backward_reference(&q, &k, &v, &Mask::none(), &opts, &d_out).unwrap();
+    assert!(g.dq.iter().all(|x| x.is_finite()), "{}", g.dq);
+    assert_eq!(g.dq, r.dq);
+    assert_eq!(g.dv, r.dv);
+}

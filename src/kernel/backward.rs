@@ -408,7 +408,21 @@ pub(crate) fn backward<T: Float>(
     let n_pad = round_up(n, T::MR);
     let (d_pad, dv_pad) = (round_up(d, T::NR), round_up(dv, T::NR));
     let one = T::one();
-    let exact: Vec<bool> = lse.iter().map(|&l| too_coarse(l)).collect();
+    // Rows whose dot products could leave the range (max |q_i| · max |k| · d ≥ MAX / 4, a
+    // cheap bound) go to the exact rows too: the tiled pass would meet inf (or scale · inf).
+    let kmax = p.k.iter().fold(0.0_f64, |a, v| a.max(v.as_f64().abs()));
+    let limit = 2f64.powi(T::MAX_EXP - 2);
+    let exact: Vec<bool> = lse
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| {
+            let qmax =
+                p.q.row(i)
+                    .iter()
+                    .fold(0.0_f64, |a, v| a.max(v.as_f64().abs()));
+            too_coarse(l) || qmax * kmax * d.max(1) as f64 >= limit
+        })
+        .collect();
     let ctx = Ctx {
         p,
         lse,
