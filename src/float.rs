@@ -86,3 +86,8 @@ macro_rules! impl_float {
 
 impl_float!(f32);
 impl_float!(f64);
+
+/// `2^k` in `T`, exactly, for `k` within the normal exponents of `T` (`|k| < MAX_EXP − 1`).
+pub(crate) fn pow2<T: Float>(k: i32) -> T {
+    T::of_f64(2f64.powi(k))
+}

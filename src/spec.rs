@@ -5,6 +5,7 @@
 
 use crate::Float;
 use crate::error::{Axis, Error, Result, check_finite, check_positive, checked_len};
+use crate::float::pow2;
 use crate::mask::Mask;
 use crate::softmax::{logsumexp, softmax_in_place};
 use nalgebra::{DMatrix, DMatrixView, DVector};
@@ -525,6 +526,7 @@ fn pow2_exponent<T: Float>(x: impl Iterator<Item = T>) -> i32 {
     if top <= 1.0 || !top.is_finite() {
         return 0;
     }
+    // The exponent field, exactly (log2 rounds up to 1024 at f64::MAX).
     ((top.to_bits() >> 52) & 0x7ff) as i32 - 1023
 }
 
@@ -537,10 +539,10 @@ fn mul_pow2<T: Float>(mut x: T, mut e: i32) -> T {
     let step = T::MAX_EXP - 2;
     while e.abs() > step {
         let s = step * e.signum();
-        x *= T::of_f64(2f64.powi(s));
+        x *= pow2::<T>(s);
         e -= s;
     }
-    x * T::of_f64(2f64.powi(e))
+    x * pow2::<T>(e)
 }
 
 /// The softmax of one row of final scores, in place, and its log-sum-exp: `row` holds the
@@ -651,13 +653,7 @@ pub(crate) fn convex_combination<T: Float>(w: &[T], v: &DMatrixView<'_, T>, c: u
 /// dividing by it is exact and brings every entry into [−2, 2], so no product or partial sum
 /// of a dot product can overflow. (A power of two, always representable: 2^floor(log₂ max).)
 fn pow2_scale<T: Float>(x: impl Iterator<Item = T>) -> T {
-    let top = x.fold(0.0_f64, |m, v| m.max(v.as_f64().abs()));
-    if top <= 1.0 || !top.is_finite() {
-        return T::one();
-    }
-    // The exponent field, exactly (log2 rounds up to 1024 at f64::MAX).
-    let exponent = ((top.to_bits() >> 52) & 0x7ff) as i32 - 1023;
-    T::of_f64(2f64.powi(exponent))
+    pow2(pow2_exponent(x))
 }
 
 /// `(x · a) · b` with the smaller of the two scales applied first, so that the product
@@ -667,72 +663,82 @@ fn rescale<T: Float>(x: T, a: T, b: T) -> T {
 }
 
 /// The scaled dot products `scale · Q Kᵀ` of the reference and exact paths, robust to
-/// intermediate overflow: rows of Q and K are divided by powers of two that bring them into
-/// [−2, 2] (exact), the product is taken and multiplied by `scale`, and each entry is scaled
-/// back. Where the plain product would overflow part-way (`inf − inf = NaN` for finite
-/// inputs), or the dot product itself overflows although `scale ·` it does not (a scale below
-/// 1, or 0), this gives the true value, or ±inf only if that itself is out of range; elsewhere
-/// it equals `scale · (q · k)` to rounding.
+/// overflow: the plain product times `scale` wherever both are finite; elsewhere (a product
+/// overflowing part-way, `inf − inf = NaN` for finite inputs, or a dot product past the range
+/// that a scale below 1, or 0, brings back) the entry is recomputed from the rows divided by
+/// powers of two that bring them into [−2, 2] (exact), multiplied by `scale` and scaled back:
+/// the true value, or ±inf only if that itself is out of range.
 pub(crate) fn raw_dots<T: Float>(
     q: &DMatrixView<'_, T>,
     k: &DMatrixView<'_, T>,
     scale: T,
 ) -> DMatrix<T> {
-    let a: Vec<T> = (0..q.nrows())
-        .map(|i| pow2_scale(q.row(i).iter().copied()))
-        .collect();
-    let b: Vec<T> = (0..k.nrows())
-        .map(|j| pow2_scale(k.row(j).iter().copied()))
-        .collect();
-    let qs = DMatrix::from_fn(q.nrows(), q.ncols(), |i, c| q[(i, c)] / a[i]);
-    let ks = DMatrix::from_fn(k.nrows(), k.ncols(), |j, c| k[(j, c)] / b[j]);
-    let scaled = qs * ks.transpose();
     let mut x = q * k.transpose();
-    for j in 0..x.ncols() {
-        for i in 0..x.nrows() {
-            x[(i, j)] = pick(x[(i, j)], scale, scaled[(i, j)], a[i], b[j]);
+    for i in 0..x.nrows() {
+        // The query row's power of two and scaled row, found once, only for a row that needs
+        // them.
+        let mut row = None;
+        for j in 0..x.ncols() {
+            x[(i, j)] = pick(x[(i, j)], scale, || {
+                let (a, qs) = row.get_or_insert_with(|| scaled_row(q, i));
+                scaled_dot(qs, *a, k, j, scale)
+            });
         }
     }
     x
 }
 
-/// `scale · dot` from the plain dot product where it is finite, else from the scaled one
-/// `dot_s = dot / (a b)`. The two agree to the bit wherever neither over- nor underflows
-/// (the scales are powers of two); the plain one keeps tiny products that the scaled rows
-/// flush to zero (a huge entry in both q and k scales the small ones into underflow), the
-/// scaled one survives products past the range.
-fn pick<T: Float>(dot: T, scale: T, dot_s: T, a: T, b: T) -> T {
+/// Row `i` of `q` divided by its power of two [`pow2_scale`], and that power.
+fn scaled_row<T: Float>(q: &DMatrixView<'_, T>, i: usize) -> (T, Vec<T>) {
+    let a = pow2_scale(q.row(i).iter().copied());
+    (a, q.row(i).iter().map(|&x| x / a).collect())
+}
+
+/// `scale · q_i · k_j` from the rows divided by their powers of two (`qs = q_i / a`), scaled
+/// back: finite wherever the true value is, even where the plain products overflow part-way.
+fn scaled_dot<T: Float>(qs: &[T], a: T, k: &DMatrixView<'_, T>, j: usize, scale: T) -> T {
+    let b = pow2_scale(k.row(j).iter().copied());
+    let dot_s = qs
+        .iter()
+        .enumerate()
+        .fold(T::zero(), |acc, (c, &qc)| acc + qc * (k[(j, c)] / b));
+    rescale(scale * dot_s, a, b)
+}
+
+/// `scale · dot` from the plain dot product where it is finite, else the scaled one
+/// (computed only then). The two agree to the bit wherever neither over- nor underflows (the
+/// scales are powers of two); the plain one keeps tiny products that the scaled rows flush to
+/// zero (a huge entry in both q and k scales the small ones into underflow), the scaled one
+/// survives products past the range.
+fn pick<T: Float>(dot: T, scale: T, scaled: impl FnOnce() -> T) -> T {
     let plain = scale * dot;
     if dot.is_finite() && plain.is_finite() {
         plain
     } else {
-        rescale(scale * dot_s, a, b)
+        scaled()
     }
 }
 
 /// Row `i` of [`raw_dots`]: `scale · q_i · k_j` for every row `j` of `k`, with the same
-/// scaling (the query row's scale found once).
+/// scaling (the query row's scale found once, and only if a key needs it).
 pub(crate) fn raw_dot_row<T: Float>(
     q: &DMatrixView<'_, T>,
     i: usize,
     k: &DMatrixView<'_, T>,
     scale: T,
 ) -> Vec<T> {
-    let a = pow2_scale(q.row(i).iter().copied());
-    let qs: Vec<T> = q.row(i).iter().map(|&x| x / a).collect();
+    let mut row = None;
     (0..k.nrows())
         .map(|j| {
-            let b = pow2_scale(k.row(j).iter().copied());
-            let dot_s = qs
-                .iter()
-                .enumerate()
-                .fold(T::zero(), |acc, (c, &qc)| acc + qc * (k[(j, c)] / b));
             let dot = q
                 .row(i)
                 .iter()
                 .enumerate()
                 .fold(T::zero(), |acc, (c, &qc)| acc + qc * k[(j, c)]);
-            pick(dot, scale, dot_s, a, b)
+            pick(dot, scale, || {
+                let (a, qs) = row.get_or_insert_with(|| scaled_row(q, i));
+                scaled_dot(qs, *a, k, j, scale)
+            })
         })
         .collect()
 }

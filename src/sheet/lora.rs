@@ -38,6 +38,7 @@
 
 use crate::Float;
 use crate::error::{Axis, Error, Result, try_matrix};
+use crate::float::pow2;
 use nalgebra::{DMatrix, DMatrixView, DMatrixViewMut, Dyn, MatrixView};
 
 /// `a · b` (n x k times k x p) into a freshly allocated, size-checked n x p matrix named `what`.
@@ -87,11 +88,6 @@ fn product_nt<T: Float>(
         out.gemm(T::one(), a, &bt, T::zero());
     }
     Ok(out)
-}
-
-/// `2^k` for `|k|` within the normal range of `T`.
-fn pow2<T: Float>(k: i32) -> T {
-    T::of_f64(2f64.powi(k))
 }
 
 /// Entries of `h = x m` (computed by the caller) that overflowed (to ±inf, or to NaN through

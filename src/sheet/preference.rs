@@ -421,7 +421,7 @@ pub fn ppo_clipped_loss<T: Float>(
     check_ppo(logp, logp_old, advantages, epsilon)?;
     let (lo, hi) = (T::one() - epsilon, T::one() + epsilon);
     // min(ρA, clip(ρ, lo, hi) A) is min(ρ, hi) A for A > 0 and max(ρ, lo) A for A < 0.
-    // `scale` is 1, or 1/n when the plain sum overflows.
+    // `scale` is 1, or 1/(2n) when the plain sum overflows.
     let term = |t: usize, scale: T| {
         let a = advantages[t] * scale;
         if a == T::zero() {
@@ -442,18 +442,9 @@ pub fn ppo_clipped_loss<T: Float>(
             lo * a
         }
     };
-    let n = T::of_usize(logp.len());
-    let total = (0..logp.len()).fold(T::zero(), |acc, t| acc + term(t, T::one()));
-    let mean = if total.is_finite() {
-        total / n
-    } else {
-        // Each term scaled by 1/(2n): the positive ones are at most (1 + ε) |A| / (2n) with
-        // ε < 1, so they sum below MAX and cannot meet a legitimately -inf term as inf − inf.
-        let half = T::of_f64(0.5);
-        let scale = half / n;
-        (0..logp.len()).fold(T::zero(), |acc, t| acc + term(t, scale)) / half
-    };
-    Ok(-mean)
+    // Scaled by 1/(2n), the positive terms are at most (1 + ε) |A| / (2n) with ε < 1: they sum
+    // below MAX and cannot meet a legitimately -inf term as inf − inf.
+    Ok(-mean_with_fallback(logp.len(), |t| term(t, T::one()), term))
 }
 
 /// The gradient of [`ppo_clipped_loss`] with respect to `logp` (the policy's log-probability
@@ -756,20 +747,29 @@ pub fn kl_penalty<T: Float>(logp: &[T], logp_ref: &[T], estimator: KlEstimator) 
     if logp.is_empty() {
         return Err(Error::Empty { what: "logp" });
     }
-    let n = T::of_usize(logp.len());
-    let pairs = || logp.iter().zip(logp_ref);
-    let total = pairs().fold(T::zero(), |acc, (&lp, &lr)| {
-        acc + estimator.estimate(lr - lp)
-    });
+    Ok(mean_with_fallback(
+        logp.len(),
+        |t| estimator.estimate(logp_ref[t] - logp[t]),
+        |t, scale| estimator.scaled(logp[t], logp_ref[t], scale),
+    ))
+}
+
+/// The mean `(1/n) Σ_t plain(t)` of `n > 0` terms; if their sum overflows, `2 Σ_t scaled(t,
+/// 1/(2n))` instead, from terms that `scaled` multiplies by the given scale before anything
+/// can overflow (so a sum of terms near MAX is not lost, nor turned into inf − inf = NaN).
+fn mean_with_fallback<T: Float>(
+    n: usize,
+    plain: impl Fn(usize) -> T,
+    scaled: impl Fn(usize, T) -> T,
+) -> T {
+    let count = T::of_usize(n);
+    let total = (0..n).fold(T::zero(), |acc, t| acc + plain(t));
     if total.is_finite() {
-        return Ok(total / n);
+        return total / count;
     }
     let half = T::of_f64(0.5);
-    let scale = half / n;
-    let scaled = pairs().fold(T::zero(), |acc, (&lp, &lr)| {
-        acc + estimator.scaled(lp, lr, scale)
-    });
-    Ok(scaled / half)
+    let scale = half / count;
+    (0..n).fold(T::zero(), |acc, t| acc + scaled(t, scale)) / half
 }
 
 /// The gradient of [`kl_penalty`] with respect to `logp` (the samples, and `logp_ref`, held
