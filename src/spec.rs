@@ -520,14 +520,27 @@ impl<T: Float> Problem<'_, T> {
     }
 }
 
-/// The exponent of [`pow2_scale`]: `floor(log₂ max |x|)` if that is above 0, else 0.
+/// `floor(log₂ |x|)` for a finite nonzero `x` (subnormals included), else 0: then
+/// `x · 2^−e` lies in [1, 2) in magnitude, exactly.
+fn exponent<T: Float>(x: T) -> i32 {
+    let v = x.as_f64().abs();
+    if v == 0.0 || !v.is_finite() {
+        0
+    } else if v < f64::MIN_POSITIVE {
+        // An f64 subnormal: 2^64 times it is normal (and exact).
+        exponent(v * 2f64.powi(64)) - 64
+    } else {
+        // The exponent field, exactly (log2 rounds up to 1024 at f64::MAX).
+        ((v.to_bits() >> 52) & 0x7ff) as i32 - 1023
+    }
+}
+
+/// `floor(log₂ max |x|)` if that is above 0, else 0: dividing a row by `2^e` is exact and
+/// brings every entry into [−2, 2], so no product or partial sum of a dot product over it can
+/// overflow.
 fn pow2_exponent<T: Float>(x: impl Iterator<Item = T>) -> i32 {
     let top = x.fold(0.0_f64, |m, v| m.max(v.as_f64().abs()));
-    if top <= 1.0 || !top.is_finite() {
-        return 0;
-    }
-    // The exponent field, exactly (log2 rounds up to 1024 at f64::MAX).
-    ((top.to_bits() >> 52) & 0x7ff) as i32 - 1023
+    if top <= 1.0 { 0 } else { exponent(top) }
 }
 
 /// `x · 2^e` for any `e`, in steps that stay within the normal powers of two of `T` (so the
@@ -587,8 +600,9 @@ pub(crate) fn softmax_exact_row<T: Float>(
         .map(|j| eb[j])
         .max()
         .unwrap_or(0);
-    // The scale's own exponent too (a scale near MAX overflows a moderate dot product).
-    let es = pow2_exponent(std::iter::once(plan.scale));
+    // The scale's own exponent too: a scale near MAX overflows a moderate dot product, and a
+    // subnormal scale times the scaled dot would round to a few bits.
+    let es = exponent(plan.scale);
     let scale = mul_pow2(plan.scale, -es);
     let e = (ea + top + es).max(1);
     for (j, s) in row.iter_mut().enumerate() {
@@ -649,19 +663,6 @@ pub(crate) fn convex_combination<T: Float>(w: &[T], v: &DMatrixView<'_, T>, c: u
     }
 }
 
-/// For a row whose largest magnitude exceeds 1, the power of two at or below it (else 1):
-/// dividing by it is exact and brings every entry into [−2, 2], so no product or partial sum
-/// of a dot product can overflow. (A power of two, always representable: 2^floor(log₂ max).)
-fn pow2_scale<T: Float>(x: impl Iterator<Item = T>) -> T {
-    pow2(pow2_exponent(x))
-}
-
-/// `(x · a) · b` with the smaller of the two scales applied first, so that the product
-/// overflows only if the result does.
-fn rescale<T: Float>(x: T, a: T, b: T) -> T {
-    if a >= b { (x * b) * a } else { (x * a) * b }
-}
-
 /// The scaled dot products `scale · Q Kᵀ` of the reference and exact paths, robust to
 /// overflow: the plain product times `scale` wherever both are finite; elsewhere (a product
 /// overflowing part-way, `inf − inf = NaN` for finite inputs, or a dot product past the range
@@ -688,21 +689,23 @@ pub(crate) fn raw_dots<T: Float>(
     x
 }
 
-/// Row `i` of `q` divided by its power of two [`pow2_scale`], and that power.
-fn scaled_row<T: Float>(q: &DMatrixView<'_, T>, i: usize) -> (T, Vec<T>) {
-    let a = pow2_scale(q.row(i).iter().copied());
-    (a, q.row(i).iter().map(|&x| x / a).collect())
+/// Row `i` of `q` divided by `2^a`, `a` its [`pow2_exponent`], and `a`.
+fn scaled_row<T: Float>(q: &DMatrixView<'_, T>, i: usize) -> (i32, Vec<T>) {
+    let a = pow2_exponent(q.row(i).iter().copied());
+    (a, q.row(i).iter().map(|&x| mul_pow2(x, -a)).collect())
 }
 
-/// `scale · q_i · k_j` from the rows divided by their powers of two (`qs = q_i / a`), scaled
+/// `scale · q_i · k_j` from the rows divided by their powers of two (`qs = q_i / 2^a`), scaled
 /// back: finite wherever the true value is, even where the plain products overflow part-way.
-fn scaled_dot<T: Float>(qs: &[T], a: T, k: &DMatrixView<'_, T>, j: usize, scale: T) -> T {
-    let b = pow2_scale(k.row(j).iter().copied());
-    let dot_s = qs
-        .iter()
-        .enumerate()
-        .fold(T::zero(), |acc, (c, &qc)| acc + qc * (k[(j, c)] / b));
-    rescale(scale * dot_s, a, b)
+/// The scale enters as its mantissa (in [1, 2)) and its exponent, so that a subnormal scale
+/// keeps every bit of the product.
+fn scaled_dot<T: Float>(qs: &[T], a: i32, k: &DMatrixView<'_, T>, j: usize, scale: T) -> T {
+    let b = pow2_exponent(k.row(j).iter().copied());
+    let dot_s = qs.iter().enumerate().fold(T::zero(), |acc, (c, &qc)| {
+        acc + qc * mul_pow2(k[(j, c)], -b)
+    });
+    let es = exponent(scale);
+    mul_pow2(mul_pow2(scale, -es) * dot_s, a + b + es)
 }
 
 /// `scale · dot` from the plain dot product where it is finite, else the scaled one

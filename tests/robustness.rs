@@ -687,6 +687,44 @@ fn scores_past_the_range_keep_their_order() {
     assert_eq!(f.lse[0], f32::INFINITY);
 }
 
+/// A subnormal scale times a dot product past the range: the score is in range (713.8) and
+/// must keep its bits. The scaled fallback multiplied the subnormal scale by the dot of the
+/// rows brought into [−2, 2], which rounded to 2 bits: 704 on every path (found by the
+/// `diagnostics` fuzz target); the kernel packed Q times `scale · log₂e`, itself subnormal
+/// and rounded to 2 bits: 660.
+#[test]
+fn a_subnormal_scale_keeps_the_bits_of_an_overflowing_dot() {
+    use attention_math::scaled_attention_with;
+    use attention_math::sheet::diagnostics::diagnose;
+    let q = DMatrix::<f32>::from_row_slice(1, 3, &[-6.375, -4.5625, -9.204457e27]);
+    let k = DMatrix::<f32>::from_row_slice(2, 3, &[-1.8446743e19; 6]);
+    let v = DMatrix::<f32>::from_row_slice(2, 1, &[1.0, 3.0]);
+    let scale = 4e-45_f32; // 3 · 2^−149
+    let exact: f64 = (0..3)
+        .map(|c| f64::from(q[(0, c)]) * f64::from(k[(0, c)]))
+        .sum::<f64>()
+        * f64::from(scale);
+    let lse = exact + 2f64.ln(); // two equal scores
+    let opts = AttentionOptions::new().scale(scale);
+    for out in [
+        scaled_attention_reference(&q, &k, &v, &Mask::none(), &opts).unwrap(),
+        scaled_attention_with(&q, &k, &v, &Mask::none(), &opts).unwrap(),
+    ] {
+        assert!(
+            (f64::from(out.lse[0]) - lse).abs() < 1e-6 * lse,
+            "{} vs {lse}",
+            out.lse[0]
+        );
+        assert_eq!(out.output[(0, 0)], 2.0);
+    }
+    // The decode path packs Q with the same factor.
+    let heads = attention_math::Heads::grouped(1, 1);
+    let mha = attention_math::multi_head_attention(&q, &k, &v, heads, &Mask::none(), &opts);
+    assert_eq!(mha.unwrap()[(0, 0)], 2.0);
+    let dg = diagnose(&q, &k, &Mask::none(), &opts).unwrap();
+    assert!((f64::from(dg.max_logit[0]) - exact).abs() < 1e-4 * exact);
+}
+
 /// Weights that sum to 1 + ε times values at −f64::MAX: the output stays −MAX, not −inf, on
 /// the reference and on the kernel's exact rows (found by the `attention` fuzz target).
 #[test]

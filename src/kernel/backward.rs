@@ -407,7 +407,6 @@ pub(crate) fn backward<T: Float>(
     );
     let n_pad = round_up(n, T::MR);
     let (d_pad, dv_pad) = (round_up(d, T::NR), round_up(dv, T::NR));
-    let one = T::one();
     // Rows whose dot products could leave the range (max |q_i| · max |k| · d ≥ MAX / 4, a
     // cheap bound) go to the exact rows too: the tiled pass would meet inf (or scale · inf).
     let kmax = p.k.iter().fold(0.0_f64, |a, v| a.max(v.as_f64().abs()));
@@ -429,8 +428,8 @@ pub(crate) fn backward<T: Float>(
         delta,
         exact,
         packed: Packed {
-            q_rows: pack::rows(&p.q, one, n_pad),
-            do_rows: pack::rows(&d_out, one, n_pad),
+            q_rows: pack::rows(&p.q, |x| x, n_pad),
+            do_rows: pack::rows(&d_out, |x| x, n_pad),
             kt: pack::panels_of_transpose(&p.k, T::NR),
             vt: pack::panels_of_transpose(&p.v, T::NR),
             q_panels: pack::panels(&p.q, T::NR, n_pad),

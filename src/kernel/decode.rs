@@ -309,7 +309,7 @@ pub(crate) fn decode<T: Float>(
     for (r, row) in rows.iter().enumerate() {
         let qh = &problems[row.head].q;
         for c in 0..d {
-            q[r * d + c] = qh[(row.query, c)] * factor;
+            q[r * d + c] = factor.apply(qh[(row.query, c)]);
         }
     }
     let chunks: Vec<usize> = (0..m).step_by(CHUNK).collect();

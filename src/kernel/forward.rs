@@ -5,6 +5,7 @@
 use super::pack::{self, round_up};
 use super::{Exec, tile};
 use crate::Float;
+use crate::float::pow2;
 use crate::mask::Block;
 use crate::simd::{self, Isa, Out, Panels, Rows, Shape};
 
@@ -87,8 +88,9 @@ pub(crate) fn forward<T: Float>(
     let Plan { n, dv, .. } = p.plan;
     let br = tile::<T>().0;
     let dv_pad = kv.dv_pad;
+    let factor = q_factor(&p.plan);
     let packed = Packed {
-        q: pack::rows(&p.q, q_factor(&p.plan), round_up(n, T::MR)),
+        q: pack::rows(&p.q, |x| factor.apply(x), round_up(n, T::MR)),
         kv,
     };
     // The result is column-major; query tile t owns the segment t·BR .. t·BR + rows of every
@@ -265,10 +267,43 @@ fn query_tile<T: Float>(
 /// The factor packed into Q. Without a softcap the whole chain up to exp is linear in q:
 /// folding `scale·log₂e` into Q once makes every score leave the product in log₂ units, ready
 /// for exp2. With a softcap the products stay in natural units (see [`finish_scores`]).
-pub(super) fn q_factor<T: Float>(plan: &Plan<T>) -> T {
-    match plan.softcap {
+pub(super) fn q_factor<T: Float>(plan: &Plan<T>) -> QFactor<T> {
+    let raw = match plan.softcap {
         None => plan.scale * T::of_f64(std::f64::consts::LOG2_E),
         Some(_) => plan.scale,
+    };
+    if raw == T::zero() || raw.abs() >= pow2::<T>(2 - T::MAX_EXP) {
+        return QFactor {
+            factor: raw,
+            post: T::one(),
+        };
+    }
+    // A subnormal factor has only a few bits (scale 4e-45 in f32 is 3 · 2^−149, and
+    // scale·log₂e rounds to 4 · 2^−149): take it 2^64 times larger, where it is normal, and
+    // multiply by 2^−64 after, so that `q · factor` is rounded once, as the exact product.
+    let big = plan.scale * pow2::<T>(64);
+    QFactor {
+        factor: match plan.softcap {
+            None => big * T::of_f64(std::f64::consts::LOG2_E),
+            Some(_) => big,
+        },
+        post: pow2(-64),
+    }
+}
+
+/// The factor of [`q_factor`]: `q ↦ (q · factor) · post`, with `post` = 1 unless the factor
+/// alone would be subnormal.
+#[derive(Clone, Copy)]
+pub(super) struct QFactor<T> {
+    factor: T,
+    post: T,
+}
+
+impl<T: Float> QFactor<T> {
+    /// `q` times the factor.
+    #[inline]
+    pub(super) fn apply(self, q: T) -> T {
+        (q * self.factor) * self.post
     }
 }
 

@@ -21,16 +21,20 @@ pub(crate) fn round_up(x: usize, to: usize) -> usize {
     x.div_ceil(to) * to
 }
 
-/// X (r x c) as a row-major `rows_pad x c` buffer, every entry multiplied by `factor`;
+/// X (r x c) as a row-major `rows_pad x c` buffer, `factor` applied to every entry;
 /// rows `r..rows_pad` are zero.
-pub(crate) fn rows<T: Float>(x: &DMatrixView<'_, T>, factor: T, rows_pad: usize) -> Vec<T> {
+pub(crate) fn rows<T: Float>(
+    x: &DMatrixView<'_, T>,
+    factor: impl Fn(T) -> T,
+    rows_pad: usize,
+) -> Vec<T> {
     let (r, c) = x.shape();
     debug_assert!(rows_pad >= r);
     let mut out = vec![T::zero(); rows_pad * c];
     for t in 0..c {
         let col = x.column(t);
         for (dst, &v) in out.iter_mut().skip(t).step_by(c).zip(col.as_slice()) {
-            *dst = v * factor;
+            *dst = factor(v);
         }
     }
     out
@@ -77,7 +81,7 @@ mod tests {
     fn layouts_match_the_module_docs() {
         let x = DMatrix::<f64>::from_fn(5, 3, |i, j| (10 * i + j) as f64);
         let v = x.as_view();
-        let r = rows(&v, 2.0, 6);
+        let r = rows(&v, |x| 2.0 * x, 6);
         assert_eq!(r.len(), 18);
         assert_eq!(&r[3..6], &[20.0, 22.0, 24.0]);
         assert_eq!(&r[15..], &[0.0; 3]);
