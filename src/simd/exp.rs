@@ -227,9 +227,12 @@ mod tests {
 
     type Exp<E> = fn(Isa, &mut [E]);
 
+    /// Points per accuracy sweep: fewer under Miri, which interprets every operation.
+    const SWEEP: usize = if cfg!(miri) { 64 } else { 3000 };
+
     fn worst_f32(f: Exp<f32>, exact: fn(f64) -> f64, lo: f64, hi: f64, flush: f32) {
         for isa in Isa::available() {
-            let xs: Vec<f32> = points(lo, hi, 3000).iter().map(|&x| x as f32).collect();
+            let xs: Vec<f32> = points(lo, hi, SWEEP).iter().map(|&x| x as f32).collect();
             let mut ys = xs.clone();
             f(isa, &mut ys);
             for (&x, &y) in xs.iter().zip(&ys) {
@@ -245,7 +248,7 @@ mod tests {
 
     fn worst_f64(f: Exp<f64>, exact: fn(f64) -> f64, lo: f64, hi: f64, flush: f64) {
         for isa in Isa::available() {
-            let xs = points(lo, hi, 3000);
+            let xs = points(lo, hi, SWEEP);
             let mut ys = xs.clone();
             f(isa, &mut ys);
             for (&x, &y) in xs.iter().zip(&ys) {
