@@ -4,7 +4,9 @@
 //! a decode step: every cached key and value must be read at least once).
 //!
 //! `cache-t{threads}` is the same step through `KvCache::attention`, which does not rescan the
-//! cached K and V (they were checked when appended).
+//! cached K and V (they were checked when appended). With `--features half`, also
+//! `cache-f16-t{threads}` and `cache-bf16-t{threads}`: the step through half-precision caches
+//! (the throughput stays the f32 cache's bytes, so their "B/s" is f32-equivalent).
 //!
 //! Ids: `decode/{m}/t{threads}`, `decode/{m}/cache-t{threads}` and `decode/{m}/copy-kv`; throughput is the bytes of K and V,
 //! so criterion's "B/s" for the step reads as the effective bandwidth. Also
@@ -17,7 +19,8 @@
 //! number of (query, key) pairs, through `multi_head_attention`. Throughput is in FLOPs
 //! (`2 · pairs · (d + d_v)` per head), so criterion's "elem/s" reads as FLOP/s.
 //!
-//! Run: `cargo bench --bench decode` (a group alone: `cargo bench --bench decode -- chunked`)
+//! Run: `cargo bench --bench decode [--features half]` (a group alone: `cargo bench --bench
+//! decode -- chunked`)
 
 use attention_math::{
     AttentionOptions, Heads, KvCache, Mask, multi_head_attention, scaled_attention_with,
@@ -61,6 +64,11 @@ fn bench(c: &mut Criterion) {
                 })
             });
         }
+        #[cfg(feature = "half")]
+        {
+            half_cache::<half::f16>(&mut group, "f16", &q, &k, &v, m);
+            half_cache::<half::bf16>(&mut group, "bf16", &q, &k, &v, m);
+        }
         let mut dst = (
             DMatrix::<f32>::zeros(m, HEADS.kv * D),
             DMatrix::<f32>::zeros(m, HEADS.kv * D),
@@ -93,6 +101,31 @@ fn bench(c: &mut Criterion) {
 }
 
 /// Allowed pairs of n queries, the last n of m positions, under the causal mask.
+/// `decode/{m}/cache-{name}-t{threads}`: the same step through a half-precision cache (the
+/// `half` feature), which reads half the bytes of the f32 cache's step.
+#[cfg(feature = "half")]
+fn half_cache<S: attention_math::CacheElement<f32>>(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    q: &DMatrix<f32>,
+    k: &DMatrix<f32>,
+    v: &DMatrix<f32>,
+    m: usize,
+) {
+    let mut cache = KvCache::<f32, S>::with_capacity(HEADS.kv, D, D, m).unwrap();
+    cache.append(k, v).unwrap();
+    for threads in [1, 2] {
+        let opts = AttentionOptions::new().threads(threads);
+        group.bench_function(format!("cache-{name}-t{threads}"), |b| {
+            b.iter(|| {
+                cache
+                    .attention(black_box(q), HEADS.query, &Mask::causal(), &opts)
+                    .unwrap()
+            })
+        });
+    }
+}
+
 fn chunk_pairs(n: usize, m: usize) -> usize {
     (0..n).map(|i| m - n + i + 1).sum()
 }

@@ -10,6 +10,7 @@ use crate::multihead::{Heads, multi_head};
 use crate::spec::{AttentionOptions, Inputs};
 use nalgebra::{DMatrix, DMatrixView, Dyn, U1};
 use std::fmt;
+use std::marker::PhantomData;
 use std::ops::Range;
 
 #[cfg(doc)]
@@ -43,6 +44,38 @@ const MIN_ROWS: usize = 16;
 /// are copied once, so n appends cost O(n) copies in total, never a copy of the whole cache
 /// per append. Every size is checked: a capacity whose buffer would overflow `usize` or
 /// exceed `isize::MAX` bytes, or that the allocator refuses, is an [`Error::TooLarge`].
+///
+/// # Half-precision storage
+///
+/// `KvCache<f32>` (the same as `KvCache<f32, f32>`) stores what it is given. With the `half`
+/// feature, `KvCache<f32, half::f16>` and `KvCache<f32, half::bf16>` store keys and values
+/// rounded to 16 bits (to nearest, ties to even) and compute in f32: a decode step reads half
+/// the bytes, and the decode kernel widens them as it reads (exactly, with F16C on x86). The
+/// result is bit for bit that of an f32 cache holding the rounded values; against the f32
+/// cache of the unrounded values, a key's rounding moves score `s_ij` by at most
+/// `δ_i = scale · Σ_c |q_ic| |k_jc| · u` and a value's by `u · |v|`, so
+/// `|Δo| <= max|v| · (u + e^{2δ} − 1)` with `u = 2^−11` (f16) or `2^−8` (bf16). An appended
+/// value that would round to infinity (|x| >= 65520 in f16) is an
+/// [`Error::InvalidParameter`], and the cache is left unchanged. Calls with more query rows
+/// per GQA group than the decode path takes (more than 8: e.g. a prefill chunk) widen the
+/// cached K and V into f32 matrices first, a copy of the cache per call. See
+/// [`CacheElement`].
+///
+/// ```
+/// # #[cfg(feature = "half")] {
+/// use attention_math::{AttentionOptions, KvCache, Mask};
+/// use nalgebra::DMatrix;
+///
+/// let mut cache = KvCache::<f32, half::f16>::new(1, 4, 4)?;
+/// let kv = DMatrix::<f32>::from_fn(6, 4, |i, j| (i + j) as f32 / 7.0);
+/// cache.append(&kv, &kv)?;
+/// let q = DMatrix::<f32>::from_element(1, 8, 0.5); // 2 query heads over the 1 KV head
+/// let out = cache.attention(&q, 2, &Mask::causal(), &AttentionOptions::new())?;
+/// assert_eq!(out.shape(), (1, 8));
+/// assert!(cache.append(&DMatrix::from_element(1, 4, 1e5), &kv.rows(0, 1)).is_err());
+/// # }
+/// # Ok::<(), attention_math::Error>(())
+/// ```
 ///
 /// # Sliding window
 ///
@@ -98,26 +131,29 @@ const MIN_ROWS: usize = 16;
 /// # Ok::<(), attention_math::Error>(())
 /// ```
 #[derive(Clone)]
-pub struct KvCache<T: Float> {
+pub struct KvCache<T: Float, S: CacheElement<T> = T> {
     heads: usize,
     key_dim: usize,
     value_dim: usize,
     window: Option<usize>,
     /// `cap x (heads · key_dim)`, column-major, column stride `cap`.
-    keys: Vec<T>,
+    keys: Vec<S>,
     /// `cap x (heads · value_dim)`, column-major, column stride `cap`.
-    values: Vec<T>,
+    values: Vec<S>,
     cap: usize,
     /// Buffer row of the first cached position.
     head: usize,
     len: usize,
     /// Absolute position of the first cached row.
     start: usize,
+    /// The compute type.
+    compute: PhantomData<fn() -> T>,
 }
 
-impl<T: Float> fmt::Debug for KvCache<T> {
+impl<T: Float, S: CacheElement<T>> fmt::Debug for KvCache<T, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KvCache")
+            .field("storage", &S::NAME)
             .field("heads", &self.heads)
             .field("key_dim", &self.key_dim)
             .field("value_dim", &self.value_dim)
@@ -130,7 +166,7 @@ impl<T: Float> fmt::Debug for KvCache<T> {
 
 /// `rows · cols` entries of `T`, zeroed, allocated fallibly: [`Error::TooLarge`] if the count
 /// overflows `usize`, the bytes exceed `isize::MAX`, or the allocator refuses.
-fn alloc<T: Float>(what: &'static str, rows: usize, cols: usize) -> Result<Vec<T>> {
+fn alloc<T: Copy + Default>(what: &'static str, rows: usize, cols: usize) -> Result<Vec<T>> {
     let too_large = || Error::TooLarge {
         what,
         shape: (rows, cols),
@@ -144,7 +180,7 @@ fn alloc<T: Float>(what: &'static str, rows: usize, cols: usize) -> Result<Vec<T
     v.try_reserve_exact(len).map_err(|_| too_large())?;
     // Before the first write, so that the pages are faulted in at their final size.
     huge_pages(v.as_mut_ptr(), len * std::mem::size_of::<T>());
-    v.resize(len, T::zero());
+    v.resize(len, T::default());
     Ok(v)
 }
 
@@ -183,7 +219,7 @@ fn huge_pages<T>(_p: *mut T, _bytes: usize) {}
 
 /// The `rows x cols` view of a column-major buffer with column stride `cap`, starting at
 /// buffer row `head` of column `col0`.
-fn view<T: Float>(
+fn view<T: nalgebra::Scalar>(
     buf: &[T],
     cap: usize,
     head: usize,
@@ -210,7 +246,7 @@ fn view<T: Float>(
     DMatrixView::from_slice_with_strides_generic(data, Dyn(rows), Dyn(cols), U1, Dyn(cap))
 }
 
-impl<T: Float> KvCache<T> {
+impl<T: Float, S: CacheElement<T>> KvCache<T, S> {
     /// An empty cache for `heads` (G) key-value heads with keys `key_dim` (d) and values
     /// `value_dim` (d_v) wide. Nothing is allocated until the first append.
     ///
@@ -261,6 +297,7 @@ impl<T: Float> KvCache<T> {
             head: 0,
             len: 0,
             start: 0,
+            compute: PhantomData,
         })
     }
 
@@ -412,6 +449,8 @@ impl<T: Float> KvCache<T> {
         }
         check_finite("keys", &keys)?;
         check_finite("values", &values)?;
+        representable::<T, S>("keys", &keys)?;
+        representable::<T, S>("values", &values)?;
         let end = self
             .end_position()
             .checked_add(n)
@@ -452,8 +491,10 @@ impl<T: Float> KvCache<T> {
         for (buf, src, cols) in [(&mut self.keys, &keys, kc), (&mut self.values, &values, vc)] {
             for c in 0..cols {
                 let col = src.column(c);
-                buf[c * cap + dst.start..c * cap + dst.end]
-                    .copy_from_slice(&col.as_slice()[skipped..]);
+                S::store(
+                    &col.as_slice()[skipped..],
+                    &mut buf[c * cap + dst.start..c * cap + dst.end],
+                );
             }
         }
         self.head = base;
@@ -464,12 +505,12 @@ impl<T: Float> KvCache<T> {
 
     /// Reallocates to `cap` rows, moving `len` rows from buffer row `from` to row 0.
     fn grow(&mut self, cap: usize, from: usize, len: usize) -> Result<()> {
-        let mut keys = alloc::<T>(
+        let mut keys = alloc::<S>(
             "the KV cache's keys (capacity x heads·key_dim)",
             cap,
             self.key_cols(),
         )?;
-        let mut values = alloc::<T>(
+        let mut values = alloc::<S>(
             "the KV cache's values (capacity x heads·value_dim)",
             cap,
             self.value_cols(),
@@ -767,7 +808,7 @@ impl<T: Float> KvCache<T> {
     /// assert!(cache.keys(2).is_err());
     /// # Ok::<(), attention_math::Error>(())
     /// ```
-    pub fn keys(&self, group: usize) -> Result<DMatrixView<'_, T>> {
+    pub fn keys(&self, group: usize) -> Result<DMatrixView<'_, S>> {
         self.check_group(group)?;
         let d = self.key_dim;
         Ok(view(
@@ -799,7 +840,7 @@ impl<T: Float> KvCache<T> {
     /// assert_eq!(cache.values(1)?, v.columns(2, 2));
     /// # Ok::<(), attention_math::Error>(())
     /// ```
-    pub fn values(&self, group: usize) -> Result<DMatrixView<'_, T>> {
+    pub fn values(&self, group: usize) -> Result<DMatrixView<'_, S>> {
         self.check_group(group)?;
         let dv = self.value_dim;
         Ok(view(
@@ -827,7 +868,7 @@ impl<T: Float> KvCache<T> {
     /// assert_eq!(cache.all_keys(), k);
     /// # Ok::<(), attention_math::Error>(())
     /// ```
-    pub fn all_keys(&self) -> DMatrixView<'_, T> {
+    pub fn all_keys(&self) -> DMatrixView<'_, S> {
         view(
             &self.keys,
             self.cap,
@@ -853,7 +894,7 @@ impl<T: Float> KvCache<T> {
     /// assert_eq!(cache.all_values(), v);
     /// # Ok::<(), attention_math::Error>(())
     /// ```
-    pub fn all_values(&self) -> DMatrixView<'_, T> {
+    pub fn all_values(&self) -> DMatrixView<'_, S> {
         view(
             &self.values,
             self.cap,
@@ -915,17 +956,159 @@ impl<T: Float> KvCache<T> {
         opts: &AttentionOptions<'_, T>,
     ) -> Result<DMatrix<T>> {
         let heads = Heads::grouped(query_heads, self.heads);
-        multi_head(
+        S::attend(
             q.into(),
             self.all_keys(),
             self.all_values(),
             heads,
             &mask.clone().bottom_right(),
             opts,
-            Inputs::Checked,
         )
     }
 }
+
+/// Every entry of `x` within the range of the storage `S` (finite after rounding to it), or
+/// an [`Error::InvalidParameter`] naming `what` with the first entry that is not.
+fn representable<T: Float, S: CacheElement<T>>(
+    what: &'static str,
+    x: &DMatrixView<'_, T>,
+) -> Result<()> {
+    let Some(max) = S::max_value() else {
+        return Ok(());
+    };
+    match x.iter().find(|&&v| v.abs() > max) {
+        None => Ok(()),
+        Some(&v) => Err(Error::InvalidParameter {
+            name: what,
+            value: v.as_f64(),
+            requirement: S::RANGE,
+        }),
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl<T: crate::Float> Sealed for T {}
+    #[cfg(feature = "half")]
+    impl Sealed for half::f16 {}
+    #[cfg(feature = "half")]
+    impl Sealed for half::bf16 {}
+}
+
+/// How a [`KvCache`] stores its keys and values: in the compute type `T` itself (`f32`,
+/// `f64`, the default), or, with the `half` feature, in `half::f16` or `half::bf16` for
+/// `T = f32`, which halves the bytes a decode step reads. Sealed: implemented for these four
+/// only.
+///
+/// A half-precision cache rounds every appended value to nearest (ties to even) and
+/// computes in f32: the decode kernel widens K and V as it reads them (exactly), and calls
+/// with more query rows per GQA group than the decode path takes (see
+/// [`KvCache::attention`]) widen the cache into f32 matrices first, a copy.
+///
+/// # Examples
+///
+/// ```
+/// use attention_math::{CacheElement, KvCache};
+///
+/// fn describe<S: CacheElement<f32>>(cache: &KvCache<f32, S>) -> String {
+///     format!("{} positions of {}", cache.len(), S::NAME)
+/// }
+/// assert_eq!(describe(&KvCache::<f32>::new(1, 4, 4)?), "0 positions of f32");
+/// # Ok::<(), attention_math::Error>(())
+/// ```
+pub trait CacheElement<T: Float>:
+    sealed::Sealed + nalgebra::Scalar + Copy + Default + Send + Sync
+{
+    /// The storage's name: `"f32"`, `"f64"`, `"f16"` or `"bf16"`.
+    const NAME: &'static str;
+    /// What an appended value must satisfy (the message of the error when it does not).
+    #[doc(hidden)]
+    const RANGE: &'static str;
+    /// The largest magnitude that stays finite when stored: `None` for `T` itself (every
+    /// finite value is kept), just below 65520 for f16 (which rounds to 65504), just below
+    /// 3.3961776e38 for bf16.
+    fn max_value() -> Option<T>;
+    /// `src` rounded to the storage, into `dst` (of the same length).
+    #[doc(hidden)]
+    fn store(src: &[T], dst: &mut [Self]);
+    /// The attention of `q` over the cached `k` and `v` (see [`KvCache::attention`]).
+    #[doc(hidden)]
+    fn attend(
+        q: DMatrixView<'_, T>,
+        k: DMatrixView<'_, Self>,
+        v: DMatrixView<'_, Self>,
+        heads: Heads,
+        mask: &Mask,
+        opts: &AttentionOptions<'_, T>,
+    ) -> Result<DMatrix<T>>;
+}
+
+/// Keys and values stored in the compute type itself.
+impl<T: Float> CacheElement<T> for T {
+    const NAME: &'static str = T::NAME;
+    const RANGE: &'static str = "must be finite";
+    fn max_value() -> Option<T> {
+        None
+    }
+    #[inline]
+    fn store(src: &[T], dst: &mut [T]) {
+        dst.copy_from_slice(src);
+    }
+    fn attend(
+        q: DMatrixView<'_, T>,
+        k: DMatrixView<'_, T>,
+        v: DMatrixView<'_, T>,
+        heads: Heads,
+        mask: &Mask,
+        opts: &AttentionOptions<'_, T>,
+    ) -> Result<DMatrix<T>> {
+        multi_head(q, k, v, heads, mask, opts, Inputs::Checked)
+    }
+}
+
+#[cfg(feature = "half")]
+macro_rules! half_storage {
+    ($h:ident, $name:literal, $range:literal, $max:expr) => {
+        impl CacheElement<f32> for half::$h {
+            const NAME: &'static str = $name;
+            const RANGE: &'static str = $range;
+            fn max_value() -> Option<f32> {
+                Some($max)
+            }
+            #[inline]
+            fn store(src: &[f32], dst: &mut [half::$h]) {
+                use half::slice::HalfFloatSliceExt;
+                dst.convert_from_f32_slice(src);
+            }
+            fn attend(
+                q: DMatrixView<'_, f32>,
+                k: DMatrixView<'_, half::$h>,
+                v: DMatrixView<'_, half::$h>,
+                heads: Heads,
+                mask: &Mask,
+                opts: &AttentionOptions<'_, f32>,
+            ) -> Result<DMatrix<f32>> {
+                crate::multihead::multi_head_stored(q, k, v, heads, mask, opts)
+            }
+        }
+    };
+}
+// f16: values of magnitude 65520 and above round to inf; 65504 is the largest finite. bf16:
+// f32's exponent range, only |x| >= (2 − 2^−8) · 2^127 rounds to inf.
+#[cfg(feature = "half")]
+half_storage!(
+    f16,
+    "f16",
+    "must be finite and below 65520 in magnitude (f16's range)",
+    f32::from_bits(0x477f_efff)
+);
+#[cfg(feature = "half")]
+half_storage!(
+    bf16,
+    "bf16",
+    "must be finite and below 3.3961776e38 in magnitude (bf16's range)",
+    f32::from_bits(0x7f7f_7fff)
+);
 
 #[cfg(test)]
 mod tests {

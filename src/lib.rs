@@ -31,7 +31,7 @@ pub mod sheet;
 pub use attention::{
     merge_attention, scaled_attention, scaled_attention_reference, scaled_attention_with,
 };
-pub use cache::KvCache;
+pub use cache::{CacheElement, KvCache};
 pub use entropy::{
     entropy, entropy_bits, entropy_from_logits, entropy_from_logits_rows, entropy_rows,
     kl_divergence,

@@ -8,8 +8,12 @@ use crate::error::check_finite;
 use crate::error::{Error, Result};
 use crate::kernel;
 use crate::mask::Mask;
-use crate::spec::{Alibi, AttentionOptions, Inputs, Problem, alibi_slopes, problem_inputs};
+use crate::spec::{
+    Alibi, AttentionOptions, AttentionOutput, Inputs, Problem, alibi_slopes, problem_inputs,
+};
 use nalgebra::{DMatrix, DMatrixView};
+#[cfg(feature = "half")]
+use nalgebra::{Dyn, U1};
 
 /// How many query heads and key-value heads an attention layer has.
 ///
@@ -254,14 +258,63 @@ fn multi_head_outputs<T: Float>(
     // Heads (or, decoding, GQA groups) run in parallel; every head is computed by the same
     // arithmetic whatever thread runs it, so the result does not depend on the thread count.
     let outputs = kernel::attend(&problems, heads.group_size(), opts.threads);
-    let n = q.nrows();
-    let mut output = DMatrix::zeros(n, heads.query * dv);
-    let mut lse = DMatrix::zeros(n, heads.query);
+    Ok(side_by_side(&outputs, q.nrows(), dv))
+}
+
+/// The heads' outputs side by side (n x H·d_v) and their log-sum-exps (n x H).
+fn side_by_side<T: Float>(
+    outputs: &[AttentionOutput<T>],
+    n: usize,
+    dv: usize,
+) -> MultiHeadOutput<T> {
+    let mut output = DMatrix::zeros(n, outputs.len() * dv);
+    let mut lse = DMatrix::zeros(n, outputs.len());
     for (h, o) in outputs.iter().enumerate() {
         output.columns_mut(h * dv, dv).copy_from(&o.output);
         lse.column_mut(h).copy_from(&o.lse);
     }
-    Ok(MultiHeadOutput { output, lse })
+    MultiHeadOutput { output, lse }
+}
+
+/// [`multi_head`] over keys and values stored as `X` (a half-precision [`KvCache`](crate::KvCache),
+/// whose rows were scanned on append), computed in `T`. Few query rows per group go the decode
+/// path, which reads `k` and `v` where they are, widening as it goes; otherwise K and V are
+/// widened into `T` matrices first (a copy of the cache) and take the tiled path.
+#[cfg(feature = "half")]
+pub(crate) fn multi_head_stored<T: Float, X: crate::simd::Stored<T> + nalgebra::Scalar>(
+    q: DMatrixView<'_, T>,
+    k: DMatrixView<'_, X>,
+    v: DMatrixView<'_, X>,
+    heads: Heads,
+    mask: &Mask,
+    opts: &AttentionOptions<'_, T>,
+) -> Result<DMatrix<T>> {
+    let m = k.nrows();
+    if !kernel::decodes(heads.group_size() * q.nrows(), m) {
+        let widen = |x: &DMatrixView<'_, X>| x.map(|e| e.widen());
+        let (kw, vw) = (widen(&k), widen(&v));
+        return multi_head(
+            q,
+            kw.as_view(),
+            vw.as_view(),
+            heads,
+            mask,
+            opts,
+            Inputs::Checked,
+        );
+    }
+    // The problems need K and V only for their shapes (the decode kernel reads `k` and `v`,
+    // and the rows it recomputes exactly widen them): m x cols views of one zero column,
+    // column stride 0.
+    let zeros = vec![T::zero(); m];
+    let proxy = |cols: usize| {
+        DMatrixView::from_slice_with_strides_generic(&zeros, Dyn(m), Dyn(cols), U1, Dyn(0))
+    };
+    let (kp, vp) = (proxy(k.ncols()), proxy(v.ncols()));
+    let (problems, d, dv) = head_problems(&q, &kp, &vp, heads, mask, opts, Inputs::Checked)?;
+    let outputs =
+        kernel::attend_stored(&problems, heads.group_size(), (k, v), (d, dv), opts.threads);
+    Ok(side_by_side(&outputs, q.nrows(), dv).output)
 }
 
 /// What [`multi_head_attention_with`] returns: the output and every head's log-sum-exp, what

@@ -536,3 +536,156 @@ fn zero_width_heads_with_a_huge_capacity_have_views() {
     assert_eq!(cache.keys(1).unwrap().shape(), (3, 0));
     assert_eq!(cache.all_values().shape(), (3, 0));
 }
+
+/// Half-precision caches (the `half` feature): K and V rounded to f16 / bf16 on append and
+/// widened exactly as the kernel reads them.
+#[cfg(feature = "half")]
+mod half_precision {
+    use super::*;
+    use attention_math::CacheElement;
+    use half::{bf16, f16};
+
+    /// A cache of storage `S` and an f32 cache holding the same rounded values: every call
+    /// gives the same bits (the decode path reads the stored values widened, in the same
+    /// order; larger calls widen the cache first). Also the bound on the difference to the
+    /// f32 cache of the unrounded values: a key's rounding moves score s_ij by at most
+    /// δ_i = scale · Σ_c |q_ic| |k_jc| · u (u the unit roundoff of S), so every weight by a
+    /// factor within e^{±2δ}, and the value's rounding moves it by u · |v|: together
+    /// |Δo| <= max|v| · (u + e^{2δ} − 1) + f32 rounding.
+    fn check<S: CacheElement<f32>>(u: f64, round: fn(f32) -> f32) {
+        let (g, heads, d, dv, prompt) = (2, 8, 16, 8, 300);
+        let opts = AttentionOptions::new();
+        let scale = 1.0 / (d as f64).sqrt();
+        let mut half = KvCache::<f32, S>::new(g, d, dv).unwrap();
+        let mut rounded = KvCache::<f32>::new(g, d, dv).unwrap();
+        let mut exact = KvCache::<f32>::new(g, d, dv).unwrap();
+        for (step, n) in [prompt, 1, 1, 2, 1].into_iter().enumerate() {
+            let seed = step as f64;
+            let k = data(n, g * d, 0.3 + seed).map(|x| (3.0 * x) as f32);
+            let v = data(n, g * dv, 0.6 + seed).map(|x| (2.0 * x) as f32);
+            let q = data(n, heads * d, 0.9 + seed).map(|x| (3.0 * x) as f32);
+            half.append(&k, &v).unwrap();
+            rounded.append(&k.map(round), &v.map(round)).unwrap();
+            exact.append(&k, &v).unwrap();
+            for threads in [1, 2] {
+                let opts = opts.clone().threads(threads);
+                let got = half.attention(&q, heads, &Mask::causal(), &opts).unwrap();
+                let same = rounded
+                    .attention(&q, heads, &Mask::causal(), &opts)
+                    .unwrap();
+                assert_eq!(got, same, "{} step {step} threads {threads}", S::NAME);
+                let want = exact.attention(&q, heads, &Mask::causal(), &opts).unwrap();
+                let keys = exact.all_keys();
+                let vmax = exact.all_values().amax() as f64;
+                let delta = (0..n)
+                    .flat_map(|i| (0..heads).map(move |h| (i, h)))
+                    .map(|(i, h)| {
+                        let kg = (h / (heads / g)) * d;
+                        (0..keys.nrows())
+                            .map(|j| {
+                                (0..d)
+                                    .map(|c| (q[(i, h * d + c)] * keys[(j, kg + c)]).abs() as f64)
+                                    .sum::<f64>()
+                            })
+                            .fold(0.0, f64::max)
+                            * scale
+                            * u
+                    })
+                    .fold(0.0, f64::max);
+                let bound = vmax * (u + (2.0 * delta).exp_m1()) + 1e-5;
+                let err = (&got - &want).amax() as f64;
+                assert!(err <= bound, "{}: {err:e} > {bound:e}", S::NAME);
+                assert!(err > 0.0, "{}: rounding must show", S::NAME);
+            }
+        }
+        assert_eq!(half.len(), prompt + 5);
+    }
+
+    #[test]
+    fn f16_cache_equals_the_f32_cache_of_its_rounded_values() {
+        check::<f16>(2f64.powi(-11), |x| f16::from_f32(x).to_f32());
+    }
+
+    #[test]
+    fn bf16_cache_equals_the_f32_cache_of_its_rounded_values() {
+        check::<bf16>(2f64.powi(-8), |x| bf16::from_f32(x).to_f32());
+    }
+
+    /// Values that would round to inf are an error naming the argument, and the cache is
+    /// unchanged; 65504 (f16's largest) and just below 65520 are kept.
+    #[test]
+    fn values_past_the_storage_range_are_errors() {
+        let mut cache = KvCache::<f32, f16>::new(1, 2, 1).unwrap();
+        let ok = DMatrix::from_row_slice(1, 2, &[65504.0_f32, -65519.99]);
+        cache
+            .append(&ok, &DMatrix::from_element(1, 1, 1.0))
+            .unwrap();
+        assert_eq!(cache.all_keys()[(0, 1)], f16::from_f32(-65504.0));
+        let bad = DMatrix::from_row_slice(1, 2, &[1.0_f32, 65520.0]);
+        let e = cache
+            .append(&bad, &DMatrix::from_element(1, 1, 1.0))
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::InvalidParameter { name: "keys", .. }),
+            "{e}"
+        );
+        let e = cache
+            .append(&ok, &DMatrix::from_element(1, 1, -1e6_f32))
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::InvalidParameter { name: "values", .. }),
+            "{e}"
+        );
+        assert_eq!(cache.len(), 1);
+        let mut b = KvCache::<f32, bf16>::new(1, 1, 1).unwrap();
+        let big = DMatrix::from_element(1, 1, 3.38e38_f32);
+        b.append(&big, &big).unwrap();
+        assert!(
+            b.append(&DMatrix::from_element(1, 1, f32::MAX), &big)
+                .is_err()
+        );
+        assert!(format!("{b:?}").contains("bf16"));
+    }
+
+    /// Scores past f32's range (q ~ 1e36 times stored keys ~ 1e4) take the exact rows, on the
+    /// keys and values widened: the same bits as the f32 cache of the rounded values.
+    #[test]
+    fn overflowing_rows_are_exact_on_the_widened_cache() {
+        let (d, heads) = (4, 2);
+        let k = data(40, d, 0.1).map(|x| (2e4 * x) as f32);
+        let v = data(40, d, 0.2).map(|x| x as f32);
+        let q = data(1, heads * d, 0.3).map(|x| (1e36 * x) as f32);
+        let mut half = KvCache::<f32, f16>::new(1, d, d).unwrap();
+        half.append(&k, &v).unwrap();
+        let mut rounded = KvCache::<f32>::new(1, d, d).unwrap();
+        let r = |x: &f32| f16::from_f32(*x).to_f32();
+        rounded
+            .append(&k.map(|x| r(&x)), &v.map(|x| r(&x)))
+            .unwrap();
+        let opts = AttentionOptions::new();
+        let got = half.attention(&q, heads, &Mask::none(), &opts).unwrap();
+        assert!(got.iter().all(|x| x.is_finite()));
+        assert_eq!(
+            got,
+            rounded.attention(&q, heads, &Mask::none(), &opts).unwrap()
+        );
+    }
+
+    /// A windowed f16 cache slides as the f32 one does.
+    #[test]
+    fn windowed_half_cache_keeps_the_last_positions() {
+        let mut cache = KvCache::<f32, f16>::with_window(1, 2, 2, 4).unwrap();
+        for t in 0..10 {
+            let x = DMatrix::from_element(1, 2, t as f32);
+            cache.append(&x, &x).unwrap();
+        }
+        assert_eq!(cache.positions(), 6..10);
+        let col: Vec<f32> = cache
+            .all_keys()
+            .column(0)
+            .iter()
+            .map(|h| h.to_f32())
+            .collect();
+        assert_eq!(col, [6.0, 7.0, 8.0, 9.0]);
+    }
+}

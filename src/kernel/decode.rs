@@ -17,11 +17,11 @@
 //! merged in chunk order, flash-decoding style: the same bits for any thread count.
 
 use super::Exec;
-use super::forward::{RowEnd, exact_row, finish_scores, finite, online_step, q_factor, row_end};
+use super::forward::{RowEnd, finish_scores, finite, online_step, q_factor, row_end};
 use super::threads::par::*;
 use crate::Float;
 use crate::mask::Block;
-use crate::simd::{self, Element, Isa, Kernel, Lanes};
+use crate::simd::{self, Element, Isa, Kernel, Lanes, Stored};
 use crate::spec::Problem;
 use nalgebra::{DMatrix, DMatrixView, DVector};
 use std::ops::Range;
@@ -56,10 +56,11 @@ fn column<'a, E: nalgebra::Scalar>(x: &DMatrixView<'a, E>, c: usize) -> &'a [E] 
 /// vectors of keys at a time: the `R x KV` partial scores stay in registers while the loop
 /// runs down all d columns (one load of K per vector of keys and column, one broadcast of q
 /// per row and column), and each score is stored once.
-struct Scores<'a, E, const R: usize, const KV: usize> {
+struct Scores<'a, E, X, const R: usize, const KV: usize> {
     /// The query rows, row-major `R x d`, already multiplied by the plan's factor.
     q: &'a [E],
-    k: DMatrixView<'a, E>,
+    /// The keys, stored as `X` (`E`, or a half-precision format widened as it is read).
+    k: DMatrixView<'a, X>,
     j0: usize,
     bc: usize,
     /// `R` rows of `stride` scores.
@@ -74,10 +75,16 @@ const PANEL: usize = 16;
 /// partial scores in `out` unless `first`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn score_tile<E: Element + nalgebra::Scalar, S: Lanes<E>, const R: usize, const U: usize>(
+fn score_tile<
+    E: Element + nalgebra::Scalar,
+    X: Stored<E> + nalgebra::Scalar,
+    S: Lanes<E>,
+    const R: usize,
+    const U: usize,
+>(
     s: S,
     q: &[&[E]; R],
-    k: &DMatrixView<'_, E>,
+    k: &DMatrixView<'_, X>,
     cols: Range<usize>,
     j: usize,
     first: bool,
@@ -95,7 +102,7 @@ fn score_tile<E: Element + nalgebra::Scalar, S: Lanes<E>, const R: usize, const 
     }
     for c in cols {
         let col = column(k, c);
-        let kv: [S::V; U] = core::array::from_fn(|u| s.load(&col[j + u * l..]));
+        let kv: [S::V; U] = core::array::from_fn(|u| s.load_stored(&col[j + u * l..]));
         for (qr, acc) in q.iter().zip(acc.iter_mut()) {
             let qb = s.splat(qr[c]);
             for (a, &kv) in acc.iter_mut().zip(&kv) {
@@ -110,8 +117,12 @@ fn score_tile<E: Element + nalgebra::Scalar, S: Lanes<E>, const R: usize, const 
     }
 }
 
-impl<E: Element + nalgebra::Scalar, const R: usize, const KV: usize> Kernel<E>
-    for Scores<'_, E, R, KV>
+impl<
+    E: Element + nalgebra::Scalar,
+    X: Stored<E> + nalgebra::Scalar,
+    const R: usize,
+    const KV: usize,
+> Kernel<E> for Scores<'_, E, X, R, KV>
 {
     type Output = ();
 
@@ -135,12 +146,12 @@ impl<E: Element + nalgebra::Scalar, const R: usize, const KV: usize> Kernel<E>
             let mut j = 0;
             while j + KV * l <= vectors {
                 let o = &mut out[j..];
-                score_tile::<E, S, R, KV>(s, &qr, &k, cols.clone(), j0 + j, first, o, stride);
+                score_tile::<E, X, S, R, KV>(s, &qr, &k, cols.clone(), j0 + j, first, o, stride);
                 j += KV * l;
             }
             while j < vectors {
                 let o = &mut out[j..];
-                score_tile::<E, S, R, 1>(s, &qr, &k, cols.clone(), j0 + j, first, o, stride);
+                score_tile::<E, X, S, R, 1>(s, &qr, &k, cols.clone(), j0 + j, first, o, stride);
                 j += l;
             }
         }
@@ -154,7 +165,7 @@ impl<E: Element + nalgebra::Scalar, const R: usize, const KV: usize> Kernel<E>
             for (r, qr) in qr.iter().enumerate() {
                 let mut acc = E::ZERO;
                 for (c, &qc) in qr.iter().enumerate() {
-                    acc = qc.mul_add(column(&k, c)[j0 + jj], acc);
+                    acc = qc.mul_add(column(&k, c)[j0 + jj].widen(), acc);
                 }
                 out[r * stride + jj] = acc;
             }
@@ -165,11 +176,12 @@ impl<E: Element + nalgebra::Scalar, const R: usize, const KV: usize> Kernel<E>
 /// `O[r, c] += Σ_j P[r, j] · V[j0 + j, c]` for `R` rows, `CV` columns of V at a time (the
 /// `R x CV` vector accumulators in registers; each vector of P loaded once per `CV`
 /// columns).
-struct Values<'a, E, const R: usize, const CV: usize> {
+struct Values<'a, E, X, const R: usize, const CV: usize> {
     /// `R` rows of probabilities, `stride` apart.
     p: &'a [E],
     stride: usize,
-    v: DMatrixView<'a, E>,
+    /// The values, stored as `X` (see [`Scores`]).
+    v: DMatrixView<'a, X>,
     j0: usize,
     bc: usize,
     /// `R` accumulator rows of `ostride`.
@@ -180,10 +192,16 @@ struct Values<'a, E, const R: usize, const CV: usize> {
 /// Columns `c .. c + U` of `Values` (see there); prefetches the next block of them.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn value_tile<E: Element + nalgebra::Scalar, S: Lanes<E>, const R: usize, const U: usize>(
+fn value_tile<
+    E: Element + nalgebra::Scalar,
+    X: Stored<E> + nalgebra::Scalar,
+    S: Lanes<E>,
+    const R: usize,
+    const U: usize,
+>(
     s: S,
     p: &[&[E]; R],
-    v: &DMatrixView<'_, E>,
+    v: &DMatrixView<'_, X>,
     c: usize,
     j0: usize,
     bc: usize,
@@ -193,17 +211,17 @@ fn value_tile<E: Element + nalgebra::Scalar, S: Lanes<E>, const R: usize, const 
     let l = S::LANES;
     let full = bc / l * l;
     let line = 64 / size_of::<E>();
-    let cols: [&[E]; U] = core::array::from_fn(|u| column(v, c + u));
+    let cols: [&[X]; U] = core::array::from_fn(|u| column(v, c + u));
     let ahead = j0 + bc;
     for col in &cols {
         for at in (ahead..(ahead + bc).min(col.len())).step_by(line) {
             s.prefetch(&col[at..]);
         }
     }
-    let cols: [&[E]; U] = core::array::from_fn(|u| &cols[u][j0..j0 + bc]);
+    let cols: [&[X]; U] = core::array::from_fn(|u| &cols[u][j0..j0 + bc]);
     let mut acc = [[s.splat(E::ZERO); U]; R];
     for j in (0..full).step_by(l) {
-        let vv: [S::V; U] = core::array::from_fn(|u| s.load(&cols[u][j..]));
+        let vv: [S::V; U] = core::array::from_fn(|u| s.load_stored(&cols[u][j..]));
         for (pr, acc) in p.iter().zip(acc.iter_mut()) {
             let pv = s.load(&pr[j..]);
             for (a, &vv) in acc.iter_mut().zip(&vv) {
@@ -215,15 +233,19 @@ fn value_tile<E: Element + nalgebra::Scalar, S: Lanes<E>, const R: usize, const 
         for (u, (&a, col)) in acc.iter().zip(&cols).enumerate() {
             let mut sum = s.reduce_sum(a);
             for j in full..bc {
-                sum = pr[j].mul_add(col[j], sum);
+                sum = pr[j].mul_add(col[j].widen(), sum);
             }
             o[r * ostride + c + u] += sum;
         }
     }
 }
 
-impl<E: Element + nalgebra::Scalar, const R: usize, const CV: usize> Kernel<E>
-    for Values<'_, E, R, CV>
+impl<
+    E: Element + nalgebra::Scalar,
+    X: Stored<E> + nalgebra::Scalar,
+    const R: usize,
+    const CV: usize,
+> Kernel<E> for Values<'_, E, X, R, CV>
 {
     type Output = ();
 
@@ -242,11 +264,11 @@ impl<E: Element + nalgebra::Scalar, const R: usize, const CV: usize> Kernel<E>
         let dv = v.ncols();
         let mut c = 0;
         while c + CV <= dv {
-            value_tile::<E, S, R, CV>(s, &pr, &v, c, j0, bc, o, ostride);
+            value_tile::<E, X, S, R, CV>(s, &pr, &v, c, j0, bc, o, ostride);
             c += CV;
         }
         while c < dv {
-            value_tile::<E, S, R, 1>(s, &pr, &v, c, j0, bc, o, ostride);
+            value_tile::<E, X, S, R, 1>(s, &pr, &v, c, j0, bc, o, ostride);
             c += 1;
         }
     }
@@ -258,10 +280,10 @@ impl<E: Element + nalgebra::Scalar, const R: usize, const CV: usize> Kernel<E>
 macro_rules! with_rows {
     ($rows:expr, $isa:expr, $op:ident { $($f:ident: $v:expr),* $(,)? }) => {
         match $rows {
-            1 => simd::dispatch($isa, $op::<_, 1, 4> { $($f: $v),* }),
-            2 => simd::dispatch($isa, $op::<_, 2, 4> { $($f: $v),* }),
-            3 | 4 => simd::dispatch($isa, $op::<_, 4, 2> { $($f: $v),* }),
-            _ => simd::dispatch($isa, $op::<_, 8, 1> { $($f: $v),* }),
+            1 => simd::dispatch($isa, $op::<_, _, 1, 4> { $($f: $v),* }),
+            2 => simd::dispatch($isa, $op::<_, _, 2, 4> { $($f: $v),* }),
+            3 | 4 => simd::dispatch($isa, $op::<_, _, 4, 2> { $($f: $v),* }),
+            _ => simd::dispatch($isa, $op::<_, _, 8, 1> { $($f: $v),* }),
         }
     };
 }
@@ -285,11 +307,19 @@ struct Partial<T> {
     overflow: Vec<bool>,
 }
 
+/// The row the reference's way, for head `h` (an index into the group) and query `i`: what a
+/// row whose scores or accumulator overflowed falls back to ([`exact_row`] on the problem).
+pub(crate) type ExactRow<'a, T> = dyn Fn(usize, usize) -> (Vec<T>, T) + Sync + 'a;
+
 /// Attention for the heads `problems` (all with the same K, V, mask and options: one GQA
-/// group), whose queries together are at most [`MAX_ROWS`] rows. Returns each head's output
-/// (n x d_v) and log-sum-exp, as the tiled forward pass would.
-pub(crate) fn decode<T: Float>(
+/// group), whose queries together are at most [`MAX_ROWS`] rows, over the group's keys and
+/// values `k` and `v` stored as `X` (the problems' own K and V, or a half-precision cache of
+/// them, whose shapes the problems' plans carry). Returns each head's output (n x d_v) and
+/// log-sum-exp, as the tiled forward pass would.
+pub(crate) fn decode<T: Float, X: Stored<T> + nalgebra::Scalar>(
     problems: &[&Problem<'_, T>],
+    (k, v): (DMatrixView<'_, X>, DMatrixView<'_, X>),
+    exact: &ExactRow<'_, T>,
     isa: Isa,
     exec: Exec,
 ) -> Vec<(DMatrix<T>, DVector<T>)> {
@@ -313,7 +343,18 @@ pub(crate) fn decode<T: Float>(
         }
     }
     let chunks: Vec<usize> = (0..m).step_by(CHUNK).collect();
-    let run = |&c0: &usize| chunk(problems, &rows, &q, padded, c0, (c0 + CHUNK).min(m), isa);
+    let kv = (k, v);
+    let run = |&c0: &usize| {
+        chunk(
+            problems,
+            kv,
+            &rows,
+            &q,
+            padded,
+            c0..(c0 + CHUNK).min(m),
+            isa,
+        )
+    };
     let partials: Vec<Partial<T>> = if exec.parallel() && chunks.len() > 1 {
         chunks.par_iter().map(run).collect()
     } else {
@@ -362,7 +403,7 @@ pub(crate) fn decode<T: Float>(
             }
             RowEnd::Masked => lse[row.query] = T::NEG_INFINITY,
             RowEnd::Exact => {
-                let (exact, l) = exact_row(problems[row.head], row.query);
+                let (exact, l) = exact(row.head, row.query);
                 for (c, x) in exact.into_iter().enumerate() {
                     out[(row.query, c)] = x;
                 }
@@ -374,13 +415,13 @@ pub(crate) fn decode<T: Float>(
 }
 
 /// One chunk of keys `c0 .. c1` for every row.
-fn chunk<T: Float>(
+fn chunk<T: Float, X: Stored<T> + nalgebra::Scalar>(
     problems: &[&Problem<'_, T>],
+    (k, v): (DMatrixView<'_, X>, DMatrixView<'_, X>),
     rows: &[RowOf],
     q: &[T],
     padded: usize,
-    c0: usize,
-    c1: usize,
+    Range { start: c0, end: c1 }: Range<usize>,
     isa: Isa,
 ) -> Partial<T> {
     let first = problems[0];
@@ -407,7 +448,7 @@ fn chunk<T: Float>(
             isa,
             Scores {
                 q: q,
-                k: first.k,
+                k: k,
                 j0: j0,
                 bc: bc,
                 s: &mut s,
@@ -448,7 +489,7 @@ fn chunk<T: Float>(
                 Values {
                     p: &s,
                     stride: stride,
-                    v: first.v,
+                    v: v,
                     j0: j0,
                     bc: bc,
                     o: &mut part.o,

@@ -26,6 +26,64 @@ pub(crate) fn tile<T: Float>() -> (usize, usize) {
     }
 }
 
+/// Whether `rows` query rows per GQA group against `m` keys take the decode path.
+#[cfg(feature = "half")]
+pub(crate) fn decodes(rows: usize, m: usize) -> bool {
+    decode::suits(rows, m)
+}
+
+/// [`attend`] on the decode path over keys and values stored as `X` (a half-precision
+/// cache): `kv` are the whole layer's K (m x G·d) and V (m x G·d_v), `dims` = (d, d_v); the
+/// problems' own K and V only give the shapes. Only for calls that [`decodes`] accepts.
+#[cfg(feature = "half")]
+pub(crate) fn attend_stored<T: Float, X: crate::simd::Stored<T> + nalgebra::Scalar>(
+    problems: &[Problem<'_, T>],
+    group: usize,
+    (k, v): (nalgebra::DMatrixView<'_, X>, nalgebra::DMatrixView<'_, X>),
+    (d, dv): (usize, usize),
+    threads: Option<usize>,
+) -> Vec<AttentionOutput<T>> {
+    let isa = Isa::get();
+    let groups: Vec<Vec<&Problem<'_, T>>> =
+        problems.chunks(group).map(|g| g.iter().collect()).collect();
+    let one = |(gi, g): (usize, &Vec<&Problem<'_, T>>), exec: Exec| {
+        let (kg, vg) = (k.columns(gi * d, d), v.columns(gi * dv, dv));
+        // A row that overflowed: the reference's way on the group's K and V widened to T.
+        let exact = |h: usize, i: usize| {
+            let p = g[h];
+            let (kw, vw) = (kg.map(|x| x.widen()), vg.map(|x| x.widen()));
+            let wide = Problem {
+                k: kw.as_view(),
+                v: vw.as_view(),
+                ..*p
+            };
+            forward::exact_row(&wide, i)
+        };
+        decode::decode(g, (kg, vg), &exact, isa, exec)
+    };
+    let results: Vec<Vec<(nalgebra::DMatrix<T>, nalgebra::DVector<T>)>> =
+        with_threads(threads, |exec| {
+            if exec.parallel() {
+                groups
+                    .par_iter()
+                    .enumerate()
+                    .map(|x| one(x, exec))
+                    .collect()
+            } else {
+                groups.iter().enumerate().map(|x| one(x, exec)).collect()
+            }
+        });
+    results
+        .into_iter()
+        .flatten()
+        .map(|(output, lse)| AttentionOutput {
+            output,
+            lse,
+            weights: None,
+        })
+        .collect()
+}
+
 /// Runs validated calls on the kernel: `problems` are the heads of an attention layer, in
 /// groups of `group` consecutive heads that share K, V, the mask and the options (GQA; 1 for
 /// independent heads). Returns each head's output and log-sum-exp (no weights), computed on
@@ -53,16 +111,14 @@ pub(crate) fn attend<T: Float>(
             problems.chunks(group).map(|g| g.iter().collect()).collect();
         let results: Vec<Vec<(nalgebra::DMatrix<T>, nalgebra::DVector<T>)>> =
             with_threads(threads, |exec| {
+                let one = |g: &Vec<&Problem<'_, T>>| {
+                    let exact = |h: usize, i: usize| forward::exact_row(g[h], i);
+                    decode::decode(g, (g[0].k, g[0].v), &exact, isa, exec)
+                };
                 if exec.parallel() {
-                    groups
-                        .par_iter()
-                        .map(|g| decode::decode(g, isa, exec))
-                        .collect()
+                    groups.par_iter().map(one).collect()
                 } else {
-                    groups
-                        .iter()
-                        .map(|g| decode::decode(g, isa, exec))
-                        .collect()
+                    groups.iter().map(one).collect()
                 }
             });
         return results.into_iter().flatten().map(wrap).collect();

@@ -23,7 +23,7 @@ use std::sync::OnceLock;
 pub enum InstructionSet {
     /// Plain Rust on any target (the vector algorithms on arrays).
     Portable,
-    /// AVX2 and FMA on x86-64: 8 f32 or 4 f64 lanes.
+    /// AVX2, FMA and F16C on x86-64: 8 f32 or 4 f64 lanes.
     Avx2,
     /// AVX-512F on x86-64: 16 f32 or 8 f64 lanes.
     Avx512,
@@ -100,10 +100,10 @@ pub fn instruction_set() -> InstructionSet {
 pub enum Isa {
     /// Plain Rust.
     Portable,
-    /// AVX2 + FMA.
+    /// AVX2 + FMA + F16C.
     #[cfg(target_arch = "x86_64")]
     Avx2(Avx2),
-    /// AVX-512F (+ AVX2, FMA).
+    /// AVX-512F (+ AVX2, FMA, F16C).
     #[cfg(target_arch = "x86_64")]
     Avx512(Avx512),
 }

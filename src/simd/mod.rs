@@ -162,10 +162,25 @@ pub trait Lanes<E: Element>: Copy + Send + Sync + 'static {
     /// Whether any lane of `x` is `> hi`.
     fn any_above(self, x: Self::V, hi: E) -> bool;
 
+    /// `LANES` IEEE binary16 values, given by their bits, widened to `E` (exactly: every
+    /// binary16 value is an f32).
+    ///
+    /// # Safety
+    ///
+    /// `p` must be valid for reading `LANES` `u16`s (no alignment needed).
+    unsafe fn load_f16_ptr(self, p: *const u16) -> Self::V;
+    /// `LANES` bfloat16 values (the top 16 bits of an f32), given by their bits, widened to
+    /// `E` (exactly).
+    ///
+    /// # Safety
+    ///
+    /// As for [`Lanes::load_f16_ptr`].
+    unsafe fn load_bf16_ptr(self, p: *const u16) -> Self::V;
+
     /// Hints that the cache line holding `x[0]` will be read soon (a no-op where the
     /// instruction set has no prefetch; never faults).
     #[inline(always)]
-    fn prefetch(self, x: &[E]) {
+    fn prefetch<X>(self, x: &[X]) {
         let _ = x;
     }
 
@@ -176,12 +191,76 @@ pub trait Lanes<E: Element>: Copy + Send + Sync + 'static {
         // SAFETY: `x` holds at least LANES readable elements.
         unsafe { self.load_ptr(x.as_ptr()) }
     }
+    /// The first `LANES` elements of `x`, read as `X` is stored (see [`Stored`]).
+    #[inline(always)]
+    fn load_stored<X: Stored<E>>(self, x: &[X]) -> Self::V {
+        X::load(self, x)
+    }
     /// Stores into the first `LANES` elements of `x` (panics if it is shorter).
     #[inline(always)]
     fn store(self, x: &mut [E], v: Self::V) {
         assert!(x.len() >= Self::LANES);
         // SAFETY: `x` holds at least LANES writable elements.
         unsafe { self.store_ptr(x.as_mut_ptr(), v) }
+    }
+}
+
+/// How an element stored in memory is read into vectors of `E`: `E` itself, or (with the
+/// `half` feature) the half-precision formats `half::f16` and `half::bf16` widened to f32,
+/// exactly. What the kernels read K and V through, so that a half-precision cache is read at
+/// half the bytes and computed in f32.
+pub trait Stored<E: Element>: Copy + Send + Sync + 'static {
+    /// The first `LANES` elements of `x`, widened (panics if `x` is shorter).
+    fn load<S: Lanes<E>>(s: S, x: &[Self]) -> S::V;
+    /// One element, widened.
+    fn widen(self) -> E;
+}
+
+impl<E: Element> Stored<E> for E {
+    #[inline(always)]
+    fn load<S: Lanes<E>>(s: S, x: &[E]) -> S::V {
+        s.load(x)
+    }
+    #[inline(always)]
+    fn widen(self) -> E {
+        self
+    }
+}
+
+/// The bits of a slice of 16-bit floats (both `half` types are `repr(transparent)` over
+/// `u16`), checked to hold `lanes` elements.
+#[cfg(feature = "half")]
+#[inline(always)]
+fn half_bits<H>(x: &[H], lanes: usize) -> *const u16 {
+    const { assert!(size_of::<H>() == 2 && align_of::<H>() == 2) };
+    assert!(x.len() >= lanes);
+    x.as_ptr().cast::<u16>()
+}
+
+#[cfg(feature = "half")]
+impl Stored<f32> for half::f16 {
+    #[inline(always)]
+    fn load<S: Lanes<f32>>(s: S, x: &[Self]) -> S::V {
+        // SAFETY: `half_bits` checked LANES elements of 2 bytes each; f16 is a transparent
+        // u16, so they are LANES readable u16s.
+        unsafe { s.load_f16_ptr(half_bits(x, S::LANES)) }
+    }
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        portable::f16_to_f32(self.to_bits())
+    }
+}
+
+#[cfg(feature = "half")]
+impl Stored<f32> for half::bf16 {
+    #[inline(always)]
+    fn load<S: Lanes<f32>>(s: S, x: &[Self]) -> S::V {
+        // SAFETY: as for f16.
+        unsafe { s.load_bf16_ptr(half_bits(x, S::LANES)) }
+    }
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        portable::bf16_to_f32(self.to_bits())
     }
 }
 

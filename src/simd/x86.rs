@@ -8,54 +8,59 @@
 use super::{Element, Kernel, Lanes};
 use core::arch::x86_64::*;
 
-/// Proof that this CPU has AVX2 and FMA.
+/// Proof that this CPU has AVX2, FMA and F16C (every AVX2 CPU has F16C; all three are
+/// checked).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Avx2 {
     _proof: (),
 }
 
-/// Proof that this CPU has AVX-512F, AVX2 and FMA.
+/// Proof that this CPU has AVX-512F, AVX2, FMA and F16C.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Avx512 {
     _proof: (),
 }
 
 impl Avx2 {
-    /// The token, if the CPU has AVX2 and FMA.
+    /// The token, if the CPU has AVX2, FMA and F16C.
     pub fn detect() -> Option<Self> {
-        (is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-            .then_some(Avx2 { _proof: () })
+        (is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c"))
+        .then_some(Avx2 { _proof: () })
     }
 
-    /// Runs `k` compiled for AVX2 + FMA.
+    /// Runs `k` compiled for AVX2 + FMA + F16C.
     #[inline]
     pub fn vectorize<E: Element, K: Kernel<E>>(self, k: K) -> K::Output
     where
         Self: Lanes<E>,
     {
-        #[target_feature(enable = "avx2,fma")]
+        #[target_feature(enable = "avx2,fma,f16c")]
         fn entry<E: Element, K: Kernel<E>>(t: Avx2, k: K) -> K::Output
         where
             Avx2: Lanes<E>,
         {
             k.run(t)
         }
-        // SAFETY: `self` exists, so detection saw AVX2 and FMA on this CPU.
+        // SAFETY: `self` exists, so detection saw AVX2, FMA and F16C on this CPU.
         unsafe { entry(self, k) }
     }
 }
 
 impl Avx512 {
-    /// The token, if the CPU has AVX-512F (with AVX2 and FMA, which every such CPU has; all
-    /// three are checked).
+    /// The token, if the CPU has AVX-512F (with AVX2, FMA and F16C, which every such CPU has;
+    /// all four are checked).
     pub fn detect() -> Option<Self> {
         (is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma"))
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c"))
         .then_some(Avx512 { _proof: () })
     }
 
-    /// The AVX2 token: every AVX-512 CPU has AVX2 and FMA (checked in [`Avx512::detect`]).
+    /// The AVX2 token: every AVX-512 CPU has AVX2, FMA and F16C (checked in
+    /// [`Avx512::detect`]).
     pub fn avx2(self) -> Avx2 {
         Avx2 { _proof: () }
     }
@@ -66,14 +71,14 @@ impl Avx512 {
     where
         Self: Lanes<E>,
     {
-        #[target_feature(enable = "avx512f,avx2,fma")]
+        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
         fn entry<E: Element, K: Kernel<E>>(t: Avx512, k: K) -> K::Output
         where
             Avx512: Lanes<E>,
         {
             k.run(t)
         }
-        // SAFETY: `self` exists, so detection saw AVX-512F, AVX2 and FMA on this CPU.
+        // SAFETY: `self` exists, so detection saw AVX-512F, AVX2, FMA and F16C on this CPU.
         unsafe { entry(self, k) }
     }
 }
@@ -139,11 +144,11 @@ macro_rules! lanes {
                 unsafe { $max(a, b) }
             }
             #[inline(always)]
-            fn prefetch(self, x: &[$t]) {
+            fn prefetch<X>(self, x: &[X]) {
                 if let Some(first) = x.first() {
                     // SAFETY: a prefetch reads nothing architecturally and never faults; the
                     // pointer comes from a live slice.
-                    unsafe { _mm_prefetch::<_MM_HINT_T0>((first as *const $t).cast::<i8>()) }
+                    unsafe { _mm_prefetch::<_MM_HINT_T0>((first as *const X).cast::<i8>()) }
                 }
             }
             $($rest)*
@@ -156,6 +161,19 @@ lanes!(Avx2, f32, __m256, 8, "avx2,fma",
     add: _mm256_add_ps, sub: _mm256_sub_ps, mul: _mm256_mul_ps, fmadd: _mm256_fmadd_ps,
     fnmadd: _mm256_fnmadd_ps, max: _mm256_max_ps,
     {
+        #[inline(always)]
+        unsafe fn load_f16_ptr(self, p: *const u16) -> __m256 {
+            // SAFETY: the caller guarantees 8 readable u16s; the token proves F16C.
+            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+        }
+        #[inline(always)]
+        unsafe fn load_bf16_ptr(self, p: *const u16) -> __m256 {
+            // SAFETY: the caller guarantees 8 readable u16s; the token proves AVX2.
+            unsafe {
+                let w = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w))
+            }
+        }
         #[inline(always)]
         fn reduce_max(self, x: __m256) -> f32 {
             // SAFETY: the token proves AVX2.
@@ -202,6 +220,19 @@ lanes!(Avx2, f64, __m256d, 4, "avx2,fma",
     fnmadd: _mm256_fnmadd_pd, max: _mm256_max_pd,
     {
         #[inline(always)]
+        unsafe fn load_f16_ptr(self, p: *const u16) -> __m256d {
+            // SAFETY: the caller guarantees 4 readable u16s (8 bytes); the token proves F16C.
+            unsafe { _mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64(p.cast()))) }
+        }
+        #[inline(always)]
+        unsafe fn load_bf16_ptr(self, p: *const u16) -> __m256d {
+            // SAFETY: the caller guarantees 4 readable u16s (8 bytes); the token proves AVX2.
+            unsafe {
+                let w = _mm_cvtepu16_epi32(_mm_loadl_epi64(p.cast()));
+                _mm256_cvtps_pd(_mm_castsi128_ps(_mm_slli_epi32::<16>(w)))
+            }
+        }
+        #[inline(always)]
         fn reduce_max(self, x: __m256d) -> f64 {
             // SAFETY: the token proves AVX2.
             unsafe {
@@ -244,6 +275,19 @@ lanes!(Avx512, f32, __m512, 16, "avx512f",
     add: _mm512_add_ps, sub: _mm512_sub_ps, mul: _mm512_mul_ps, fmadd: _mm512_fmadd_ps,
     fnmadd: _mm512_fnmadd_ps, max: _mm512_max_ps,
     {
+        #[inline(always)]
+        unsafe fn load_f16_ptr(self, p: *const u16) -> __m512 {
+            // SAFETY: the caller guarantees 16 readable u16s; the token proves AVX-512F.
+            unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
+        }
+        #[inline(always)]
+        unsafe fn load_bf16_ptr(self, p: *const u16) -> __m512 {
+            // SAFETY: the caller guarantees 16 readable u16s; the token proves AVX-512F.
+            unsafe {
+                let w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()));
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(w))
+            }
+        }
         #[inline(always)]
         fn reduce_max(self, x: __m512) -> f32 {
             // SAFETY: the token proves AVX-512F (and AVX2 for the 256-bit half).
@@ -299,6 +343,20 @@ lanes!(Avx512, f64, __m512d, 8, "avx512f",
     add: _mm512_add_pd, sub: _mm512_sub_pd, mul: _mm512_mul_pd, fmadd: _mm512_fmadd_pd,
     fnmadd: _mm512_fnmadd_pd, max: _mm512_max_pd,
     {
+        #[inline(always)]
+        unsafe fn load_f16_ptr(self, p: *const u16) -> __m512d {
+            // SAFETY: the caller guarantees 8 readable u16s; the token proves AVX-512F and
+            // F16C.
+            unsafe { _mm512_cvtps_pd(_mm256_cvtph_ps(_mm_loadu_si128(p.cast()))) }
+        }
+        #[inline(always)]
+        unsafe fn load_bf16_ptr(self, p: *const u16) -> __m512d {
+            // SAFETY: the caller guarantees 8 readable u16s; the token proves AVX-512F.
+            unsafe {
+                let w = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
+                _mm512_cvtps_pd(_mm256_castsi256_ps(_mm256_slli_epi32::<16>(w)))
+            }
+        }
         #[inline(always)]
         fn reduce_max(self, x: __m512d) -> f64 {
             // SAFETY: the token proves AVX-512F (and AVX2 for the 256-bit half).

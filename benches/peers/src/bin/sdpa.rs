@@ -294,6 +294,82 @@ fn run<T: Float + ToLe>(a: &Args) -> Result<Vec<f64>, Box<dyn std::error::Error>
     Ok(times)
 }
 
+/// `--dtype f16|bf16 --cache`: the decode step through a half-precision `KvCache` (keys and
+/// values stored in 16 bits, computed in f32, on the same f32 inputs rounded); `--read-kv`
+/// reads the cache's own 16-bit memory.
+fn run_half<S: attention_math::CacheElement<f32>>(
+    a: &Args,
+) -> Result<Vec<f64>, Box<dyn std::error::Error>> {
+    if !a.cache || a.backward {
+        return Err("--dtype f16 / bf16 needs --cache (and no --backward)".into());
+    }
+    let q = tensor::<f32>(0, a.heads, a.n, a.d);
+    let k = tensor::<f32>(1, a.kv_heads, a.m, a.d);
+    let v = tensor::<f32>(2, a.kv_heads, a.m, a.dv);
+    let mask = mask_of(&a.mask)?;
+    let opts = AttentionOptions::<f32>::new().threads(a.threads);
+    let mut c = KvCache::<f32, S>::with_capacity(a.kv_heads, a.d, a.dv, a.m)?;
+    c.append(&k, &v)?;
+    let call = |dump: bool| -> attention_math::Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        if a.read_kv {
+            let bytes: Vec<&[u8]> = [c.all_keys(), c.all_values()]
+                .iter()
+                .flat_map(|x| {
+                    (0..x.ncols()).map(|j| {
+                        let col = x.column(j);
+                        // SAFETY: a column of a view with unit row stride is `nrows`
+                        // consecutive 2-byte elements, borrowed from the cache, which
+                        // outlives `bytes`.
+                        unsafe { std::slice::from_raw_parts(col.as_ptr().cast::<u8>(), 2 * col.nrows()) }
+                    })
+                })
+                .collect();
+            let per = bytes.len().div_ceil(a.threads.max(1));
+            let sum = std::thread::scope(|s| {
+                let parts: Vec<_> = bytes
+                    .chunks(per.max(1))
+                    .map(|part| s.spawn(move || part.iter().map(|c| read_bytes(c)).sum::<u64>()))
+                    .collect();
+                parts.into_iter().map(|h| h.join().unwrap()).sum::<u64>()
+            });
+            black_box(sum);
+        } else {
+            let o = c.attention(&q, a.heads, &mask, &opts)?;
+            if dump {
+                push_heads(&mut buf, &o, a.heads);
+            }
+            black_box(o);
+        }
+        Ok(buf)
+    };
+    let first = call(a.dump.is_some())?;
+    if let Some(path) = &a.dump {
+        std::fs::File::create(path)?.write_all(&first)?;
+    }
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < a.reps || start.elapsed().as_secs_f64() < a.min_secs {
+        let t = Instant::now();
+        call(false)?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok(times)
+}
+
+/// Reads every byte of `x` once, 32 bytes at a time (the 16-bit cache's read bound).
+fn read_bytes(x: &[u8]) -> u64 {
+    let mut acc = [0u64; 4];
+    let chunks = x.chunks_exact(32);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, w) in acc.iter_mut().zip(c.chunks_exact(8)) {
+            *a = a.wrapping_add(u64::from_le_bytes(w.try_into().unwrap()));
+        }
+    }
+    acc.iter().fold(0u64, |s, &a| s.wrapping_add(a)) + tail.iter().map(|&b| u64::from(b)).sum::<u64>()
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--info") {
         println!(
@@ -309,7 +385,9 @@ fn main() {
             let times = match a.dtype.as_str() {
                 "f32" => run::<f32>(&a),
                 "f64" => run::<f64>(&a),
-                other => Err(format!("unknown dtype {other}: f32 or f64").into()),
+                "f16" => run_half::<half::f16>(&a),
+                "bf16" => run_half::<half::bf16>(&a),
+                other => Err(format!("unknown dtype {other}: f32, f64, f16 or bf16").into()),
             }?;
             Ok((a, times))
         });
