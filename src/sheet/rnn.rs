@@ -44,7 +44,7 @@
 //! one step whatever n (the path length O(1) of the sheet), but proportional to the weight
 //! `P_0`: for diffuse attention `P_0 ≈ 1/n`, so `G(n)` falls like 1/n, polynomially rather than
 //! exponentially. [`CausalAttention::last_output_vjp`] computes it with the crate's
-//! [`attention_backward`](crate::attention_backward).
+//! [`attention_backward`].
 //!
 //! [`PathStudy`] measures both norms for growing n with fixed seeds; `docs/attention-vs-rnn.md`
 //! and `cargo run --release --example attention_vs_rnn` set the numbers (and wall times) beside
@@ -664,13 +664,13 @@ impl<T: Float> CausalAttention<T> {
     }
 
     /// The layer over `x` (n x d_in): `Y = softmax(causal(Q Kᵀ / √d)) V` (n x d), through
-    /// [`scaled_attention`](crate::scaled_attention) with [`Mask::causal`].
+    /// [`scaled_attention`] with [`Mask::causal`].
     ///
     /// # Errors
     ///
     /// - [`Error::DimensionMismatch`] if `x` does not have d_in columns;
     /// - [`Error::NonFinite`] naming `x` for a NaN or infinite input;
-    /// - those of [`scaled_attention`](crate::scaled_attention).
+    /// - those of [`scaled_attention`].
     ///
     /// # Examples
     ///
@@ -717,7 +717,7 @@ impl<T: Float> CausalAttention<T> {
 
     /// The gradient of `direction · y_{n−1}` with respect to the first input `x_0`,
     /// `uᵀ ∂y_{n−1}/∂x_0` (1 x d_in): one backward pass with `dO = e_{n−1} uᵀ` through
-    /// [`attention_backward`](crate::attention_backward), chained through the projections:
+    /// [`attention_backward`], chained through the projections:
     ///
     /// ```text
     /// ∂(u · y_{n−1})/∂x_0 = dK_0 W_kᵀ + dV_0 W_vᵀ  (+ dQ_0 W_qᵀ for n = 1)
