@@ -9,8 +9,8 @@ use crate::kernel;
 use crate::mask::Mask;
 
 use crate::spec::{
-    AttentionOptions, AttentionOutput, add_bias, convex_combination, plan, problem, raw_dots,
-    softmax_exact_row,
+    AttentionOptions, AttentionOutput, AttentionStats, add_bias, convex_combination, plan, problem,
+    raw_dots, row_stats, softmax_exact_row,
 };
 use nalgebra::{DMatrix, DMatrixView, DVector};
 
@@ -103,6 +103,57 @@ pub fn scaled_attention_with<'q, 'k, 'v, T: Float>(
     let problem = problem(q, k, v, mask, opts)?;
     let mut out = kernel::attend(std::slice::from_ref(&problem), 1, opts.threads);
     Ok(out.pop().expect("one problem, one result"))
+}
+
+/// [`scaled_attention_with`] that also returns per-row statistics of the attention weights
+/// ([`AttentionStats`]: max logit, entropy, max probability), computed by the tiled kernel in
+/// the same pass without materialising the n x m weights.
+///
+/// The statistics cost one extra pass over each score tile (a copy and a multiply-add per
+/// score) and are a compile-time variant of the kernel: [`scaled_attention_with`] runs the
+/// kernel without them, unchanged, and its output and log-sum-exp are bit for bit those
+/// returned here, except for few-query calls (n <= 8 queries against m >= 2n keys), which
+/// [`scaled_attention_with`] sends down the decode path and this function does not (the
+/// statistics live in the tiled pass only): there the two agree to rounding. With
+/// [`AttentionOptions::return_weights`] the call runs [`scaled_attention_reference`] and
+/// computes the statistics from its weights (the oracle the kernel is tested against).
+///
+/// Shapes: `q` n x d, `k` m x d, `v` m x d_v (d_v may be 0 if only the statistics are
+/// wanted); the output is n x d_v and each statistic has length n.
+///
+/// # Errors
+///
+/// Those of [`scaled_attention_with`].
+///
+/// # Examples
+///
+/// ```
+/// use attention_math::{scaled_attention_with_stats, scaled_attention_with, AttentionOptions, Mask};
+/// use nalgebra::DMatrix;
+///
+/// let x = DMatrix::<f32>::from_fn(5, 4, |i, j| ((i * 4 + j) as f32).sin() * 3.0);
+/// let opts = AttentionOptions::new();
+/// let (out, stats) = scaled_attention_with_stats(&x, &x, &x, &Mask::causal(), &opts)?;
+/// // The same output as without the statistics, bit for bit.
+/// assert_eq!(out, scaled_attention_with(&x, &x, &x, &Mask::causal(), &opts)?);
+/// // Query 0 sees one key: weight 1, entropy 0.
+/// assert_eq!((stats.max_prob[0], stats.entropy[0]), (1.0, 0.0));
+/// assert!(stats.entropy.iter().all(|&h| h >= 0.0 && h <= 5f32.ln()));
+/// # Ok::<(), attention_math::Error>(())
+/// ```
+pub fn scaled_attention_with_stats<'q, 'k, 'v, T: Float>(
+    q: impl Into<DMatrixView<'q, T>>,
+    k: impl Into<DMatrixView<'k, T>>,
+    v: impl Into<DMatrixView<'v, T>>,
+    mask: &Mask,
+    opts: &AttentionOptions<'_, T>,
+) -> Result<(AttentionOutput<T>, AttentionStats<T>)> {
+    let (q, k, v) = (q.into(), k.into(), v.into());
+    if opts.weights {
+        return reference(q, k, v, mask, opts);
+    }
+    let problem = problem(q, k, v, mask, opts)?;
+    Ok(kernel::attend_stats(&problem, opts.threads))
 }
 
 /// Merges attention results over disjoint sets of keys into the result over their union:
@@ -257,13 +308,24 @@ pub fn scaled_attention_reference<'q, 'k, 'v, T: Float>(
     mask: &Mask,
     opts: &AttentionOptions<'_, T>,
 ) -> Result<AttentionOutput<T>> {
-    let (q, k, v) = (q.into(), k.into(), v.into());
+    reference(q.into(), k.into(), v.into(), mask, opts).map(|(out, _)| out)
+}
+
+/// [`scaled_attention_reference`] with the statistics of its weights ([`row_stats`]).
+fn reference<T: Float>(
+    q: DMatrixView<'_, T>,
+    k: DMatrixView<'_, T>,
+    v: DMatrixView<'_, T>,
+    mask: &Mask,
+    opts: &AttentionOptions<'_, T>,
+) -> Result<(AttentionOutput<T>, AttentionStats<T>)> {
     let plan = plan(&q, &k, &v, opts)?;
     let (n, m) = (plan.n, plan.m);
     checked_len::<T>("the n x m weights", n, m)?;
     let dots = raw_dots(&q, &k, plan.scale);
     let mut weights = DMatrix::<T>::zeros(n, m);
     let mut lse = DVector::<T>::zeros(n);
+    let mut stats = AttentionStats::masked(n);
     let mut row = vec![T::zero(); m];
     for i in 0..n {
         for (j, s) in row.iter_mut().enumerate() {
@@ -278,7 +340,15 @@ pub fn scaled_attention_reference<'q, 'k, 'v, T: Float>(
         }
         let bias = |j| add_bias(opts.bias.as_ref().map(|b| b[(i, j)]), plan.alibi_at(i, j));
         let allowed = |j| mask.allows_in(n, m, i, j);
+        let max_score = row
+            .iter()
+            .fold(T::NEG_INFINITY, |a, &s| if s > a { s } else { a });
+        let support = (0..m)
+            .filter(|&j| allowed(j) && bias(j) != Some(T::NEG_INFINITY))
+            .count();
         lse[i] = softmax_exact_row(&plan, &q, i, &k, &mut row, allowed, bias);
+        [stats.max_logit[i], stats.entropy[i], stats.max_prob[i]] =
+            row_stats(max_score, &row, lse[i], support);
         for (j, p) in row.iter().enumerate() {
             weights[(i, j)] = *p;
         }
@@ -293,11 +363,12 @@ pub fn scaled_attention_reference<'q, 'k, 'v, T: Float>(
             output[(i, c)] = convex_combination(&w, &v, c);
         }
     }
-    Ok(AttentionOutput {
+    let out = AttentionOutput {
         output,
         lse,
         weights: opts.weights.then_some(weights),
-    })
+    };
+    Ok((out, stats))
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ pub mod sheet;
 
 pub use attention::{
     merge_attention, scaled_attention, scaled_attention_reference, scaled_attention_with,
+    scaled_attention_with_stats,
 };
 pub use cache::{CacheElement, KvCache};
 pub use entropy::{
@@ -50,4 +51,4 @@ pub use softmax::{
     exp_in_place, log_softmax, log_softmax_in_place, log_softmax_rows, logsumexp, logsumexp_rows,
     softmax, softmax_in_place, softmax_rows, softmax_with_temperature,
 };
-pub use spec::{AttentionOptions, AttentionOutput, alibi_slopes};
+pub use spec::{AttentionOptions, AttentionOutput, AttentionStats, alibi_slopes};

@@ -300,6 +300,118 @@ pub struct AttentionOutput<T: Float> {
     pub weights: Option<DMatrix<T>>,
 }
 
+/// Per-query-row statistics of the attention weights, computed by the tiled kernel alongside
+/// the output without materialising the n x m weights (see
+/// [`scaled_attention_with_stats`](crate::scaled_attention_with_stats)).
+///
+/// For row i with final scores `S_ij` (scaled, capped, biased) over its allowed keys,
+/// weights `P_ij = exp(S_ij − lse_i)` and `M_i = max_j S_ij`:
+///
+/// ```text
+/// max_logit_i = M_i
+/// entropy_i   = −Σ_j P_ij ln P_ij = lse_i − Σ_j P_ij S_ij
+///             = ln ℓ_i − Σ_j P_ij (S_ij − M_i)          ℓ_i = Σ_j exp(S_ij − M_i) ≥ 1
+/// max_prob_i  = max_j P_ij = exp(M_i − lse_i) = 1 / ℓ_i
+/// ```
+///
+/// The kernel keeps `u_i = Σ_j exp(S_ij − M_i)(S_ij − M_i)` and `ℓ_i − 1` next to its running
+/// maximum and sum, rescaled by the same factor `α = exp(M_old − M_new)` when the maximum
+/// moves (`u ← α (u + (M_old − M_new) ℓ)`); then `entropy = ln_1p(ℓ − 1) − u / ℓ`. Both terms
+/// are `>= 0`, so nothing cancels (the textbook `lse − Σ P S` loses `ε · |lse|` absolutely
+/// when the logits are large), and a nearly one-hot row keeps its tiny entropy to a relative
+/// error of about `(m + 4) · ε` plus what the rounding of the scores themselves contributes
+/// (to first order `Σ_j P_ij |ln P_ij + H_i| · δ`, δ the absolute error of a score, about
+/// `ε · |S_ij|`). The entropy is clamped to `[0, ln k_i]`, `k_i` the number of keys with a
+/// score above −inf (at most the allowed keys). The max logit has a relative error of a few ε
+/// (the kernel scores in log₂ units and converts back).
+///
+/// A fully masked row has `max_logit = −inf`, `entropy = 0`, `max_prob = 0`. Rows whose scores
+/// leave the float range are recomputed exactly, as [`scaled_attention_reference`] does, and so
+/// are their statistics (from the weights: `max_logit = lse + ln max_j P_ij` where the largest
+/// score itself is not finite, so ±inf when the true one is out of range, while the entropy and
+/// max probability are those of the weights).
+///
+/// All three vectors have length n. The struct is `#[non_exhaustive]`: more statistics may be
+/// added.
+///
+/// # Examples
+///
+/// ```
+/// use attention_math::{scaled_attention_with_stats, AttentionOptions, Mask};
+/// use nalgebra::dmatrix;
+///
+/// // One query, keys with scores 0 and ln 3 (scale 1): weights 1/4 and 3/4.
+/// let q = dmatrix![1.0_f64];
+/// let k = dmatrix![0.0_f64; 3.0_f64.ln()];
+/// let (_, stats) = scaled_attention_with_stats(&q, &k, &k, &Mask::none(), &AttentionOptions::new().scale(1.0))?;
+/// let h = -(0.25_f64 * 0.25_f64.ln() + 0.75 * 0.75_f64.ln());
+/// assert!((stats.entropy[0] - h).abs() < 1e-15);
+/// assert!((stats.max_logit[0] - 3.0_f64.ln()).abs() < 1e-15);
+/// assert!((stats.max_prob[0] - 0.75).abs() < 1e-15);
+/// # Ok::<(), attention_math::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct AttentionStats<T: Float> {
+    /// `max_j S_ij` over the allowed keys (final scores); `-inf` for a fully masked row.
+    pub max_logit: DVector<T>,
+    /// The entropy of row i's weights in nats, in `[0, ln(allowed keys)]`; 0 if fully masked.
+    pub entropy: DVector<T>,
+    /// `max_j P_ij = exp(max_logit_i − lse_i)`, in `(0, 1]`; 0 for a fully masked row.
+    pub max_prob: DVector<T>,
+}
+
+impl<T: Float> AttentionStats<T> {
+    /// n rows of a fully masked attention.
+    pub(crate) fn masked(n: usize) -> Self {
+        AttentionStats {
+            max_logit: DVector::from_element(n, T::NEG_INFINITY),
+            entropy: DVector::zeros(n),
+            max_prob: DVector::zeros(n),
+        }
+    }
+}
+
+/// One row's statistics from its materialised weights (the oracle's formula, shared by the
+/// reference and the kernel's exact rows): `max_score` is the largest final score as computed
+/// (`±inf` or `−inf` where the row left the range), `weights` the row's weights, `lse` its
+/// log-sum-exp and `support` the number of keys allowed with a bias above −inf. Returns
+/// `(max_logit, entropy, max_prob)`.
+pub(crate) fn row_stats<T: Float>(max_score: T, weights: &[T], lse: T, support: usize) -> [T; 3] {
+    let max_prob = weights
+        .iter()
+        .fold(T::zero(), |a, &w| if w > a { w } else { a });
+    if max_prob == T::zero() {
+        // No weight at all: a fully masked row. (A row whose true log-sum-exp is below the
+        // range has lse = −inf but weights, and gets their statistics.)
+        return [T::NEG_INFINITY, T::zero(), T::zero()];
+    }
+    let max_logit = if max_score.is_finite() {
+        max_score
+    } else {
+        lse + max_prob.ln()
+    };
+    let h = crate::entropy::entropy(weights);
+    [max_logit, clamp_entropy(h, support), max_prob]
+}
+
+/// `h` clamped to `[0, ln support]` (0 for fewer than two keys); NaN stays NaN.
+#[inline]
+pub(crate) fn clamp_entropy<T: Float>(h: T, support: usize) -> T {
+    let top = if support < 2 {
+        T::zero()
+    } else {
+        T::of_usize(support).ln()
+    };
+    if h < T::zero() {
+        T::zero()
+    } else if h > top {
+        top
+    } else {
+        h
+    }
+}
+
 /// The validated shape and parameters of one attention call.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Plan<T> {

@@ -28,8 +28,8 @@ use attention_math::{
     entropy_from_logits_grad, entropy_from_logits_rows, entropy_rows, exp_in_place, kl_divergence,
     log_softmax, log_softmax_in_place, log_softmax_rows, log_softmax_vjp, logsumexp,
     logsumexp_rows, multi_head_attention, scaled_attention_reference, scaled_attention_with,
-    softmax, softmax_in_place, softmax_jacobian, softmax_jvp, softmax_rows, softmax_vjp,
-    softmax_with_temperature,
+    scaled_attention_with_stats, softmax, softmax_in_place, softmax_jacobian, softmax_jvp,
+    softmax_rows, softmax_vjp, softmax_with_temperature,
 };
 use nalgebra::DMatrix;
 use std::fmt::Debug;
@@ -3060,6 +3060,112 @@ pub fn diagnostics(data: &[u8]) {
     }
 }
 
+/// How far an entropy from the kernel's statistics may be from `hw`, the entropy of the
+/// reference's weights `w` (m keys): the summation error of both, the scores' rounding `delta`
+/// to first order (`dH = −Σ_j P_j (ln P_j + H) dS_j`), and the weights' own rounding, an
+/// absolute `ε · P_j |1 + ln P_j|` per term (a weight that rounds to 1 loses its
+/// `−(1 − r) ln(1 − r) ≈ r` entirely: the kernel's `ln_1p` keeps it).
+fn entropy_tol<T: Fz>(w: &[T], hw: f64, delta: f64, m: usize) -> f64 {
+    let e = eps::<T>();
+    let (mut spread, mut own) = (0.0, 0.0);
+    for p in w.iter().map(|p| p.as_f64()).filter(|&p| p > 0.0) {
+        spread += p * (p.ln() + hw).abs();
+        own += p * (1.0 + p.ln()).abs();
+    }
+    let scores = if spread > 0.0 {
+        8.0 * delta * spread
+    } else {
+        0.0
+    };
+    8.0 * (m as f64 + 2.0) * e * (hw.abs() + 1e-30) + scores + 4.0 * e * own + T::TINY
+}
+
+/// `scaled_attention_with_stats`: the kernel's statistics against those of the reference's
+/// weights (`return_weights`), with the tolerances of `diagnostics_t` (the score error δ of
+/// the max logit; the entropy's first-order sensitivity to it; the max probability's
+/// relative change `exp(±2δ)`).
+fn diagnostics_stats<T: Fz>(x: &AttnInput<T>, opts: &AttentionOptions<'_, T>, infos: &[RowInfo]) {
+    let e = eps::<T>();
+    let (n, m) = (x.q.nrows(), x.k.nrows());
+    let fast = scaled_attention_with_stats(&x.q, &x.k, &x.k, &x.mask, opts);
+    let slow = scaled_attention_with_stats(
+        &x.q,
+        &x.k,
+        &x.k,
+        &x.mask,
+        &opts.clone().return_weights(true),
+    );
+    let ((fo, fs), (so, ss)) = match (fast, slow) {
+        (Ok(f), Ok(s)) => (f, s),
+        (f, s) => panic!(
+            "stats: diagnose was Ok, the stats calls gave {:?} / {:?}",
+            f.err(),
+            s.err()
+        ),
+    };
+    ensure!(
+        fs.entropy.len() == n && fs.max_logit.len() == n && fs.max_prob.len() == n,
+        x,
+        "stats lengths"
+    );
+    let _ = fo;
+    let w = so.weights.expect("asked");
+    for i in 0..n {
+        let (ml, h, p) = (
+            fs.max_logit[i].as_f64(),
+            fs.entropy[i].as_f64(),
+            fs.max_prob[i].as_f64(),
+        );
+        let (wml, wh, wp) = (
+            ss.max_logit[i].as_f64(),
+            ss.entropy[i].as_f64(),
+            ss.max_prob[i].as_f64(),
+        );
+        if wp == 0.0 {
+            ensure!(
+                ml == f64::NEG_INFINITY && h == 0.0 && p == 0.0 && wh == 0.0,
+                x,
+                "row {i}: masked row stats {ml:e} {h:e} {p:e}, reference {wml:e} {wh:e}"
+            );
+            continue;
+        }
+        let delta = infos[i].score_err + e * (infos[i].score_bound + (m as f64).ln() + 2.0);
+        ensure!(
+            !h.is_nan_value() && !p.is_nan_value() && !ml.is_nan_value(),
+            x,
+            "row {i}: NaN stats {ml:e} {h:e} {p:e}"
+        );
+        ensure!(p > 0.0 && p <= 1.0, x, "row {i}: max_prob {p:e}");
+        let row: Vec<T> = w.row(i).iter().copied().collect();
+        let h_tol = entropy_tol::<T>(&row, wh, delta, m);
+        ensure!(
+            h == wh || (h - wh).abs() <= h_tol,
+            x,
+            "row {i}: kernel entropy {h:e} vs the weights' {wh:e} (tolerance {h_tol:e})"
+        );
+        let p_tol = wp * ((8.0 * delta).exp_m1() + 8.0 * (m as f64 + 2.0) * e) + T::TINY;
+        ensure!(
+            p == wp || (p - wp).abs() <= p_tol,
+            x,
+            "row {i}: kernel max_prob {p:e} vs the weights' {wp:e} (tolerance {p_tol:e})"
+        );
+        if !wml.is_finite() || !ml.is_finite() {
+            ensure!(
+                ml == wml,
+                x,
+                "row {i}: kernel max_logit {ml:e} vs the reference's {wml:e}"
+            );
+            continue;
+        }
+        let l_tol = 8.0 * delta + T::TINY;
+        ensure!(
+            ml == wml || (ml - wml).abs() <= l_tol,
+            x,
+            "row {i}: kernel max_logit {ml:e} vs the reference's {wml:e} (tolerance {l_tol:e})"
+        );
+    }
+}
+
 fn diagnostics_t<T: Fz>(b: &mut Bytes) {
     let mut x = attn_input::<T>(b, 24, 12);
     x.opts.weights = false;
@@ -3121,10 +3227,16 @@ fn diagnostics_t<T: Fz>(b: &mut Bytes) {
             }
             let row: Vec<T> = w.row(i).iter().copied().collect();
             let hw = entropy(&row).as_f64();
+            // diagnose reads the kernel's statistics: besides the summation error of the
+            // entropy, the two paths round the scores differently, by δ at most (the score
+            // error of the max-logit tolerance below), and to first order
+            // dH = −Σ_j P_j (ln P_j + H) dS_j.
+            let delta = infos[i].score_err + e * (infos[i].score_bound + (m as f64).ln() + 2.0);
+            let h_tol = entropy_tol::<T>(&row, hw, delta, m);
             ensure!(
-                (h - hw).abs() <= 8.0 * (m as f64 + 2.0) * e * (h.abs() + 1e-30),
+                h == hw || (h - hw).abs() <= h_tol,
                 &x,
-                "row {i}: entropy {h:e} vs entropy of the weights {hw:e}"
+                "row {i}: entropy {h:e} vs entropy of the weights {hw:e} (tolerance {h_tol:e})"
             );
             if infos[i].score_bound * 4.0 < T::MAXV && infos[i].score_err < 0.01 {
                 // The largest score, computed directly in f64.
@@ -3159,6 +3271,7 @@ fn diagnostics_t<T: Fz>(b: &mut Bytes) {
                 );
             }
         }
+        diagnostics_stats(&x, &opts, &infos);
     }
     // softcap.
     let (v, c) = (b.value::<T>(), b.value::<T>());

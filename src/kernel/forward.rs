@@ -10,7 +10,10 @@ use crate::mask::Block;
 use crate::simd::{self, Isa, Out, Panels, Rows, Shape};
 
 use super::threads::par::*;
-use crate::spec::{Plan, Problem, convex_combination, raw_dot_row, softmax_exact_row};
+use crate::spec::{
+    AttentionStats, Plan, Problem, clamp_entropy, convex_combination, raw_dot_row, row_stats,
+    softmax_exact_row,
+};
 use nalgebra::{DMatrix, DVector};
 
 /// Everything a query tile reads, shared by all tiles (and threads).
@@ -61,12 +64,25 @@ struct Scratch<T> {
     seen: Vec<bool>,
     /// Per row: whether a raw product overflowed.
     overflow: Vec<bool>,
+    /// With statistics only (else empty): a copy of one row's scores (BC, log₂ units).
+    scores: Vec<T>,
+    /// Per row: `u = Σ_j 2^(s_j − max) (s_j − max)`, log₂ units (see [`stats_step`]).
+    u: Vec<T>,
+    /// Per row: `sum − 1`, the sum without one instance of the maximum's `2^0`.
+    excess: Vec<T>,
+    /// Per row: the number of scores above −inf.
+    support: Vec<usize>,
 }
 
 impl<T: Float> Scratch<T> {
-    fn new(dv_pad: usize) -> Self {
+    fn new(dv_pad: usize, stats: bool) -> Self {
         let (br, bc) = tile::<T>();
+        let (sr, sc) = if stats { (br, bc) } else { (0, 0) };
         Scratch {
+            scores: vec![T::zero(); sc],
+            u: vec![T::zero(); sr],
+            excess: vec![T::zero(); sr],
+            support: vec![0; sr],
             s: vec![T::zero(); br * bc],
             o: vec![T::zero(); br * dv_pad],
             max: vec![T::NEG_INFINITY; br],
@@ -85,6 +101,40 @@ pub(crate) fn forward<T: Float>(
     isa: Isa,
     exec: Exec,
 ) -> (DMatrix<T>, DVector<T>) {
+    let (output, lse, _) = run::<T, false>(p, kv, isa, exec);
+    (output, lse)
+}
+
+/// [`forward`] with the per-row statistics of the weights ([`AttentionStats`]), accumulated
+/// in the same pass (see [`stats_step`]); the output and log-sum-exp are the same bits.
+pub(crate) fn forward_with_stats<T: Float>(
+    p: &Problem<'_, T>,
+    kv: &PackedKv<T>,
+    isa: Isa,
+    exec: Exec,
+) -> (DMatrix<T>, DVector<T>, AttentionStats<T>) {
+    let (output, lse, stats) = run::<T, true>(p, kv, isa, exec);
+    let [max_logit, entropy, max_prob] = stats.map(DVector::from_vec);
+    let stats = AttentionStats {
+        max_logit,
+        entropy,
+        max_prob,
+    };
+    (output, lse, stats)
+}
+
+/// One tile's rows of the three statistics (empty slices when they are not computed).
+type StatRows<'a, T> = [&'a mut [T]; 3];
+
+/// The forward pass; with `STATS` it also fills the three statistics (max logit, entropy,
+/// max probability, each of length n; empty otherwise). A compile-time choice: without it the
+/// statistics code is not in the loop at all.
+fn run<T: Float, const STATS: bool>(
+    p: &Problem<'_, T>,
+    kv: &PackedKv<T>,
+    isa: Isa,
+    exec: Exec,
+) -> (DMatrix<T>, DVector<T>, [Vec<T>; 3]) {
     let Plan { n, dv, .. } = p.plan;
     let br = tile::<T>().0;
     let dv_pad = kv.dv_pad;
@@ -97,9 +147,25 @@ pub(crate) fn forward<T: Float>(
     // column (and of the lse), so the tiles can write their rows in place, in parallel.
     let mut output = DMatrix::zeros(n, dv);
     let mut lse = vec![T::zero(); n];
-    let mut tiles: Vec<(Vec<&mut [T]>, &mut [T])> = lse
+    let sn = if STATS { n } else { 0 };
+    let mut stats = [
+        vec![T::NEG_INFINITY; sn],
+        vec![T::zero(); sn],
+        vec![T::zero(); sn],
+    ];
+    let [a, b, c] = &mut stats;
+    let (mut a, mut b, mut c) = (a.chunks_mut(br), b.chunks_mut(br), c.chunks_mut(br));
+    #[allow(clippy::type_complexity)]
+    let mut tiles: Vec<(Vec<&mut [T]>, &mut [T], StatRows<'_, T>)> = lse
         .chunks_mut(br)
-        .map(|l| (Vec::with_capacity(dv), l))
+        .map(|l| {
+            let st = [
+                a.next().unwrap_or_default(),
+                b.next().unwrap_or_default(),
+                c.next().unwrap_or_default(),
+            ];
+            (Vec::with_capacity(dv), l, st)
+        })
         .collect();
     if n > 0 {
         for column in output.as_mut_slice().chunks_mut(n) {
@@ -110,32 +176,36 @@ pub(crate) fn forward<T: Float>(
     }
     match exec {
         Exec::Inline => {
-            let mut scratch = Scratch::new(dv_pad);
-            for (t, (out, l)) in tiles.into_iter().enumerate() {
-                query_tile(p, &packed, isa, t * br, out, l, &mut scratch);
+            let mut scratch = Scratch::new(dv_pad, STATS);
+            for (t, (out, l, st)) in tiles.into_iter().enumerate() {
+                query_tile::<T, STATS>(p, &packed, isa, t * br, out, l, st, &mut scratch);
             }
         }
         Exec::Pool => {
             tiles.into_par_iter().enumerate().for_each_init(
-                || Scratch::new(dv_pad),
-                |scratch, (t, (out, l))| query_tile(p, &packed, isa, t * br, out, l, scratch),
+                || Scratch::new(dv_pad, STATS),
+                |scratch, (t, (out, l, st))| {
+                    query_tile::<T, STATS>(p, &packed, isa, t * br, out, l, st, scratch)
+                },
             );
         }
     }
-    (output, DVector::from_vec(lse))
+    (output, DVector::from_vec(lse), stats)
 }
 
 /// Rows `q0 .. q0 + lse.len()` of the output (`out[c]`: the tile's segment of column c)
 /// and of the log-sum-exp. The arithmetic depends only on the tile, never on the thread, so
 /// the result is the same bits for any thread count.
+/// With `STATS`, `stats` gets the tile's rows of the statistics.
 #[allow(clippy::too_many_arguments)]
-fn query_tile<T: Float>(
+fn query_tile<T: Float, const STATS: bool>(
     p: &Problem<'_, T>,
     packed: &Packed<T>,
     isa: Isa,
     q0: usize,
     mut out: Vec<&mut [T]>,
     lse: &mut [T],
+    stats: StatRows<'_, T>,
     scr: &mut Scratch<T>,
 ) {
     let Plan { n, m, d, dv, .. } = p.plan;
@@ -148,6 +218,11 @@ fn query_tile<T: Float>(
     scr.sum[..rows].fill(T::zero());
     scr.seen[..rows].fill(false);
     scr.overflow[..rows].fill(false);
+    if STATS {
+        scr.u[..rows].fill(T::zero());
+        scr.excess[..rows].fill(T::zero());
+        scr.support[..rows].fill(0);
+    }
     debug_assert!(rows <= br);
 
     for k0 in (0..m).step_by(bc) {
@@ -192,6 +267,10 @@ fn query_tile<T: Float>(
             scr.seen[r] |= seen.seen;
             scr.overflow[r] |= seen.overflow;
             row[cols..].fill(T::NEG_INFINITY);
+            let m_old = scr.max[r];
+            if STATS {
+                scr.scores[..cols].copy_from_slice(&row[..cols]);
+            }
             online_step(
                 isa,
                 row,
@@ -199,6 +278,17 @@ fn query_tile<T: Float>(
                 &mut scr.sum[r],
                 &mut scr.o[r * dv_pad..(r + 1) * dv_pad],
             );
+            if STATS {
+                stats_step(
+                    &scr.scores[..cols],
+                    &row[..cols],
+                    m_old,
+                    scr.max[r],
+                    &mut scr.u[r],
+                    &mut scr.excess[r],
+                    &mut scr.support[r],
+                );
+            }
         }
         // Padded query rows r >= rows kept S = 0 (zero rows of Q), i.e. P = 0.
         if dv > 0 {
@@ -232,6 +322,7 @@ fn query_tile<T: Float>(
     // segments of one tile are n apart in memory, so writing them row by row would thrash
     // the cache sets.
     let mut exact = Vec::new();
+    let [st_max, st_h, st_p] = stats;
     for (r, l) in lse.iter_mut().enumerate() {
         match row_end(scr.max[r], scr.sum[r], scr.seen[r]) {
             // The unnormalised accumulator can overflow where the output cannot (values near
@@ -242,7 +333,17 @@ fn query_tile<T: Float>(
                 scr.inv[r] = T::zero();
                 exact.push(r);
             }
-            RowEnd::Normal { inv, lse } => (scr.inv[r], *l) = (inv, lse),
+            RowEnd::Normal { inv, lse } => {
+                (scr.inv[r], *l) = (inv, lse);
+                if STATS {
+                    let ln2 = T::of_f64(std::f64::consts::LN_2);
+                    let (u, excess) = (scr.u[r], scr.excess[r]);
+                    let h = excess.ln_1p() - ln2 * u / (T::one() + excess);
+                    st_max[r] = scr.max[r] * ln2;
+                    st_h[r] = clamp_entropy(h, scr.support[r]);
+                    st_p[r] = inv;
+                }
+            }
             RowEnd::Masked => (scr.inv[r], *l) = (T::zero(), T::NEG_INFINITY),
             RowEnd::Exact => {
                 scr.inv[r] = T::zero();
@@ -256,11 +357,76 @@ fn query_tile<T: Float>(
         }
     }
     for r in exact {
-        let (row, l) = exact_row(p, q0 + r);
+        let (row, l, st) = exact_row_impl::<T, STATS>(p, q0 + r);
         for (column, x) in out.iter_mut().zip(row) {
             column[r] = x;
         }
         lse[r] = l;
+        if STATS {
+            [st_max[r], st_h[r], st_p[r]] = st;
+        }
+    }
+}
+
+/// The statistics' part of one online-softmax step for one row (see [`AttentionStats`]):
+/// `s` the row's scores (log₂ units, −inf where masked) and `p` what [`online_step`] made of
+/// them, `2^(s − m_new)`, with the running maximum moved from `m_old` to `m_new`. Keeps, in
+/// log₂ units, `u = Σ_j 2^(s_j − max)(s_j − max) <= 0` and `excess = Σ_j 2^(s_j − max) − 1
+/// >= 0` (the sum without one instance of the maximum's exact 1, so that a nearly one-hot
+/// row keeps its tiny `ln(1 + excess)` instead of rounding `1 + tiny` to 1), rescaled when the
+/// maximum moves by `α = 2^(m_old − m_new)`:
+///
+/// ```text
+/// u ← α (u + (m_old − m_new)(1 + excess)) + Σ_tile p_j (s_j − m_new)
+/// excess ← α (1 + excess) − 1 + Σ_tile p_j      (the −1 taken by the new maximum's own p = 1)
+/// ```
+///
+/// Every term of each sum has one sign, so nothing cancels. `support` counts the scores above
+/// −inf.
+#[inline]
+fn stats_step<T: Float>(
+    s: &[T],
+    p: &[T],
+    m_old: T,
+    m_new: T,
+    u: &mut T,
+    excess: &mut T,
+    support: &mut usize,
+) {
+    if m_new == T::NEG_INFINITY {
+        return; // nothing allowed so far
+    }
+    let moved = m_new > m_old;
+    let (mut tu, mut te, mut skip) = (T::zero(), T::zero(), moved);
+    for (&sj, &pj) in s.iter().zip(p) {
+        if sj == T::NEG_INFINITY {
+            continue;
+        }
+        *support += 1;
+        tu += pj * (sj - m_new);
+        if skip && sj == m_new {
+            skip = false; // the new maximum: its p is the 1 that `excess` leaves out
+        } else {
+            te += pj;
+        }
+    }
+    if !moved {
+        *u += tu;
+        *excess += te;
+        return;
+    }
+    let alpha = if m_old == T::NEG_INFINITY {
+        T::zero()
+    } else {
+        (m_old - m_new).exp2()
+    };
+    if alpha == T::zero() {
+        // The old terms vanish (and (m_old − m_new)·ℓ may be −inf).
+        (*u, *excess) = (tu, te);
+    } else {
+        let l = T::one() + *excess;
+        *u = alpha * (*u + (m_old - m_new) * l) + tu;
+        *excess = alpha * l + te;
     }
 }
 
@@ -456,6 +622,16 @@ fn mask_scores<T: Float>(
 /// Row i the reference's way (its scores, [`logsumexp`], [`softmax_in_place`]): the output
 /// row and the log-sum-exp. Only reached when a score is not finite.
 pub(super) fn exact_row<T: Float>(p: &Problem<'_, T>, i: usize) -> (Vec<T>, T) {
+    let (out, lse, _) = exact_row_impl::<T, false>(p, i);
+    (out, lse)
+}
+
+/// [`exact_row`]; with `STATS` also the row's statistics from its weights ([`row_stats`]:
+/// max logit, entropy, max probability), else zeros.
+fn exact_row_impl<T: Float, const STATS: bool>(
+    p: &Problem<'_, T>,
+    i: usize,
+) -> (Vec<T>, T, [T; 3]) {
     let Plan { n, m, dv, .. } = p.plan;
     let mut row = raw_dot_row(&p.q, i, &p.k, p.plan.scale);
     for (j, s) in row.iter_mut().enumerate() {
@@ -465,6 +641,17 @@ pub(super) fn exact_row<T: Float>(p: &Problem<'_, T>, i: usize) -> (Vec<T>, T) {
             T::NEG_INFINITY
         };
     }
+    let (max_score, support) = if STATS {
+        let max = row
+            .iter()
+            .fold(T::NEG_INFINITY, |a, &s| if s > a { s } else { a });
+        let support = (0..m)
+            .filter(|&j| p.mask.allows_in(n, m, i, j) && p.bias_at(i, j) != Some(T::NEG_INFINITY))
+            .count();
+        (max, support)
+    } else {
+        (T::NEG_INFINITY, 0)
+    };
     let lse = softmax_exact_row(
         &p.plan,
         &p.q,
@@ -474,8 +661,13 @@ pub(super) fn exact_row<T: Float>(p: &Problem<'_, T>, i: usize) -> (Vec<T>, T) {
         |j| p.mask.allows_in(n, m, i, j),
         |j| p.bias_at(i, j),
     );
+    let stats = if STATS {
+        row_stats(max_score, &row, lse, support)
+    } else {
+        [T::zero(); 3]
+    };
     let out = (0..dv).map(|c| convex_combination(&row, &p.v, c)).collect();
-    (out, lse)
+    (out, lse, stats)
 }
 
 #[cfg(test)]

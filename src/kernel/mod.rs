@@ -13,7 +13,7 @@ pub(crate) use threads::{Exec, par, with_threads};
 
 use crate::Float;
 use crate::simd::Isa;
-use crate::spec::{AttentionOutput, Problem};
+use crate::spec::{AttentionOutput, AttentionStats, Problem};
 use threads::par::*;
 
 /// Query rows per tile (a multiple of MR) and keys per tile (a multiple of NR): f32 96 x 256,
@@ -152,4 +152,30 @@ pub(crate) fn attend<T: Float>(
         };
         groups.into_iter().flatten().collect()
     })
+}
+
+/// Runs one validated call on the tiled forward pass with the statistics of its weights
+/// ([`AttentionStats`]). Few queries do not take the decode path here: the statistics are
+/// accumulated by the tiled pass only (the same results to rounding).
+pub(crate) fn attend_stats<T: Float>(
+    p: &Problem<'_, T>,
+    threads: Option<usize>,
+) -> (AttentionOutput<T>, AttentionStats<T>) {
+    let isa = Isa::get();
+    // As in `attend`: fewer than four query tiles run on the calling thread.
+    let threads = if p.plan.n.div_ceil(tile::<T>().0) < 4 {
+        Some(1)
+    } else {
+        threads
+    };
+    let (output, lse, stats) = with_threads(threads, |exec| {
+        let kv = forward::PackedKv::new(p);
+        forward::forward_with_stats(p, &kv, isa, exec)
+    });
+    let out = AttentionOutput {
+        output,
+        lse,
+        weights: None,
+    };
+    (out, stats)
 }
