@@ -299,8 +299,9 @@ impl Options {
 ///
 /// The op is a [`candle_core::CustomOp3`]: the result is tracked by candle's autograd when an
 /// input is a `Var` (or otherwise tracked), and `Tensor::backward` runs the crate's tiled
-/// backward pass, using the log-sum-exp saved by the forward pass (no recomputation of the
-/// forward). The gradients are plain tensors (no second-order gradients).
+/// backward pass, using the log-sum-exp saved by the forward pass (B·n·H values, kept with the
+/// graph node; no recomputation of the forward). The gradients are plain tensors (no
+/// second-order gradients).
 ///
 /// See [the crate documentation](crate) for the layouts read in place and the copies made.
 ///
@@ -841,3 +842,8 @@ mod tests {
         );
     }
 }
+
+/// The README's example, run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
