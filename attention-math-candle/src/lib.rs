@@ -579,6 +579,11 @@ const TILE: usize = 32;
 /// `dst` column-major (element (i, c) at `dst[c·rows + i]`), tile by tile so that both sides
 /// stay in cache whatever the strides.
 fn gather<T: Copy>(src: &[T], (sr, sw): (usize, usize), dst: &mut [T], rows: usize, width: usize) {
+    if sw == 1 && sr == width {
+        // A contiguous row-major block (candle's default layout): a blocked transpose.
+        transpose::transpose(&src[..rows * width], dst, width, rows);
+        return;
+    }
     if sr == 1 {
         for c in 0..width {
             dst[c * rows..(c + 1) * rows].copy_from_slice(&src[c * sw..c * sw + rows]);
@@ -605,16 +610,9 @@ fn scatter<T: Copy>(m: &DMatrix<T>, heads: usize, dst: &mut [T]) {
     for h in 0..heads {
         let block = &src[h * width * rows..(h + 1) * width * rows];
         let out = &mut dst[h * rows * width..(h + 1) * rows * width];
-        // block: element (i, c) at c·rows + i; out: at i·width + c.
-        for c0 in (0..width).step_by(TILE) {
-            for i0 in (0..rows).step_by(TILE) {
-                for i in i0..(i0 + TILE).min(rows) {
-                    for c in c0..(c0 + TILE).min(width) {
-                        out[i * width + c] = block[c * rows + i];
-                    }
-                }
-            }
-        }
+        // block: element (i, c) at c·rows + i, i.e. a row-major width x rows block; out: at
+        // i·width + c.
+        transpose::transpose(block, out, rows, width);
     }
 }
 
