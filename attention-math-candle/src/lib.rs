@@ -35,6 +35,10 @@
 //!   O(H·n·d) elements per batch element, next to the attention's O(H·n·m·d) work. Inputs are
 //!   never made contiguous by candle first (no second copy).
 //!
+//! For a decode step (n = 1) against a long cache, the attention itself only streams K and V
+//! once, so the copy of a row-major cache costs more than the attention (the `compare`
+//! example prints both): keep such a cache column-major per head to have it read in place.
+//!
 //! The output is always a new contiguous row-major (B, H, n, d_v) tensor: the kernel's
 //! column-major result is transposed once into it (O(H·n·d_v)). The backward pass reads its
 //! inputs the same way and writes dQ, dK, dV as contiguous tensors.
