@@ -2952,12 +2952,15 @@ fn lora_t<T: Fz>(b: &mut Bytes) {
             if finite && x64.iter().all(|v| v.is_finite()) && yb.iter().all(|v| *v < T::MAXV / 16.0)
             {
                 let want = &x64 * &f64s(&merged);
-                // x A rounded in the subnormal range (tiny x) has an absolute error up to half
-                // the subnormal spacing (TINY · ε) per entry, which (α/r) B carries into y:
-                // s · Σ_k |B_kj| · TINY · ε.
+                // x A and (x A) B rounded in the subnormal range (tiny entries) have an
+                // absolute error up to half the subnormal spacing (TINY · ε) per product,
+                // which α/r carries into y: s · (Σ_k |B_kj| + r) · TINY · ε.
                 let n = y.nrows();
                 let carried: Vec<f64> = (0..dout)
-                    .map(|j| s * b64.column(j).iter().map(|v| v.abs()).sum::<f64>() * T::TINY * e)
+                    .map(|j| {
+                        let bsum = b64.column(j).iter().map(|v| v.abs()).sum::<f64>();
+                        s * (bsum + rank as f64) * T::TINY * e
+                    })
                     .collect();
                 for (i, (g, wv)) in y.iter().zip(want.iter()).enumerate() {
                     let tol = 8.0 * (din + rank + 4) as f64 * e * yb[i] * 2.0

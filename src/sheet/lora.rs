@@ -491,10 +491,11 @@ impl<T: Float> LoraLinear<T> {
     ///
     /// NaN or infinite entries propagate to the output rows they reach. Accuracy: that of
     /// the matrix products (a relative `(d_in + r + 2) · ε` of `|x| (|W| + (α/r) |A| |B|)`),
-    /// plus, where `x A` falls in the subnormal range (tiny x), the rounding there carried
-    /// by the update: an absolute `(α/r) Σ_k |B_kj|` times half the subnormal spacing
-    /// (2^−150 in f32, 2^−1075 in f64), which a huge α/r can make visible. `x · merged()`
-    /// forms `(α/r) A B` first and has no such term.
+    /// plus, where `x A` or `(x A) B` falls in the subnormal range (tiny entries), the
+    /// rounding there carried by the scaling: an absolute `(α/r) (Σ_k |B_kj| + r)` times half
+    /// the subnormal spacing (2^−150 in f32, 2^−1075 in f64), which a huge α/r can make
+    /// visible. (The products come before the scaling so that a huge α/r never meets a zero
+    /// factor as `inf · 0`.) `x · merged()` forms `(α/r) A B` first and has no such term.
     ///
     /// # Errors
     ///
