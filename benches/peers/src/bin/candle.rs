@@ -84,7 +84,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "causal" => Mask::causal(),
                 other => return Err(format!("unknown mask {other}: use none or causal").into()),
             };
-            let bias = (mask_name != "none").then(|| mask.to_bias::<f32>(n, n)).transpose()?;
+            let bias = (mask_name != "none")
+                .then(|| mask.to_bias::<f32>(n, n))
+                .transpose()?;
             let (qt, kt, vt) = (to_tensor(&q)?, to_tensor(&k)?, to_tensor(&v)?);
             let bias_tensor = bias.as_ref().map(to_tensor).transpose()?;
 

@@ -195,7 +195,12 @@ fn read_all<T: Float>(x: &[T]) -> T {
             *a += v;
         }
     }
-    acc.iter().copied().fold(T::zero(), |s, a| s + a) + chunks.remainder().iter().copied().fold(T::zero(), |s, a| s + a)
+    acc.iter().copied().fold(T::zero(), |s, a| s + a)
+        + chunks
+            .remainder()
+            .iter()
+            .copied()
+            .fold(T::zero(), |s, a| s + a)
 }
 
 /// Times the workload; returns the per-call times in seconds.
@@ -245,7 +250,9 @@ fn run<T: Float + ToLe>(a: &Args) -> Result<Vec<f64>, Box<dyn std::error::Error>
                         s.spawn(move || part.iter().fold(T::zero(), |acc, c| acc + read_all(c)))
                     })
                     .collect();
-                parts.into_iter().fold(T::zero(), |acc, h| acc + h.join().unwrap())
+                parts
+                    .into_iter()
+                    .fold(T::zero(), |acc, h| acc + h.join().unwrap())
             });
             black_box(sum);
         } else if let Some(c) = &cache {
@@ -284,14 +291,7 @@ fn run<T: Float + ToLe>(a: &Args) -> Result<Vec<f64>, Box<dyn std::error::Error>
         std::fs::File::create(path)?.write_all(&first)?;
     }
     drop(first);
-    let mut times = Vec::new();
-    let start = Instant::now();
-    while times.len() < a.reps || start.elapsed().as_secs_f64() < a.min_secs {
-        let t = Instant::now();
-        call(false)?;
-        times.push(t.elapsed().as_secs_f64());
-    }
-    Ok(times)
+    timed(a, || call(false).map(drop))
 }
 
 /// `--dtype f16|bf16 --cache`: the decode step through a half-precision `KvCache` (keys and
@@ -321,7 +321,9 @@ fn run_half<S: attention_math::CacheElement<f32>>(
                         // SAFETY: a column of a view with unit row stride is `nrows`
                         // consecutive 2-byte elements, borrowed from the cache, which
                         // outlives `bytes`.
-                        unsafe { std::slice::from_raw_parts(col.as_ptr().cast::<u8>(), 2 * col.nrows()) }
+                        unsafe {
+                            std::slice::from_raw_parts(col.as_ptr().cast::<u8>(), 2 * col.nrows())
+                        }
                     })
                 })
                 .collect();
@@ -347,14 +349,7 @@ fn run_half<S: attention_math::CacheElement<f32>>(
     if let Some(path) = &a.dump {
         std::fs::File::create(path)?.write_all(&first)?;
     }
-    let mut times = Vec::new();
-    let start = Instant::now();
-    while times.len() < a.reps || start.elapsed().as_secs_f64() < a.min_secs {
-        let t = Instant::now();
-        call(false)?;
-        times.push(t.elapsed().as_secs_f64());
-    }
-    Ok(times)
+    timed(a, || call(false).map(drop))
 }
 
 /// Reads every byte of `x` once, 32 bytes at a time (the 16-bit cache's read bound).
@@ -367,7 +362,23 @@ fn read_bytes(x: &[u8]) -> u64 {
             *a = a.wrapping_add(u64::from_le_bytes(w.try_into().unwrap()));
         }
     }
-    acc.iter().fold(0u64, |s, &a| s.wrapping_add(a)) + tail.iter().map(|&b| u64::from(b)).sum::<u64>()
+    acc.iter().fold(0u64, |s, &a| s.wrapping_add(a))
+        + tail.iter().map(|&b| u64::from(b)).sum::<u64>()
+}
+
+/// Times `call` at least `--reps` times and for at least `--min-secs`; the per-call seconds.
+fn timed(
+    a: &Args,
+    mut call: impl FnMut() -> attention_math::Result<()>,
+) -> Result<Vec<f64>, Box<dyn std::error::Error>> {
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < a.reps || start.elapsed().as_secs_f64() < a.min_secs {
+        let t = Instant::now();
+        call()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok(times)
 }
 
 fn main() {
