@@ -2787,6 +2787,177 @@ fn preference_t<T: Fz>(b: &mut Bytes) {
             );
         }
     }
+    preference_grads(&x, &exp, ERRS);
+}
+
+fn sigmoid64(x: f64) -> f64 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        x.exp() / (1.0 + x.exp())
+    }
+}
+
+/// The gradients of `preference`: the reward-model, DPO and PPO-clip losses and the k1 / k2 /
+/// k3 KL penalties. `ppo_exp` are the errors the PPO loss expected (the gradient has the
+/// same).
+fn preference_grads<T: Fz>(x: &PrefInput<T>, ppo_exp: &[&str], ppo_errs: &[&str]) {
+    let e = eps::<T>();
+    // Bradley-Terry: (−σ(b − a), σ(b − a)).
+    let (gc, gr) = preference::reward_model_loss_grad(x.a, x.b);
+    let (gc, gr) = (gc.as_f64(), gr.as_f64());
+    let diff = x.a.as_f64() - x.b.as_f64();
+    if !diff.is_nan_value() {
+        ensure!(
+            (-1.0..=0.0).contains(&gc) && gr == -gc,
+            x,
+            "reward_model_loss_grad = ({gc:e}, {gr:e})"
+        );
+        if x.a.is_finite() && x.b.is_finite() {
+            let want = sigmoid64(-diff);
+            // σ is 1/4-Lipschitz: the difference's rounding, ε (|a| + |b|), moves it by a quarter.
+            let tol = 8.0 * e * want + e * (x.a.as_f64().abs() + x.b.as_f64().abs()) + T::TINY;
+            ensure!(
+                (gr - want).abs() <= tol,
+                x,
+                "reward_model_loss_grad = {gr:e}, true {want:e}"
+            );
+        }
+    }
+    // DPO: β σ(−z) with alternating signs.
+    let p = preference::PairLogProbs {
+        policy_chosen: x.pair[0],
+        policy_rejected: x.pair[1],
+        reference_chosen: x.pair[2],
+        reference_rejected: x.pair[3],
+    };
+    let mut exp = Vec::new();
+    if !(x.beta.is_finite() && x.beta > T::zero()) {
+        exp.push("InvalidParameter");
+    }
+    if !all_finite(&x.pair) {
+        exp.push("NonFinite");
+    }
+    if let Some(g) = expect(
+        "dpo_loss_grad",
+        preference::dpo_loss_grad(&p, x.beta),
+        &["InvalidParameter", "NonFinite"],
+        &exp,
+        x,
+    ) {
+        let beta = x.beta.as_f64();
+        let gs = [
+            g.policy_chosen.as_f64(),
+            g.policy_rejected.as_f64(),
+            g.reference_chosen.as_f64(),
+            g.reference_rejected.as_f64(),
+        ];
+        let mag = gs[1];
+        ensure!(
+            gs.iter().all(|v| v.is_finite())
+                && gs[0] == -mag
+                && gs[2] == mag
+                && gs[3] == -mag
+                && mag >= 0.0
+                && mag <= beta * (1.0 + 4.0 * e),
+            x,
+            "dpo_loss_grad = {gs:?}"
+        );
+        let lp: Vec<f64> = x.pair.iter().map(|v| v.as_f64()).collect();
+        let z = beta * ((lp[0] - lp[2]) - (lp[1] - lp[3]));
+        if z.abs() <= T::MAXV / 2.0 {
+            let want = beta * sigmoid64(-z);
+            // z's rounding (8 ε β Σ|lp|, as for the loss), through β σ' <= β / 4.
+            let tol = 16.0 * e * want
+                + 2.0 * e * beta * beta * lp.iter().map(|v| v.abs()).sum::<f64>()
+                + T::TINY;
+            ensure!(
+                (mag - want).abs() <= tol,
+                x,
+                "dpo_loss_grad magnitude {mag:e}, true {want:e} (tolerance {tol:e})"
+            );
+        }
+    }
+    // PPO-clip: −ρ_t A_t / n inside the trust region, 0 where clipped.
+    let n = x.logp.len();
+    if let Some(g) = expect(
+        "ppo_clipped_loss_grad",
+        preference::ppo_clipped_loss_grad(&x.logp, &x.logp_old, &x.adv, x.epsilon),
+        ppo_errs,
+        ppo_exp,
+        x,
+    ) {
+        ensure!(g.len() == n, x, "ppo_clipped_loss_grad length {}", g.len());
+        let epf = x.epsilon.as_f64();
+        for t in 0..n {
+            let gt = g[t].as_f64();
+            let d = x.logp[t].as_f64() - x.logp_old[t].as_f64();
+            let a = x.adv[t].as_f64();
+            ensure!(!gt.is_nan_value(), x, "ppo_clipped_loss_grad[{t}] is NaN");
+            if d.abs() <= 60.0 && a.abs() <= 1e30 && epf <= 1e3 {
+                let r = d.exp();
+                let want = -r * a / n as f64;
+                ensure!(gt.is_finite(), x, "ppo_clipped_loss_grad[{t}] not finite");
+                // Clipped (0), or the unclipped value; near the clip boundary either.
+                let lmax = x.logp[t].as_f64().abs().max(x.logp_old[t].as_f64().abs());
+                let tol = 8.0 * (d.abs() + lmax + 3.0) * e * want.abs() + T::TINY;
+                ensure!(
+                    gt == 0.0 || (gt - want).abs() <= tol,
+                    x,
+                    "ppo_clipped_loss_grad[{t}] = {gt:e}, unclipped {want:e} (tolerance {tol:e})"
+                );
+            }
+        }
+    }
+    // KL penalties to the "old" log-probabilities as the reference: r_t = ref − logp.
+    let mut exp = Vec::new();
+    if x.logp_old.len() != n {
+        exp.push("LengthMismatch");
+    }
+    if !all_finite(&x.logp) || !all_finite(&x.logp_old) {
+        exp.push("NonFinite");
+    }
+    if n == 0 {
+        exp.push("Empty");
+    }
+    for est in [
+        preference::KlEstimator::K1,
+        preference::KlEstimator::K2,
+        preference::KlEstimator::K3,
+    ] {
+        let Some(g) = expect(
+            "kl_penalty_grad",
+            preference::kl_penalty_grad(&x.logp, &x.logp_old, est),
+            &["LengthMismatch", "NonFinite", "Empty"],
+            &exp,
+            x,
+        ) else {
+            continue;
+        };
+        ensure!(g.len() == n, x, "kl_penalty_grad length {}", g.len());
+        for t in 0..n {
+            let (lp, lr) = (x.logp[t].as_f64(), x.logp_old[t].as_f64());
+            let r = lr - lp;
+            let gt = g[t].as_f64();
+            let want = match est {
+                preference::KlEstimator::K1 => 1.0 / n as f64,
+                preference::KlEstimator::K2 => -r / n as f64,
+                preference::KlEstimator::K3 => -r.exp_m1() / n as f64,
+            };
+            if want.abs() < T::MAXV / 2.0 {
+                let tol = 16.0
+                    * e
+                    * (lp.abs() + lr.abs() + r.abs() + 2.0)
+                    * (want.abs() + 1.0 / n as f64)
+                    + T::TINY;
+                ensure!(
+                    gt.is_finite() && (gt - want).abs() <= tol,
+                    x,
+                    "kl_penalty_grad({est:?})[{t}] = {gt:e}, true {want:e} (tolerance {tol:e})"
+                );
+            }
+        }
+    }
 }
 
 // ------------------------------------------------------------------------------------------
