@@ -3146,6 +3146,64 @@ fn lora_t<T: Fz>(b: &mut Bytes) {
                 }
             }
         }
+        // The backward at d_y = 1 (n x d_out): the closed forms in f64.
+        let n = input.x.nrows();
+        let dy = DMatrix::<T>::from_element(n, dout, T::one());
+        if let Some(g) = expect(
+            "LoraLinear::backward",
+            layer.backward(&input.x, &dy),
+            &["DimensionMismatch", "TooLarge"],
+            exp,
+            &input,
+        ) {
+            ensure!(
+                g.d_a.shape() == (din, rank)
+                    && g.d_b.shape() == (rank, dout)
+                    && g.d_x.shape() == (n, din),
+                &input,
+                "backward shapes"
+            );
+            let x64 = f64s(&input.x);
+            let ss = layer.scaling().as_f64();
+            let dy64 = DMatrix::<f64>::from_element(n, dout, 1.0);
+            let wants = [
+                (&x64 * &a64).transpose() * &dy64 * ss,
+                x64.transpose() * (&dy64 * b64.transpose()) * ss,
+                &dy64 * w64.transpose() + &dy64 * b64.transpose() * a64.transpose() * ss,
+            ];
+            let bounds = [
+                abs_mul(&x64, &a64).transpose() * &dy64 * s,
+                x64.abs().transpose() * (&dy64 * b64.abs().transpose()) * s,
+                &dy64 * w64.abs().transpose()
+                    + &dy64 * b64.abs().transpose() * a64.abs().transpose() * s,
+            ];
+            let moderate = finite
+                && x64.iter().all(|v| v.is_finite())
+                && bounds.iter().all(|b| b.iter().all(|v| *v < T::MAXV / 16.0));
+            if moderate {
+                let k = (n + din + rank + dout + 4) as f64;
+                let amax = a64.abs().max().max(b64.abs().max()).max(1.0);
+                // Products in the subnormal range (tiny x), carried by α/r (see forward).
+                let sub = 4.0 * (1.0 + s) * k * amax * T::TINY * e;
+                for (name, got, want, bound) in [
+                    ("d_b", &g.d_b, &wants[0], &bounds[0]),
+                    ("d_a", &g.d_a, &wants[1], &bounds[1]),
+                    ("d_x", &g.d_x, &wants[2], &bounds[2]),
+                ] {
+                    for (i, ((gv, wv), bv)) in
+                        got.iter().zip(want.iter()).zip(bound.iter()).enumerate()
+                    {
+                        let tol = 16.0 * k * e * bv + 8.0 * T::TINY + sub;
+                        ensure!(
+                            (gv.as_f64() - wv).abs() <= tol,
+                            &input,
+                            "backward {name}[{i}] = {:e}, true {wv:e} (tolerance {tol:e})",
+                            gv.as_f64()
+                        );
+                    }
+                }
+            }
+        }
         if finite && bound.iter().all(|v| *v < T::MAXV / 16.0) {
             let back = layer.unmerge(&merged).expect("the right shape");
             for (i, (g, wv)) in back.iter().zip(w64.iter()).enumerate() {
@@ -3214,6 +3272,67 @@ fn lora_t<T: Fz>(b: &mut Bytes) {
                         y[i].as_f64(),
                         want[i]
                     );
+                }
+            }
+        }
+        // The backward at d_y = 1, where no hidden unit is close enough to 0 for rounding to
+        // flip relu' (elsewhere the gradient jumps with the rounding).
+        let dy = DMatrix::<T>::from_element(x.nrows(), x.ncols(), T::one());
+        if let Some(g) = expect(
+            "BottleneckAdapter::backward",
+            ad.backward(&x, &dy),
+            &["DimensionMismatch", "TooLarge", "ShapeMismatch"],
+            exp,
+            &(&input, &x),
+        ) {
+            let (n, d) = (x.nrows(), d);
+            ensure!(
+                g.d_down.shape() == (d, rr) && g.d_up.shape() == (rr, d) && g.d_x.shape() == (n, d),
+                &(&input, &x),
+                "adapter backward shapes"
+            );
+            let (x64, dn, upm) = (f64s(&x), f64s(&input.down), f64s(&input.up));
+            let h = &x64 * &dn;
+            let hb = x64.abs() * dn.abs();
+            let dy64 = DMatrix::<f64>::from_element(n, d, 1.0);
+            let clear = h
+                .iter()
+                .zip(hb.iter())
+                .all(|(v, b)| v.abs() > 16.0 * (d + 2) as f64 * e * b + 4.0 * T::TINY);
+            let moderate = [&x64, &dn, &upm]
+                .iter()
+                .all(|m| m.iter().all(|v| v.abs() < 1e15));
+            if clear && moderate {
+                let gm =
+                    (&dy64 * upm.transpose()).zip_map(&h, |g, hv| if hv > 0.0 { g } else { 0.0 });
+                let wants = [
+                    x64.transpose() * &gm,
+                    h.map(|v| v.max(0.0)).transpose() * &dy64,
+                    &dy64 + &gm * dn.transpose(),
+                ];
+                let gb = &dy64 * upm.abs().transpose();
+                let bounds = [
+                    x64.abs().transpose() * &gb,
+                    hb.transpose() * &dy64,
+                    &dy64 + &gb * dn.abs().transpose(),
+                ];
+                let k = (n + d + rr + 4) as f64;
+                for (name, got, want, bound) in [
+                    ("d_down", &g.d_down, &wants[0], &bounds[0]),
+                    ("d_up", &g.d_up, &wants[1], &bounds[1]),
+                    ("d_x", &g.d_x, &wants[2], &bounds[2]),
+                ] {
+                    for (i, ((gv, wv), bv)) in
+                        got.iter().zip(want.iter()).zip(bound.iter()).enumerate()
+                    {
+                        let tol = 16.0 * k * e * bv + 8.0 * T::TINY;
+                        ensure!(
+                            (gv.as_f64() - wv).abs() <= tol,
+                            &(&input, &x),
+                            "adapter backward {name}[{i}] = {:e}, true {wv:e} (tolerance {tol:e})",
+                            gv.as_f64()
+                        );
+                    }
                 }
             }
         }
