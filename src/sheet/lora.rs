@@ -593,8 +593,10 @@ impl<T: Float> LoraLinear<T> {
     /// ```
     ///
     /// `W` is frozen, so it has no gradient. The products are formed first and scaled after
-    /// (as in `forward`: a huge `α/r` meets a zero factor as 0, not `inf · 0`), entries of
-    /// `x A` past the range are recomputed at a power-of-two scale (as in `forward`), and the
+    /// (as in `forward`: a huge `α/r` meets a zero factor as 0, not `inf · 0`); entries of
+    /// `x A`, `d_y Bᵀ` and of the products past the range, which a tiny `α/r` may bring back,
+    /// are recomputed at a power-of-two scale (as in `forward`), so a gradient is finite
+    /// wherever its exact value is; and the
     /// n x r intermediates `x A` and `d_y Bᵀ` are computed once; `A B` is never formed. With
     /// `B = 0`, as after [`new`](Self::new), `∂L/∂A` is exactly 0 and only `B` learns at the
     /// first step. NaN or infinite entries propagate to the gradients they reach.
@@ -639,12 +641,31 @@ impl<T: Float> LoraLinear<T> {
         // Entries of x A past the range are recomputed at a power-of-two scale, as in
         // `forward`, so d_b is finite wherever its exact value is.
         let rescued = rescue_overflow(&x, &self.a.as_view(), &mut xa);
-        let g = product_nt("the n x rank LoRA intermediate d_y bᵀ", &d_y, &self.b)?;
-        let mut d_b = product_tn("the rank x d_out LoRA gradient d_b", &xa.as_view(), &d_y)? * s;
+        let (bt, at) = (self.b.transpose(), self.a.transpose());
+        let mut g = product_nt("the n x rank LoRA intermediate d_y bᵀ", &d_y, &self.b)?;
+        let g_rescued = rescue_overflow(&d_y, &bt.as_view(), &mut g);
+        // Every product is formed before the scaling (a huge α/r must not meet a zero
+        // factor as inf · 0); entries past the range that a tiny α/r brings back are
+        // recomputed at a power-of-two scale and scaled back after (as in `forward`).
+        let scaled = |a: &DMatrixView<'_, T>, b: &DMatrixView<'_, T>, mut p: DMatrix<T>| {
+            let again = rescue_overflow(a, b, &mut p);
+            let mut p = p * s;
+            add_scaled_back(&mut p, &again, s);
+            p
+        };
+        let xat = xa.transpose();
+        let d_b = product_tn("the rank x d_out LoRA gradient d_b", &xa.as_view(), &d_y)?;
+        let mut d_b = scaled(&xat.as_view(), &d_y, d_b);
         add_rescued_tn(&mut d_b, &rescued, &d_y, s, |z| z);
-        let d_a = product_tn("the d_in x rank LoRA gradient d_a", &x, &g.as_view())? * s;
+        let xt = x.transpose();
+        let d_a = product_tn("the d_in x rank LoRA gradient d_a", &x, &g.as_view())?;
+        let mut d_a = scaled(&xt.as_view(), &g.as_view(), d_a).transpose();
+        add_rescued_tn(&mut d_a, &g_rescued, &x, s, |z| z);
+        let d_a = d_a.transpose();
         let mut d_x = product_nt("the n x d_in LoRA gradient d_x", &d_y, &self.w)?;
-        d_x += product_nt("the n x d_in LoRA update of d_x", &g.as_view(), &self.a)? * s;
+        let update = product_nt("the n x d_in LoRA update of d_x", &g.as_view(), &self.a)?;
+        d_x += scaled(&g.as_view(), &at.as_view(), update);
+        add_rescued(&mut d_x, &g_rescued, &at, s, |z| z);
         Ok(LoraGrads { d_a, d_b, d_x })
     }
 
@@ -1302,6 +1323,34 @@ mod tests {
         layer.a_mut()[(0, 0)] = -1.715e38;
         assert_eq!(layer.merged(), w);
         assert_eq!(layer.unmerge(&w).unwrap(), w);
+    }
+
+    /// A tiny α/r brings back gradient products past the range: (d_y Bᵀ) Aᵀ with A at f32's
+    /// maximum was inf · 1e-30 = inf in d_x (found by the `lora` fuzz target); x A and d_y Bᵀ
+    /// past the range likewise for d_b and d_a.
+    #[test]
+    fn backward_survives_products_past_the_range_with_a_tiny_scaling() {
+        let mut layer = LoraLinear::new(DMatrix::<f32>::zeros(2, 2), 1, 1e-30).unwrap();
+        layer.set_a(DMatrix::from_element(2, 1, f32::MAX)).unwrap();
+        layer.set_b(DMatrix::from_element(1, 2, 1.0)).unwrap();
+        let (x, d_y) = (
+            DMatrix::from_element(1, 2, 1.0),
+            DMatrix::from_element(1, 2, 1.0),
+        );
+        let g = layer.backward(&x, &d_y).unwrap();
+        // d_x = s (d_y Bᵀ) Aᵀ = 1e-30 · 2 · MAX; d_b = s (x A)ᵀ d_y = 1e-30 · 2 · MAX.
+        let want = 2.0 * 1e-30 * f64::from(f32::MAX);
+        for v in g.d_x.iter().chain(g.d_b.iter()) {
+            assert!(((f64::from(*v) - want) / want).abs() < 1e-6, "{v}");
+        }
+        assert!(g.d_a.iter().all(|&v| (v - 2e-30).abs() < 1e-36));
+        // d_y Bᵀ past the range: B at MAX, d_y = 1 twice.
+        layer.set_a(DMatrix::from_element(2, 1, 1.0)).unwrap();
+        layer.set_b(DMatrix::from_element(1, 2, f32::MAX)).unwrap();
+        let g = layer.backward(&x, &d_y).unwrap();
+        for v in g.d_a.iter().chain(g.d_x.iter()) {
+            assert!(((f64::from(*v) - want) / want).abs() < 1e-6, "{v}");
+        }
     }
 
     #[test]
