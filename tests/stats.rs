@@ -510,3 +510,39 @@ fn monitor_rejects_bad_thresholds_and_observations() {
         "logit-high"
     );
 }
+
+/// Scores of ±1e38 in one row (keys at f32's maximum, no values): a weight that underflows to
+/// 0 where `s_j − max` itself overflows to −inf added `0 · −inf = NaN` to the entropy's sum
+/// (found by the `diagnostics` fuzz target, through `diagnose`, which passes no values).
+#[test]
+fn an_overflowing_score_gap_does_not_make_the_entropy_nan() {
+    use attention_math::{AttentionOptions, Mask, scaled_attention_with_stats};
+    use nalgebra::DMatrix;
+    let m = f32::MAX;
+    let q = DMatrix::<f32>::from_row_slice(1, 2, &[0.5, -0.5]);
+    // Scores (d = 2, scale 1/√2): ±MAX/(2√2), finite, in log₂ units too (±0.51 MAX); their
+    // difference is not.
+    let k = DMatrix::<f32>::from_row_slice(3, 2, &[m, 0.0, -m, 0.0, m, 0.0]);
+    let v = DMatrix::<f32>::zeros(3, 0);
+    let (_, st) =
+        scaled_attention_with_stats(&q, &k, &v, &Mask::none(), &AttentionOptions::new()).unwrap();
+    let (_, sr) = scaled_attention_with_stats(
+        &q,
+        &k,
+        &v,
+        &Mask::none(),
+        &AttentionOptions::new().return_weights(true),
+    )
+    .unwrap();
+    // Two equal winners: entropy ln 2.
+    assert!(
+        (st.entropy[0] - 2f32.ln()).abs() < 1e-6,
+        "{}",
+        st.entropy[0]
+    );
+    assert!(
+        (sr.entropy[0] - 2f32.ln()).abs() < 1e-6,
+        "{}",
+        sr.entropy[0]
+    );
+}

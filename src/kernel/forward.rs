@@ -403,7 +403,11 @@ fn stats_step<T: Float>(
             continue;
         }
         *support += 1;
-        tu += pj * (sj - m_new);
+        if pj != T::zero() {
+            // (A weight that underflowed to 0 adds nothing, even where s_j − max itself
+            // overflows to −inf: scores of ±1e38 in one row; 0 · −inf would be NaN.)
+            tu += pj * (sj - m_new);
+        }
         if skip && sj == m_new {
             skip = false; // the new maximum: its p is the 1 that `excess` leaves out
         } else {
