@@ -634,7 +634,7 @@ impl<T: Float> Problem<'_, T> {
 
 /// `floor(log₂ |x|)` for a finite nonzero `x` (subnormals included), else 0: then
 /// `x · 2^−e` lies in [1, 2) in magnitude, exactly.
-fn exponent<T: Float>(x: T) -> i32 {
+pub(crate) fn exponent<T: Float>(x: T) -> i32 {
     let v = x.as_f64().abs();
     if v == 0.0 || !v.is_finite() {
         0
@@ -657,7 +657,7 @@ fn pow2_exponent<T: Float>(x: impl Iterator<Item = T>) -> i32 {
 
 /// `x · 2^e` for any `e`, in steps that stay within the normal powers of two of `T` (so the
 /// result overflows or underflows only if the exact product does).
-fn mul_pow2<T: Float>(mut x: T, mut e: i32) -> T {
+pub(crate) fn mul_pow2<T: Float>(mut x: T, mut e: i32) -> T {
     if x == T::zero() || !x.is_finite() {
         return x;
     }

@@ -39,6 +39,7 @@
 use crate::Float;
 use crate::error::{Axis, Error, Result, try_matrix};
 use crate::float::pow2;
+use crate::spec::{exponent, mul_pow2};
 use nalgebra::{DMatrix, DMatrixView, DMatrixViewMut, Dyn, MatrixView};
 
 /// `a · b` (n x k times k x p) into a freshly allocated, size-checked n x p matrix named `what`.
@@ -130,32 +131,37 @@ fn rescue_overflow<T: Float>(
     Rescued { entries, halves }
 }
 
-/// `z · s · n · a · b` (a, b the two halves of the power of two), the smaller of `s` and `n`
-/// applied first so that the product overflows only if it must; 0 stays 0.
-fn rescued_term<T: Float>(z: T, s: T, n: T, a: T, b: T) -> T {
-    let term = if s.abs() < n.abs() {
-        z * s * n
-    } else {
-        z * n * s
-    };
-    if term == T::zero() {
-        term
-    } else {
-        term * a * b
+/// `x · 2^e` times every factor, each taken as its mantissa (in [1, 2)) and its exponent, so
+/// that nothing over- or underflows before the one scaling at the end (which rounds once, as
+/// the exact product would): a subnormal α/r keeps its bits, a huge one meets a huge power of
+/// two without overflowing first.
+fn product_pow2<T: Float>(x: T, factors: &[T], e: i32) -> T {
+    let (mut t, mut k) = (x, e);
+    for &f in factors {
+        if f == T::zero() || !f.is_finite() {
+            return x * f; // 0, or the inf / NaN the direct product gives
+        }
+        let kf = exponent(f);
+        t *= mul_pow2(f, -kf);
+        k += kf;
     }
+    mul_pow2(t, k)
 }
 
-/// Adds the rescued entries of a product, scaled by `s`, to `y`: `y_ij += s · z · 2^e`, the
-/// scaling applied first when it is below 1 (so a tiny `s` brings the entry back into range
-/// before the power of two comes out).
+/// `z · s · n · 2^e` (e the rescue's power of two, the sum of its two halves); 0 stays 0.
+fn rescued_term<T: Float>(z: T, s: T, n: T, e: i32) -> T {
+    if z == T::zero() {
+        return z;
+    }
+    product_pow2(z, &[s, n], e)
+}
+
+/// Adds the rescued entries of a product, scaled by `s`, to `y`: `y_ij += s · z · 2^e`,
+/// rounded once (see [`product_pow2`]).
 fn add_scaled_back<T: Float>(y: &mut DMatrix<T>, r: &Rescued<T>, s: T) {
-    let (lo, hi) = (pow2::<T>(r.halves.0), pow2::<T>(r.halves.1));
+    let e = r.halves.0 + r.halves.1;
     for &(i, j, z) in &r.entries {
-        y[(i, j)] += if s.abs() < T::one() {
-            z * s * lo * hi
-        } else {
-            z * lo * hi * s
-        };
+        y[(i, j)] += product_pow2(z, &[s], e);
     }
 }
 
@@ -168,14 +174,14 @@ fn add_rescued<T: Float>(
     s: T,
     f: impl Fn(T) -> T,
 ) {
-    let (a, b) = (pow2::<T>(r.halves.0), pow2::<T>(r.halves.1));
+    let e = r.halves.0 + r.halves.1;
     for &(i, k, z) in &r.entries {
         let z = f(z);
         if z == T::zero() {
             continue;
         }
         for j in 0..y.ncols() {
-            let t = rescued_term(z, s, n[(k, j)], a, b);
+            let t = rescued_term(z, s, n[(k, j)], e);
             if t != T::zero() {
                 y[(i, j)] += t;
             }
@@ -192,14 +198,14 @@ fn add_rescued_tn<T: Float>(
     s: T,
     f: impl Fn(T) -> T,
 ) {
-    let (a, b) = (pow2::<T>(r.halves.0), pow2::<T>(r.halves.1));
+    let e = r.halves.0 + r.halves.1;
     for &(i, k, z) in &r.entries {
         let z = f(z);
         if z == T::zero() {
             continue;
         }
         for j in 0..y.ncols() {
-            let t = rescued_term(z, s, n[(i, j)], a, b);
+            let t = rescued_term(z, s, n[(i, j)], e);
             if t != T::zero() {
                 y[(k, j)] += t;
             }
