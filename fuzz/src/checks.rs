@@ -3559,7 +3559,8 @@ fn diagnostics_t<T: Fz>(b: &mut Bytes) {
                         let dot: f64 = (0..d)
                             .map(|l| x.q[(i, l)].as_f64() * x.k[(j, l)].as_f64())
                             .sum();
-                        let mut s = scale * dot;
+                        // scale 0 gives score 0 even where the f64 dot product overflows.
+                        let mut s = if scale == 0.0 { 0.0 } else { scale * dot };
                         if let Some(c) = x.opts.softcap {
                             s = c.as_f64() * (s / c.as_f64()).tanh();
                         }
