@@ -2672,19 +2672,7 @@ fn preference_t<T: Fz>(b: &mut Bytes) {
         }
     }
     // DPO.
-    let p = preference::PairLogProbs {
-        policy_chosen: x.pair[0],
-        policy_rejected: x.pair[1],
-        reference_chosen: x.pair[2],
-        reference_rejected: x.pair[3],
-    };
-    let mut exp = Vec::new();
-    if !(x.beta.is_finite() && x.beta > T::zero()) {
-        exp.push("InvalidParameter");
-    }
-    if !all_finite(&x.pair) {
-        exp.push("NonFinite");
-    }
+    let (p, exp) = dpo_pair(&x);
     if let Some(l) = expect(
         "dpo_loss",
         preference::dpo_loss(&p, x.beta),
@@ -2790,6 +2778,24 @@ fn preference_t<T: Fz>(b: &mut Bytes) {
     preference_grads(&x, &exp, ERRS);
 }
 
+/// The DPO pair of an input and the errors `dpo_loss` and `dpo_loss_grad` must give for it.
+fn dpo_pair<T: Fz>(x: &PrefInput<T>) -> (preference::PairLogProbs<T>, Vec<&'static str>) {
+    let p = preference::PairLogProbs {
+        policy_chosen: x.pair[0],
+        policy_rejected: x.pair[1],
+        reference_chosen: x.pair[2],
+        reference_rejected: x.pair[3],
+    };
+    let mut exp = Vec::new();
+    if !(x.beta.is_finite() && x.beta > T::zero()) {
+        exp.push("InvalidParameter");
+    }
+    if !all_finite(&x.pair) {
+        exp.push("NonFinite");
+    }
+    (p, exp)
+}
+
 fn sigmoid64(x: f64) -> f64 {
     if x >= 0.0 {
         1.0 / (1.0 + (-x).exp())
@@ -2825,19 +2831,7 @@ fn preference_grads<T: Fz>(x: &PrefInput<T>, ppo_exp: &[&str], ppo_errs: &[&str]
         }
     }
     // DPO: β σ(−z) with alternating signs.
-    let p = preference::PairLogProbs {
-        policy_chosen: x.pair[0],
-        policy_rejected: x.pair[1],
-        reference_chosen: x.pair[2],
-        reference_rejected: x.pair[3],
-    };
-    let mut exp = Vec::new();
-    if !(x.beta.is_finite() && x.beta > T::zero()) {
-        exp.push("InvalidParameter");
-    }
-    if !all_finite(&x.pair) {
-        exp.push("NonFinite");
-    }
+    let (p, exp) = dpo_pair(x);
     if let Some(g) = expect(
         "dpo_loss_grad",
         preference::dpo_loss_grad(&p, x.beta),

@@ -286,12 +286,7 @@ fn run<T: Float + ToLe>(a: &Args) -> Result<Vec<f64>, Box<dyn std::error::Error>
         Ok(buf)
     };
 
-    let first = call(a.dump.is_some())?;
-    if let Some(path) = &a.dump {
-        std::fs::File::create(path)?.write_all(&first)?;
-    }
-    drop(first);
-    timed(a, || call(false).map(drop))
+    timed(a, call)
 }
 
 /// `--dtype f16|bf16 --cache`: the decode step through a half-precision `KvCache` (keys and
@@ -345,11 +340,7 @@ fn run_half<S: attention_math::CacheElement<f32>>(
         }
         Ok(buf)
     };
-    let first = call(a.dump.is_some())?;
-    if let Some(path) = &a.dump {
-        std::fs::File::create(path)?.write_all(&first)?;
-    }
-    timed(a, || call(false).map(drop))
+    timed(a, call)
 }
 
 /// Reads every byte of `x` once, 32 bytes at a time (the 16-bit cache's read bound).
@@ -366,16 +357,23 @@ fn read_bytes(x: &[u8]) -> u64 {
         + tail.iter().map(|&b| u64::from(b)).sum::<u64>()
 }
 
-/// Times `call` at least `--reps` times and for at least `--min-secs`; the per-call seconds.
+/// One untimed call (its output written to `--dump` if asked), then `call` timed at least
+/// `--reps` times and for at least `--min-secs`; the per-call seconds. `call(dump)` returns
+/// what `--dump` writes.
 fn timed(
     a: &Args,
-    mut call: impl FnMut() -> attention_math::Result<()>,
+    call: impl Fn(bool) -> attention_math::Result<Vec<u8>>,
 ) -> Result<Vec<f64>, Box<dyn std::error::Error>> {
+    let first = call(a.dump.is_some())?;
+    if let Some(path) = &a.dump {
+        std::fs::File::create(path)?.write_all(&first)?;
+    }
+    drop(first);
     let mut times = Vec::new();
     let start = Instant::now();
     while times.len() < a.reps || start.elapsed().as_secs_f64() < a.min_secs {
         let t = Instant::now();
-        call()?;
+        call(false)?;
         times.push(t.elapsed().as_secs_f64());
     }
     Ok(times)
