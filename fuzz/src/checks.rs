@@ -3127,7 +3127,12 @@ fn lora_t<T: Fz>(b: &mut Bytes) {
                 let carried: Vec<f64> = (0..dout)
                     .map(|j| {
                         let bsum = b64.column(j).iter().map(|v| v.abs()).sum::<f64>();
-                        s * (bsum + rank as f64) * T::TINY * e
+                        // α/r = 0 carries nothing, even where Σ|B| overflows f64 (0 · inf).
+                        if s == 0.0 {
+                            0.0
+                        } else {
+                            s * (bsum + rank as f64) * T::TINY * e
+                        }
                     })
                     .collect();
                 for (i, (g, wv)) in y.iter().zip(want.iter()).enumerate() {
