@@ -470,7 +470,14 @@ mod tests {
 
     #[test]
     fn any_thread_count_gives_identical_bits() {
-        let (n, m, d) = (37, 110, 4);
+        // 3 key blocks of 48 (3 dQ lanes), then 11 (8 lanes, three of them with two blocks).
+        for (n, m) in [(37, 110), (20, 500)] {
+            thread_count_invariance(n, m);
+        }
+    }
+
+    fn thread_count_invariance(n: usize, m: usize) {
+        let d = 4;
         let (q, k, v) = (matrix(n, d, 0.3), matrix(m, d, 0.2), matrix(m, 3, 0.9));
         let g = matrix(n, 3, 1.1);
         let mask = Mask::causal_bottom_right().or(Mask::key_padding(3));

@@ -13,15 +13,24 @@
 //!   dQ_I += dX K_J           A: dX (R x bc)      B: K panels       R x d
 //! ```
 //!
-//! (R = br rounded up to MR; padded rows and columns are zero.) Two passes spread the work
-//! over threads without races: key blocks in parallel (dK, dV, d bias), then query blocks in
-//! parallel (dQ), each block recomputed in both. On one thread the passes fuse into one, with
-//! dQ_I updated in the very same order, so every thread count gives the same bits.
+//! (R = br rounded up to MR; padded rows and columns are zero.) Pᵀ and dXᵀ are never formed:
+//! the micro-kernel reads P and dX transposed ([`Rows::transposed`]). P, dS and dX are one
+//! vectorised pass per row ([`simd::softmax_grad_row`]) where the score's derivative is the
+//! constant `scale` (no softcap) and no d bias is asked for.
+//!
+//! One pass over the key blocks, FlashAttention-2's loop: each key block owns its rows of dK
+//! and dV (and its columns of d bias), so key blocks run in parallel without races. dQ gets a
+//! contribution from every key block; to keep it race-free *and* the same bits for any
+//! thread count, the key blocks are dealt round-robin to a fixed number of lanes that depends
+//! only on the shape ([`dq_lanes`]): lane l accumulates its blocks' `dX K_J` in order into its
+//! own partial dQ, and the partials are summed in lane order at the end. One thread runs the
+//! lanes one after another (one partial buffer, reused); several run them in parallel.
 
 use super::Exec;
 use super::pack::{self, round_up};
 use super::threads::par::*;
 use crate::Float;
+use crate::float::pow2;
 use crate::mask::Block;
 use crate::simd::{self, Isa, Out, Panels, Rows, Shape};
 use crate::spec::{Problem, raw_dot_row, softmax_exact_row};
@@ -61,28 +70,24 @@ struct Packed<T> {
     n_pad: usize,
 }
 
-/// One block's working memory (row-major, padding kept at zero).
+/// One block's working memory (row-major, R x C, padding kept at zero).
 struct Scratch<T> {
-    /// X, then dX (R x C).
+    /// X, then dX.
     x: Vec<T>,
-    /// dP (R x C).
+    /// dP, then P.
     dp: Vec<T>,
-    /// Pᵀ and dXᵀ (C x R).
-    pt: Vec<T>,
-    dxt: Vec<T>,
     /// One row's exponent arguments, then its probabilities (C).
     row: Vec<T>,
 }
 
 impl<T: Float> Scratch<T> {
-    fn new(tq: usize, tk: usize) -> Self {
-        let len = round_up(tq, T::MR) * round_up(tk, T::NR);
+    /// For blocks of up to `tq` queries, rows `c` wide.
+    fn new(tq: usize, c: usize) -> Self {
+        let len = round_up(tq, T::MR) * c;
         Scratch {
             x: vec![T::zero(); len],
             dp: vec![T::zero(); len],
-            pt: vec![T::zero(); len],
-            dxt: vec![T::zero(); len],
-            row: vec![T::zero(); round_up(tk, T::NR)],
+            row: vec![T::zero(); c],
         }
     }
 }
@@ -97,7 +102,8 @@ struct Ctx<'a, T: Float> {
     exact: Vec<bool>,
     packed: Packed<T>,
     isa: Isa,
-    /// Columns of the score scratch (the key tile rounded up to NR).
+    /// Columns of the score scratch: the key tile rounded up to MR and then to NR, so that a
+    /// block's padded columns hold both the score products (NR) and the dK, dV rows (MR).
     c: usize,
     /// Padded widths of d and d_v.
     d_pad: usize,
@@ -112,9 +118,12 @@ struct KeyOut<'a, T> {
     dbias: Option<&'a mut [T]>,
 }
 
+/// A key block's range and its outputs.
+type KeyWork<'a, T> = ((usize, usize), KeyOut<'a, T>);
+
 impl<T: Float> Ctx<'_, T> {
-    /// Recomputes block (queries `i0..i1`) x (keys `j0..j1`): leaves dX in `scr.x`
-    /// (R x C), and Pᵀ, dXᵀ in `scr.pt`, `scr.dxt` (C x R), padding zero; writes dS into
+    /// Recomputes block (queries `i0..i1`) x (keys `j0..j1`): leaves dX in `scr.x` and P in
+    /// `scr.dp` (R x C; padded columns zero, and padded rows of dX); writes dS into
     /// `dbias` (the columns of this key block, column-major, n rows) if given. Returns
     /// `false`, touching nothing, if the mask rules the block out.
     fn block(
@@ -144,41 +153,23 @@ impl<T: Float> Ctx<'_, T> {
         simd::gemm(
             isa,
             shape(d),
-            Rows {
-                data: &pk.q_rows[i0 * d..],
-                stride: d,
-            },
-            Panels {
-                data: &pk.kt[(j0 / T::NR) * d * T::NR..],
-                stride: d * T::NR,
-            },
-            Out {
-                data: &mut scr.x,
-                stride: c,
-            },
+            Rows::new(&pk.q_rows[i0 * d..], d),
+            Panels::new(&pk.kt[(j0 / T::NR) * d * T::NR..], d * T::NR),
+            Out::new(&mut scr.x, c),
         );
         simd::gemm(
             isa,
             shape(dv),
-            Rows {
-                data: &pk.do_rows[i0 * dv..],
-                stride: dv,
-            },
-            Panels {
-                data: &pk.vt[(j0 / T::NR) * dv * T::NR..],
-                stride: dv * T::NR,
-            },
-            Out {
-                data: &mut scr.dp,
-                stride: c,
-            },
+            Rows::new(&pk.do_rows[i0 * dv..], dv),
+            Panels::new(&pk.vt[(j0 / T::NR) * dv * T::NR..], dv * T::NR),
+            Out::new(&mut scr.dp, c),
         );
         // P, dS and dX, row by row. P_ij = exp(S_ij − lse_i) through the vectorised exp;
         // pairs with no weight (masked, or a fully masked row whose lse is −inf, where
         // S − lse would be NaN) get −inf, so exactly 0.
-        scr.pt.fill(T::zero());
-        scr.dxt.fill(T::zero());
         let mut dbias = dbias;
+        // The exp flushes weights below the smallest normal number to 0.
+        let tiny = pow2::<T>(2 - T::MAX_EXP);
         for r in 0..rows {
             let x_row = &mut scr.x[r * c..(r + 1) * c];
             if r >= br {
@@ -189,22 +180,33 @@ impl<T: Float> Ctx<'_, T> {
             let prob = &mut scr.row[..bc];
             self.exponent_args(i, j0, &x_row[..bc], class == Block::Partial, prob);
             simd::exp_in_place(isa, prob);
-            let dp_row = &scr.dp[r * c..r * c + bc];
-            for (jj, (&pij, &dpij)) in prob.iter().zip(dp_row).enumerate() {
-                let ds = if pij == T::zero() {
-                    T::zero()
-                } else {
-                    pij * (dpij - self.delta[i])
-                };
-                if let Some(db) = dbias.as_deref_mut() {
-                    db[i + jj * n] = ds;
+            let dp_row = &mut scr.dp[r * c..(r + 1) * c];
+            match (plan.softcap, dbias.as_deref_mut()) {
+                (None, None) => simd::softmax_grad_row(
+                    isa,
+                    prob,
+                    (&mut dp_row[..bc], &mut x_row[..bc]),
+                    self.delta[i],
+                    plan.scale,
+                    tiny,
+                ),
+                (_, mut db) => {
+                    for (jj, &pij) in prob.iter().enumerate() {
+                        let ds = if pij == T::zero() {
+                            T::zero()
+                        } else {
+                            pij * (dp_row[jj] - self.delta[i])
+                        };
+                        if let Some(db) = db.as_deref_mut() {
+                            db[i + jj * n] = ds;
+                        }
+                        dp_row[jj] = pij;
+                        x_row[jj] = ds * plan.score_grad(x_row[jj]);
+                    }
                 }
-                let dx = ds * plan.score_grad(x_row[jj]);
-                scr.pt[jj * rows + r] = pij;
-                scr.dxt[jj * rows + r] = dx;
-                x_row[jj] = dx;
             }
             x_row[bc..].fill(T::zero());
+            dp_row[bc..].fill(T::zero());
         }
         true
     }
@@ -218,8 +220,13 @@ impl<T: Float> Ctx<'_, T> {
             out.fill(T::NEG_INFINITY);
             return;
         }
-        for (jj, (o, &xij)) in out.iter_mut().zip(x).enumerate() {
-            *o = plan.score(xij, self.p.bias_at(i, j0 + jj)) - lse;
+        if self.p.bias.is_none() && plan.alibi.is_none() && plan.softcap.is_none() {
+            // `score(x) − lse = scale · x − lse`, the same two roundings, vectorised.
+            simd::affine_row(self.isa, x, plan.scale, lse, out);
+        } else {
+            for (jj, (o, &xij)) in out.iter_mut().zip(x).enumerate() {
+                *o = plan.score(xij, self.p.bias_at(i, j0 + jj)) - lse;
+            }
         }
         if partial {
             let (n, m) = (plan.n, plan.m);
@@ -249,7 +256,7 @@ impl<T: Float> Ctx<'_, T> {
         scr: &Scratch<T>,
         out: &mut KeyOut<'_, T>,
     ) {
-        let (rows, cm) = (round_up(br, T::MR), round_up(bc, T::MR));
+        let cm = round_up(bc, T::MR);
         let pk = &self.packed;
         let stride = pk.n_pad * T::NR;
         let shape = |ncols| Shape {
@@ -263,36 +270,24 @@ impl<T: Float> Ctx<'_, T> {
             simd::gemm(
                 self.isa,
                 shape(self.dv_pad),
-                Rows {
-                    data: &scr.pt,
-                    stride: rows,
-                },
+                Rows::transposed(&scr.dp, self.c),
                 Panels {
                     data: &pk.do_panels[i0 * T::NR..],
                     stride,
                 },
-                Out {
-                    data: out.dv,
-                    stride: self.dv_pad,
-                },
+                Out::new(out.dv, self.dv_pad),
             );
         }
         if self.d_pad > 0 {
             simd::gemm(
                 self.isa,
                 shape(self.d_pad),
-                Rows {
-                    data: &scr.dxt,
-                    stride: rows,
-                },
+                Rows::transposed(&scr.x, self.c),
                 Panels {
                     data: &pk.q_panels[i0 * T::NR..],
                     stride,
                 },
-                Out {
-                    data: out.dk,
-                    stride: self.d_pad,
-                },
+                Out::new(out.dk, self.d_pad),
             );
         }
     }
@@ -310,30 +305,20 @@ impl<T: Float> Ctx<'_, T> {
                 k: bc,
                 accumulate: true,
             },
-            Rows {
-                data: &scr.x,
-                stride: self.c,
-            },
-            Panels {
-                data: &self.packed.k_panels[j0 * T::NR..],
-                stride: self.p.plan.m * T::NR,
-            },
-            Out {
-                data: dq,
-                stride: self.d_pad,
-            },
+            Rows::new(&scr.x, self.c),
+            Panels::new(&self.packed.k_panels[j0 * T::NR..], self.p.plan.m * T::NR),
+            Out::new(dq, self.d_pad),
         );
     }
 
-    /// Pass 1, one key block: dK_J, dV_J and the columns J of d bias over every query block;
-    /// with `dq` (one piece per query block) also dQ, the one-pass loop of FlashAttention-2,
-    /// making the same dQ_I updates in the same order as pass 2.
+    /// One key block: dK_J, dV_J and the columns J of d bias over every query block, and its
+    /// contributions `dX_IJ K_J` to `dq` (one piece per query block: a lane's partial dQ).
     fn key_block(
         &self,
         queries: &[(usize, usize)],
         (j0, j1): (usize, usize),
         mut out: KeyOut<'_, T>,
-        mut dq: Option<&mut [&mut [T]]>,
+        dq: &mut [&mut [T]],
         scr: &mut Scratch<T>,
     ) {
         for (ib, &(i0, i1)) in queries.iter().enumerate() {
@@ -341,26 +326,36 @@ impl<T: Float> Ctx<'_, T> {
                 continue;
             }
             self.add_dk_dv(i0, i1 - i0, j1 - j0, scr, &mut out);
-            if let Some(dq) = dq.as_deref_mut() {
-                self.add_dq(i1 - i0, (j0, j1 - j0), scr, dq[ib]);
-            }
+            self.add_dq(i1 - i0, (j0, j1 - j0), scr, dq[ib]);
         }
     }
 
-    /// Pass 2, one query block: dQ_I over every key block.
-    fn query_block(
+    /// One lane: its key blocks in order, their dQ contributions accumulated into `dq`
+    /// (n_pad x d_pad, zero on entry).
+    fn lane(
         &self,
-        keys: &[(usize, usize)],
-        (i0, i1): (usize, usize),
+        queries: &[(usize, usize)],
+        q_blocks: &[(usize, usize)],
+        blocks: Vec<KeyWork<'_, T>>,
         dq: &mut [T],
         scr: &mut Scratch<T>,
     ) {
-        for &(j0, j1) in keys {
-            if self.block((i0, i1), (j0, j1), scr, None) {
-                self.add_dq(i1 - i0, (j0, j1 - j0), scr, dq);
-            }
+        let end = q_blocks.last().map_or(0, |b| b.1);
+        let mut dq_parts = split(&mut dq[..end * self.d_pad], self.d_pad, q_blocks);
+        for (key, out) in blocks {
+            self.key_block(queries, key, out, &mut dq_parts, scr);
         }
     }
+}
+
+/// Partial dQ buffers of the backward pass for `key_blocks` key blocks and a dQ of `len`
+/// elements of `size` bytes: up to 8 (so that 8 threads find work), at least 2 where there
+/// are two key blocks (so that two threads do), and otherwise no more than 64 MiB in all.
+/// A function of the shape alone, never of the thread count: the lanes fix the order of
+/// dQ's sums, hence its bits.
+pub(crate) fn dq_lanes(key_blocks: usize, len: usize, size: usize) -> usize {
+    let budget = (64 << 20) / (len * size).max(1);
+    key_blocks.min(budget.clamp(2, 8)).max(1)
 }
 
 /// The half-open ranges `[start, end)` of `len` positions cut into tiles of `tile`.
@@ -438,7 +433,7 @@ pub(crate) fn backward<T: Float>(
             n_pad,
         },
         isa,
-        c: round_up(tk.min(m.max(1)), T::NR),
+        c: round_up(round_up(tk.min(m.max(1)), T::MR), T::NR),
         d_pad,
         dv_pad,
     };
@@ -474,29 +469,36 @@ pub(crate) fn backward<T: Float>(
         .map(|((dk, dv), dbias)| KeyOut { dk, dv, dbias });
     let q_rows = |(a, b): (usize, usize)| (a, a + round_up(b - a, T::MR));
     let q_blocks: Vec<(usize, usize)> = queries.iter().map(|&r| q_rows(r)).collect();
+    // Key block J goes to lane J mod L; lane 0 accumulates straight into dq.
+    let lanes = dq_lanes(keys.len(), dq.len(), size_of::<T>());
+    let mut work: Vec<Vec<KeyWork<'_, T>>> = (0..lanes).map(|_| Vec::new()).collect();
+    for (jb, (&key, out)) in keys.iter().zip(outs).enumerate() {
+        work[jb % lanes].push((key, out));
+    }
+    let c = ctx.c;
     if exec.parallel() {
-        let outs: Vec<KeyOut<'_, T>> = outs.collect();
-        keys.par_iter().zip(outs).for_each_init(
-            || Scratch::new(tq, tk),
-            |scr, (&key, out)| ctx.key_block(&queries, key, out, None, scr),
+        let mut partials: Vec<Vec<T>> = (1..lanes).map(|_| vec![T::zero(); dq.len()]).collect();
+        let bufs = std::iter::once(&mut dq[..]).chain(partials.iter_mut().map(|b| &mut b[..]));
+        let jobs: Vec<_> = work.into_iter().zip(bufs).collect();
+        jobs.into_par_iter().for_each_init(
+            || Scratch::new(tq, c),
+            |scr, (blocks, buf)| ctx.lane(&queries, &q_blocks, blocks, buf, scr),
         );
-        queries
-            .par_iter()
-            .zip(split(
-                &mut dq[..q_blocks.last().map_or(0, |b| b.1) * d_pad],
-                d_pad,
-                &q_blocks,
-            ))
-            .for_each_init(
-                || Scratch::new(tq, tk),
-                |scr, (&query, dq)| ctx.query_block(&keys, query, dq, scr),
-            );
+        for part in &partials {
+            add_into(&mut dq, part);
+        }
     } else {
-        let mut scr = Scratch::new(tq, tk);
-        let end = q_blocks.last().map_or(0, |b| b.1);
-        let mut dq_parts = split(&mut dq[..end * d_pad], d_pad, &q_blocks);
-        for (&key, out) in keys.iter().zip(outs) {
-            ctx.key_block(&queries, key, out, Some(&mut dq_parts), &mut scr);
+        let mut scr = Scratch::new(tq, c);
+        let mut lanes_work = work.into_iter();
+        if let Some(first) = lanes_work.next() {
+            ctx.lane(&queries, &q_blocks, first, &mut dq, &mut scr);
+        }
+        let mut part = Vec::new();
+        for blocks in lanes_work {
+            part.clear();
+            part.resize(dq.len(), T::zero());
+            ctx.lane(&queries, &q_blocks, blocks, &mut part, &mut scr);
+            add_into(&mut dq, &part);
         }
     }
     let key_row = |j: usize| key_blocks[j / tk].0 + j % tk;
@@ -517,6 +519,13 @@ pub(crate) fn backward<T: Float>(
         dk: DMatrix::from_fn(m, d, |j, c| dk[key_row(j) * d_pad + c]),
         dv: DMatrix::from_fn(m, dv, |j, c| dvb[key_row(j) * dv_pad + c]),
         dbias: dbias.map(|data| DMatrix::from_vec(n, m, data)),
+    }
+}
+
+/// `acc ← acc + x`, element by element: the lanes' partial dQ summed in lane order.
+fn add_into<T: Float>(acc: &mut [T], x: &[T]) {
+    for (a, &b) in acc.iter_mut().zip(x) {
+        *a += b;
     }
 }
 

@@ -241,18 +241,9 @@ fn query_tile<T: Float, const STATS: bool>(
                 k: d,
                 accumulate: false,
             },
-            Rows {
-                data: &packed.q[q0 * d..],
-                stride: d,
-            },
-            Panels {
-                data: &packed.kv.kt[(k0 / nr) * d * nr..],
-                stride: d * nr,
-            },
-            Out {
-                data: &mut scr.s,
-                stride: bc,
-            },
+            Rows::new(&packed.q[q0 * d..], d),
+            Panels::new(&packed.kv.kt[(k0 / nr) * d * nr..], d * nr),
+            Out::new(&mut scr.s, bc),
         );
         for r in 0..rows {
             let row = &mut scr.s[r * bc..r * bc + cols_pad];
@@ -301,18 +292,9 @@ fn query_tile<T: Float, const STATS: bool>(
                     k: cols_pad,
                     accumulate: true,
                 },
-                Rows {
-                    data: &scr.s,
-                    stride: bc,
-                },
-                Panels {
-                    data: &packed.kv.v[k0 * nr..],
-                    stride: packed.kv.m_pad * nr,
-                },
-                Out {
-                    data: &mut scr.o,
-                    stride: dv_pad,
-                },
+                Rows::new(&scr.s, bc),
+                Panels::new(&packed.kv.v[k0 * nr..], packed.kv.m_pad * nr),
+                Out::new(&mut scr.o, dv_pad),
             );
         }
     }

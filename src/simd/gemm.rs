@@ -26,13 +26,38 @@
 
 use super::{Element, Isa, Kernel, Lanes, dispatch};
 
-/// A row-major matrix operand: element (i, t) at `data[i·stride + t]`.
+/// A matrix operand read one element at a time: element (i, t) at `data[i·stride + t·step]`;
+/// `step` is 1 for a row-major matrix, and the row length for the transpose of one (the
+/// backward pass multiplies by Pᵀ and dSᵀ without forming them).
 #[derive(Clone, Copy)]
 pub struct Rows<'a, T> {
     /// The elements.
     pub data: &'a [T],
     /// Distance between rows.
     pub stride: usize,
+    /// Distance between the elements of a row.
+    pub step: usize,
+}
+
+impl<'a, T> Rows<'a, T> {
+    /// The row-major matrix with rows `stride` apart: element (i, t) at `data[i·stride + t]`.
+    pub fn new(data: &'a [T], stride: usize) -> Self {
+        Rows {
+            data,
+            stride,
+            step: 1,
+        }
+    }
+
+    /// The transpose of the row-major matrix with rows `stride` apart: element (i, t) at
+    /// `data[t·stride + i]`.
+    pub fn transposed(data: &'a [T], stride: usize) -> Self {
+        Rows {
+            data,
+            stride: 1,
+            step: stride,
+        }
+    }
 }
 
 /// A packed right-hand operand: panel `p` (columns `p·NR .. p·NR + NR`) is a k x NR
@@ -51,6 +76,20 @@ pub struct Out<'a, T> {
     pub data: &'a mut [T],
     /// Distance between rows.
     pub stride: usize,
+}
+
+impl<'a, T> Panels<'a, T> {
+    /// Panels `stride` apart in `data`.
+    pub fn new(data: &'a [T], stride: usize) -> Self {
+        Panels { data, stride }
+    }
+}
+
+impl<'a, T> Out<'a, T> {
+    /// Rows `stride` apart in `data`.
+    pub fn new(data: &'a mut [T], stride: usize) -> Self {
+        Out { data, stride }
+    }
 }
 
 /// The shape of one product: `rows` (a multiple of MR) x `ncols` (a multiple of NR), inner
@@ -84,10 +123,12 @@ fn check_bounds<T>(
     if s.rows == 0 || s.ncols == 0 {
         return;
     }
-    assert!(
-        a.stride >= s.k && a.data.len() >= (s.rows - 1) * a.stride + s.k,
-        "A too short"
-    );
+    if s.k > 0 {
+        assert!(
+            a.data.len() > (s.rows - 1) * a.stride + (s.k - 1) * a.step,
+            "A too short"
+        );
+    }
     assert!(
         b.data.len() >= (s.ncols / nr - 1) * b.stride + s.k * nr,
         "B too short"
@@ -103,7 +144,8 @@ fn check_bounds<T>(
 ///
 /// # Safety
 ///
-/// `a` must point at MR rows of at least `k` readable elements, `a_rs` apart; `b` at `k` rows
+/// `a` must point at MR rows of `k` readable elements, `a_rs` apart, the elements of a row
+/// `a_cs` apart; `b` at `k` rows
 /// of `NV·LANES` readable elements, `E::NR` apart; `c` at MR rows of `NV·LANES` writable
 /// elements, `c_rs` apart, not overlapping A or B.
 #[inline(always)]
@@ -112,7 +154,7 @@ unsafe fn block<E: Element, S: Lanes<E>, const MR: usize, const NV: usize>(
     s: S,
     k: usize,
     a: *const E,
-    a_rs: usize,
+    (a_rs, a_cs): (usize, usize),
     b: *const E,
     c: *mut E,
     c_rs: usize,
@@ -129,7 +171,7 @@ unsafe fn block<E: Element, S: Lanes<E>, const MR: usize, const NV: usize>(
                 *bvv = s.load_ptr(bp.add(v * S::LANES));
             }
             for (i, acc_i) in acc.iter_mut().enumerate() {
-                let ai = s.splat(*a.add(i * a_rs + t));
+                let ai = s.splat(*a.add(i * a_rs + t * a_cs));
                 for (acc_iv, &bvv) in acc_i.iter_mut().zip(&bv) {
                     *acc_iv = s.mul_add(ai, bvv, *acc_iv);
                 }
@@ -172,7 +214,7 @@ impl<E: Element> Kernel<E> for Gemm<'_, E> {
             for h in (0..nr).step_by(w) {
                 for i0 in (0..shape.rows).step_by(MR) {
                     // SAFETY: `check_bounds` proved that rows i0..i0 + MR of A hold k elements
-                    // each, that panel p holds k rows of nr elements, and that C's rows
+                    // each (`step` apart), that panel p holds k rows of nr elements, and that C's rows
                     // i0..i0 + MR hold columns p·nr..(p + 1)·nr; the slice h..h + w lies
                     // inside both, and C is borrowed mutably, apart from A and B.
                     unsafe {
@@ -180,7 +222,7 @@ impl<E: Element> Kernel<E> for Gemm<'_, E> {
                             s,
                             shape.k,
                             a.data.as_ptr().add(i0 * a.stride),
-                            a.stride,
+                            (a.stride, a.step),
                             b.data.as_ptr().add(p * b.stride + h),
                             c.data.as_mut_ptr().add(i0 * c.stride + p * nr + h),
                             c.stride,
@@ -227,18 +269,9 @@ mod tests {
                 gemm(
                     isa,
                     shape,
-                    Rows {
-                        data: &a,
-                        stride: a_rs,
-                    },
-                    Panels {
-                        data: &b,
-                        stride: p_stride,
-                    },
-                    Out {
-                        data: &mut c,
-                        stride: c_rs,
-                    },
+                    Rows::new(&a, a_rs),
+                    Panels::new(&b, p_stride),
+                    Out::new(&mut c, c_rs),
                 );
                 for i in 0..rows {
                     for j in 0..c_rs {
@@ -286,18 +319,9 @@ mod tests {
                     k,
                     accumulate: false,
                 },
-                Rows {
-                    data: &a,
-                    stride: k,
-                },
-                Panels {
-                    data: &b,
-                    stride: k * 32,
-                },
-                Out {
-                    data: &mut c,
-                    stride: ncols,
-                },
+                Rows::new(&a, k),
+                Panels::new(&b, k * 32),
+                Out::new(&mut c, ncols),
             );
             c
         };
@@ -305,6 +329,65 @@ mod tests {
         for isa in Isa::available() {
             assert_eq!(run(isa), want, "{isa:?}");
         }
+    }
+
+    /// A transposed operand gives the same bits as the product with its transpose formed.
+    #[test]
+    fn transposed_a_equals_the_formed_transpose() {
+        let (rows, ncols, k) = (12, 64, 17);
+        // A is rows x k; `at` holds Aᵀ row-major (k x rows, rows + 5 apart).
+        let at_rs = rows + 5;
+        let at: Vec<f64> = (0..k * at_rs).map(|x| (x as f64 * 0.73).sin()).collect();
+        let a: Vec<f64> = (0..rows * k).map(|x| at[(x % k) * at_rs + x / k]).collect();
+        let b: Vec<f64> = (0..(ncols / 16) * k * 16)
+            .map(|x| (x as f64 * 0.29).cos())
+            .collect();
+        for isa in Isa::available() {
+            let run = |a: Rows<'_, f64>| {
+                let mut c = vec![0.0; rows * ncols];
+                let shape = Shape {
+                    rows,
+                    ncols,
+                    k,
+                    accumulate: false,
+                };
+                gemm(
+                    isa,
+                    shape,
+                    a,
+                    Panels::new(&b, k * 16),
+                    Out::new(&mut c, ncols),
+                );
+                c
+            };
+            assert_eq!(
+                run(Rows::transposed(&at, at_rs)),
+                run(Rows::new(&a, k)),
+                "{isa:?}"
+            );
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "A too short")]
+    fn gemm_checks_transposed_bounds() {
+        // Aᵀ of 6 rows x k = 4 with rows 8 apart needs 3 · 8 + 6 = 30 elements; it has 29.
+        let at = [0.0_f32; 29];
+        let b = [0.0_f32; 32 * 4];
+        let mut c = [0.0_f32; 6 * 32];
+        let shape = Shape {
+            rows: 6,
+            ncols: 32,
+            k: 4,
+            accumulate: false,
+        };
+        gemm(
+            Isa::get(),
+            shape,
+            Rows::transposed(&at, 8),
+            Panels::new(&b, 128),
+            Out::new(&mut c, 32),
+        );
     }
 
     #[test]
@@ -322,18 +405,9 @@ mod tests {
                 k: 4,
                 accumulate: false,
             },
-            Rows {
-                data: &a,
-                stride: 4,
-            },
-            Panels {
-                data: &b,
-                stride: 128,
-            },
-            Out {
-                data: &mut c,
-                stride: 32,
-            },
+            Rows::new(&a, 4),
+            Panels::new(&b, 128),
+            Out::new(&mut c, 32),
         );
     }
 }

@@ -90,6 +90,110 @@ pub fn scale_row<E: Element>(isa: Isa, row: &mut [E], alpha: E) {
     dispatch(isa, ScaleRow { row, alpha });
 }
 
+/// See [`affine_row`].
+struct AffineRow<'a, E> {
+    x: &'a [E],
+    a: E,
+    b: E,
+    out: &'a mut [E],
+}
+
+impl<E: Element> Kernel<E> for AffineRow<'_, E> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<S: Lanes<E>>(self, s: S) {
+        let AffineRow { x, a, b, out } = self;
+        assert_eq!(x.len(), out.len());
+        let (av, bv) = (s.splat(a), s.splat(b));
+        let mut xs = x.chunks_exact(S::LANES);
+        let mut os = out.chunks_exact_mut(S::LANES);
+        for (xc, oc) in (&mut xs).zip(&mut os) {
+            s.store(oc, s.sub(s.mul(av, s.load(xc)), bv));
+        }
+        for (&xi, o) in xs.remainder().iter().zip(os.into_remainder()) {
+            *o = a * xi - b;
+        }
+    }
+}
+
+/// `out ← a · x − b`, two roundings per entry as the scalar expression (any length; `x` and
+/// `out` of equal length).
+pub fn affine_row<E: Element>(isa: Isa, x: &[E], a: E, b: E, out: &mut [E]) {
+    dispatch(isa, AffineRow { x, a, b, out });
+}
+
+/// See [`softmax_grad_row`].
+struct SoftmaxGradRow<'a, E> {
+    p: &'a [E],
+    dp: &'a mut [E],
+    dx: &'a mut [E],
+    delta: E,
+    g: E,
+    tiny: E,
+}
+
+impl<E: Element> Kernel<E> for SoftmaxGradRow<'_, E> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<S: Lanes<E>>(self, s: S) {
+        let SoftmaxGradRow {
+            p,
+            dp,
+            dx,
+            delta,
+            g,
+            tiny,
+        } = self;
+        assert!(p.len() == dp.len() && p.len() == dx.len());
+        let (dv, gv) = (s.splat(delta), s.splat(g));
+        let l = S::LANES;
+        let whole = p.len() - p.len() % l;
+        for j in (0..whole).step_by(l) {
+            let pv = s.load(&p[j..]);
+            // A pair without weight gives exactly 0, even where dP − D is not finite.
+            let ds = s.zero_below(pv, tiny, s.mul(pv, s.sub(s.load(&dp[j..]), dv)));
+            s.store(&mut dp[j..], pv);
+            s.store(&mut dx[j..], s.mul(ds, gv));
+        }
+        for j in whole..p.len() {
+            let ds = if p[j] < tiny {
+                E::ZERO
+            } else {
+                p[j] * (dp[j] - delta)
+            };
+            dp[j] = p[j];
+            dx[j] = ds * g;
+        }
+    }
+}
+
+/// One row of the backward pass's softmax step, for a constant score derivative `g`:
+/// with `P` the row's weights (`p`, non-negative), `dS = P ⊙ (dP − D)` (0 where `P < tiny`,
+/// which callers set to the smallest normal number: the vector exp flushes smaller weights
+/// to 0), then `dp ← P` and `dx ← g · dS` (all of equal length).
+pub fn softmax_grad_row<E: Element>(
+    isa: Isa,
+    p: &[E],
+    (dp, dx): (&mut [E], &mut [E]),
+    delta: E,
+    g: E,
+    tiny: E,
+) {
+    dispatch(
+        isa,
+        SoftmaxGradRow {
+            p,
+            dp,
+            dx,
+            delta,
+            g,
+            tiny,
+        },
+    );
+}
+
 /// See [`all_finite`].
 struct AllFinite<'a, E> {
     x: &'a [E],
@@ -150,6 +254,51 @@ mod tests {
                 if let Some(last) = z.last_mut() {
                     *last = f64::INFINITY;
                     assert!(!all_finite(isa, &z), "{isa:?} {len}");
+                }
+            }
+        }
+    }
+
+    /// Against the scalar formulas on every instruction set, the tail included: the same bits.
+    #[test]
+    fn affine_and_softmax_grad_rows_match_plain_loops() {
+        for isa in Isa::available() {
+            for len in [0, 1, 7, 8, 16, 37, 96] {
+                let x: Vec<f32> = (0..len).map(|j| (j as f32 * 0.37).sin() * 3.0).collect();
+                let mut out = vec![0.0; len];
+                affine_row(isa, &x, 0.125, -1.5, &mut out);
+                for (o, &xi) in out.iter().zip(&x) {
+                    assert_eq!(*o, 0.125 * xi - -1.5, "{isa:?}");
+                }
+                // Weights with exact zeros where dP is infinite: dS must stay 0 there.
+                let p: Vec<f32> = (0..len)
+                    .map(|j| {
+                        if j % 3 == 0 {
+                            0.0
+                        } else {
+                            (j as f32 * 0.11).cos().abs()
+                        }
+                    })
+                    .collect();
+                let dp0: Vec<f32> = (0..len)
+                    .map(|j| {
+                        if j % 6 == 0 {
+                            f32::INFINITY
+                        } else {
+                            j as f32 * 0.5 - 2.0
+                        }
+                    })
+                    .collect();
+                let (mut dp, mut dx) = (dp0.clone(), vec![7.0; len]);
+                softmax_grad_row(isa, &p, (&mut dp, &mut dx), 0.75, 0.25, f32::MIN_POSITIVE);
+                for j in 0..len {
+                    let ds = if p[j] == 0.0 {
+                        0.0
+                    } else {
+                        p[j] * (dp0[j] - 0.75)
+                    };
+                    assert_eq!(dp[j], p[j], "{isa:?} {j}");
+                    assert_eq!(dx[j], ds * 0.25, "{isa:?} {j}");
                 }
             }
         }
