@@ -94,26 +94,42 @@ impl<T: Float> Scratch<T> {
     }
 }
 
-/// Runs the forward pass: the output (n x d_v) and the per-row log-sum-exp (natural log).
+/// The forward pass of several heads (each with the packed K and V of its key-value head):
+/// per head the output (n x d_v) and the per-row log-sum-exp (natural log). The query tiles
+/// of all heads are scheduled in one loop, with one scratch per thread.
+pub(crate) fn forward_many<T: Float>(
+    jobs: &[(&Problem<'_, T>, &PackedKv<T>)],
+    isa: Isa,
+    exec: Exec,
+) -> Vec<(DMatrix<T>, DVector<T>)> {
+    run::<T, false>(jobs, isa, exec)
+        .into_iter()
+        .map(|(output, lse, _)| (output, lse))
+        .collect()
+}
+
+/// Runs the forward pass of one head: the output (n x d_v) and the per-row log-sum-exp.
+#[cfg(test)]
 pub(crate) fn forward<T: Float>(
     p: &Problem<'_, T>,
     kv: &PackedKv<T>,
     isa: Isa,
     exec: Exec,
 ) -> (DMatrix<T>, DVector<T>) {
-    let (output, lse, _) = run::<T, false>(p, kv, isa, exec);
+    let (output, lse, _) = run::<T, false>(&[(p, kv)], isa, exec).swap_remove(0);
     (output, lse)
 }
 
-/// [`forward`] with the per-row statistics of the weights ([`AttentionStats`]), accumulated
-/// in the same pass (see [`stats_step`]); the output and log-sum-exp are the same bits.
+/// The forward pass of one head with the per-row statistics of its weights
+/// ([`AttentionStats`]), accumulated in the same pass (see [`stats_step`]); the output and
+/// log-sum-exp are the same bits as without them.
 pub(crate) fn forward_with_stats<T: Float>(
     p: &Problem<'_, T>,
     kv: &PackedKv<T>,
     isa: Isa,
     exec: Exec,
 ) -> (DMatrix<T>, DVector<T>, AttentionStats<T>) {
-    let (output, lse, stats) = run::<T, true>(p, kv, isa, exec);
+    let (output, lse, stats) = run::<T, true>(&[(p, kv)], isa, exec).swap_remove(0);
     let [max_logit, entropy, max_prob] = stats.map(DVector::from_vec);
     let stats = AttentionStats {
         max_logit,
@@ -126,71 +142,111 @@ pub(crate) fn forward_with_stats<T: Float>(
 /// One tile's rows of the three statistics (empty slices when they are not computed).
 type StatRows<'a, T> = [&'a mut [T]; 3];
 
-/// The forward pass; with `STATS` it also fills the three statistics (max logit, entropy,
-/// max probability, each of length n; empty otherwise). A compile-time choice: without it the
+/// One head's results: output, log-sum-exp, and the statistics (each of length n with
+/// `STATS`, else empty).
+type HeadResult<T> = (DMatrix<T>, DVector<T>, [Vec<T>; 3]);
+
+/// One query tile of one head: the head, the tile's first row, and where its rows go (the
+/// tile's segment of every output column, of the lse and of the statistics).
+struct TileJob<'a, T> {
+    head: usize,
+    q0: usize,
+    out: Vec<&'a mut [T]>,
+    lse: &'a mut [T],
+    stats: StatRows<'a, T>,
+}
+
+/// The forward pass of every head of `jobs`; with `STATS` it also fills the three
+/// statistics (max logit, entropy, max probability). A compile-time choice: without it the
 /// statistics code is not in the loop at all.
-fn run<T: Float, const STATS: bool>(
-    p: &Problem<'_, T>,
-    kv: &PackedKv<T>,
+fn run<'k, T: Float, const STATS: bool>(
+    jobs: &[(&Problem<'_, T>, &'k PackedKv<T>)],
     isa: Isa,
     exec: Exec,
-) -> (DMatrix<T>, DVector<T>, [Vec<T>; 3]) {
-    let Plan { n, dv, .. } = p.plan;
+) -> Vec<HeadResult<T>> {
     let br = tile::<T>().0;
-    let dv_pad = kv.dv_pad;
-    let factor = q_factor(&p.plan);
-    let packed = Packed {
-        q: pack::rows(&p.q, |x| factor.apply(x), round_up(n, T::MR)),
-        kv,
+    let pack_q = |&(p, kv): &(&Problem<'_, T>, &'k PackedKv<T>)| -> Packed<'k, T> {
+        let factor = q_factor(&p.plan);
+        Packed {
+            q: pack::rows(&p.q, |x| factor.apply(x), round_up(p.plan.n, T::MR)),
+            kv,
+        }
     };
-    // The result is column-major; query tile t owns the segment t·BR .. t·BR + rows of every
+    let packed: Vec<Packed<'k, T>> = if exec.parallel() && jobs.len() > 1 {
+        jobs.par_iter().map(pack_q).collect()
+    } else {
+        jobs.iter().map(pack_q).collect()
+    };
+    // Each result is column-major; query tile t owns the segment t·BR .. t·BR + rows of every
     // column (and of the lse), so the tiles can write their rows in place, in parallel.
-    let mut output = DMatrix::zeros(n, dv);
-    let mut lse = vec![T::zero(); n];
-    let sn = if STATS { n } else { 0 };
-    let mut stats = [
-        vec![T::NEG_INFINITY; sn],
-        vec![T::zero(); sn],
-        vec![T::zero(); sn],
-    ];
-    let [a, b, c] = &mut stats;
-    let (mut a, mut b, mut c) = (a.chunks_mut(br), b.chunks_mut(br), c.chunks_mut(br));
-    #[allow(clippy::type_complexity)]
-    let mut tiles: Vec<(Vec<&mut [T]>, &mut [T], StatRows<'_, T>)> = lse
-        .chunks_mut(br)
-        .map(|l| {
-            let st = [
-                a.next().unwrap_or_default(),
-                b.next().unwrap_or_default(),
-                c.next().unwrap_or_default(),
+    let mut results: Vec<HeadResult<T>> = jobs
+        .iter()
+        .map(|(p, _)| {
+            let Plan { n, dv, .. } = p.plan;
+            let sn = if STATS { n } else { 0 };
+            let stats = [
+                vec![T::NEG_INFINITY; sn],
+                vec![T::zero(); sn],
+                vec![T::zero(); sn],
             ];
-            (Vec::with_capacity(dv), l, st)
+            (DMatrix::zeros(n, dv), DVector::zeros(n), stats)
         })
         .collect();
-    if n > 0 {
-        for column in output.as_mut_slice().chunks_mut(n) {
-            for (tile, segment) in tiles.iter_mut().zip(column.chunks_mut(br)) {
-                tile.0.push(segment);
+    let mut tiles: Vec<TileJob<'_, T>> = Vec::new();
+    for (head, (output, lse, stats)) in results.iter_mut().enumerate() {
+        let (n, dv) = output.shape();
+        let [a, b, c] = stats;
+        let (mut a, mut b, mut c) = (a.chunks_mut(br), b.chunks_mut(br), c.chunks_mut(br));
+        let first = tiles.len();
+        for (t, l) in lse.as_mut_slice().chunks_mut(br).enumerate() {
+            tiles.push(TileJob {
+                head,
+                q0: t * br,
+                out: Vec::with_capacity(dv),
+                lse: l,
+                stats: [
+                    a.next().unwrap_or_default(),
+                    b.next().unwrap_or_default(),
+                    c.next().unwrap_or_default(),
+                ],
+            });
+        }
+        if n > 0 {
+            for column in output.as_mut_slice().chunks_mut(n) {
+                for (tile, segment) in tiles[first..].iter_mut().zip(column.chunks_mut(br)) {
+                    tile.out.push(segment);
+                }
             }
         }
     }
+    let dv_pad = jobs.iter().map(|(_, kv)| kv.dv_pad).max().unwrap_or(0);
+    let one = |scratch: &mut Scratch<T>, t: TileJob<'_, T>| {
+        let p = jobs[t.head].0;
+        query_tile::<T, STATS>(
+            p,
+            &packed[t.head],
+            isa,
+            t.q0,
+            t.out,
+            t.lse,
+            t.stats,
+            scratch,
+        )
+    };
     match exec {
         Exec::Inline => {
             let mut scratch = Scratch::new(dv_pad, STATS);
-            for (t, (out, l, st)) in tiles.into_iter().enumerate() {
-                query_tile::<T, STATS>(p, &packed, isa, t * br, out, l, st, &mut scratch);
+            for t in tiles {
+                one(&mut scratch, t);
             }
         }
         Exec::Pool => {
-            tiles.into_par_iter().enumerate().for_each_init(
-                || Scratch::new(dv_pad, STATS),
-                |scratch, (t, (out, l, st))| {
-                    query_tile::<T, STATS>(p, &packed, isa, t * br, out, l, st, scratch)
-                },
-            );
+            tiles
+                .into_par_iter()
+                .for_each_init(|| Scratch::new(dv_pad, STATS), one);
         }
     }
-    (output, DVector::from_vec(lse), stats)
+    results
 }
 
 /// Rows `q0 .. q0 + lse.len()` of the output (`out[c]`: the tile's segment of column c)
@@ -225,13 +281,13 @@ fn query_tile<T: Float, const STATS: bool>(
     }
     debug_assert!(rows <= br);
 
-    for k0 in (0..m).step_by(bc) {
-        let cols = bc.min(m - k0);
-        let cols_pad = round_up(cols, nr);
-        let block = p.mask.classify(q0..q0 + rows, k0..k0 + cols, n, m);
+    for kb in (0..m).step_by(bc) {
+        let (block, keys) = trim(p.mask, q0..q0 + rows, kb..kb + bc.min(m - kb), (n, m), nr);
         if block == Block::Empty {
             continue;
         }
+        let (k0, cols) = (keys.start, keys.len());
+        let cols_pad = round_up(cols, nr);
         // S = Q_tile · K_tileᵀ (already in log₂ units unless there is a softcap).
         simd::gemm(
             isa,
@@ -348,6 +404,40 @@ fn query_tile<T: Float, const STATS: bool>(
             [st_max[r], st_h[r], st_p[r]] = st;
         }
     }
+}
+
+/// The class of the block `rows` x `keys` and the keys worth computing: a partial block
+/// loses the runs of `nr` keys at either end that the mask rules out for every row (a causal
+/// tile's keys past its last row, a sliding window's keys before its first), so the products
+/// skip them; the start stays a multiple of `nr` (a panel boundary) if `keys.start` is one.
+/// The trimmed block is classified again (it may have become full).
+pub(super) fn trim(
+    mask: &crate::Mask,
+    rows: std::ops::Range<usize>,
+    keys: std::ops::Range<usize>,
+    (n, m): (usize, usize),
+    nr: usize,
+) -> (Block, std::ops::Range<usize>) {
+    let class = |k: std::ops::Range<usize>| mask.classify(rows.clone(), k, n, m);
+    let block = class(keys.clone());
+    if block != Block::Partial {
+        return (block, keys);
+    }
+    let (mut lo, mut hi) = (keys.start, keys.end);
+    while hi - lo > nr && class(lo..lo + nr) == Block::Empty {
+        lo += nr;
+    }
+    loop {
+        let last = lo + (hi - lo - 1) / nr * nr;
+        if last == lo || class(last..hi) != Block::Empty {
+            break;
+        }
+        hi = last;
+    }
+    if (lo, hi) == (keys.start, keys.end) {
+        return (block, keys);
+    }
+    (class(lo..hi), lo..hi)
 }
 
 /// The statistics' part of one online-softmax step for one row (see [`AttentionStats`]):
@@ -666,6 +756,52 @@ mod tests {
     use crate::mask::Mask;
     use crate::spec::{AttentionOptions, plan};
     use rand::{RngExt, SeedableRng};
+
+    /// Trimming never drops an allowed pair, keeps panel boundaries, drops the empty runs
+    /// it should, and classifies what is left as the mask does.
+    #[test]
+    fn trim_keeps_every_allowed_pair() {
+        let (n, m, nr) = (300, 520, 32);
+        let masks = [
+            Mask::causal(),
+            Mask::causal_bottom_right(),
+            Mask::sliding_window(40),
+            Mask::prefix_lm(50),
+            Mask::key_padding(300).and(Mask::causal()),
+            Mask::sliding_window(10).or(Mask::prefix_lm(5)),
+            Mask::from_fn(|i, j| (i + j) % 7 == 0),
+        ];
+        for mask in &masks {
+            for q0 in (0..n).step_by(96) {
+                let rows = q0..(q0 + 96).min(n);
+                for k0 in (0..m).step_by(256) {
+                    let keys = k0..(k0 + 256).min(m);
+                    let (block, kept) = trim(mask, rows.clone(), keys.clone(), (n, m), nr);
+                    assert_eq!(block, mask.classify(rows.clone(), kept.clone(), n, m));
+                    assert!(kept.start % nr == 0 && kept.start >= keys.start);
+                    assert!(kept.end <= keys.end);
+                    for i in rows.clone() {
+                        for j in keys.clone() {
+                            if mask.allows_in(n, m, i, j) {
+                                assert!(kept.contains(&j), "{mask} ({i}, {j}) {kept:?}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // A causal tile's keys past its last row, a window's keys before its first.
+        let t = |mask: &Mask, rows, keys| trim(mask, rows, keys, (n, m), nr);
+        assert_eq!(t(&Mask::causal(), 0..96, 0..256), (Block::Partial, 0..96));
+        assert_eq!(
+            t(&Mask::causal(), 96..192, 0..256),
+            (Block::Partial, 0..192)
+        );
+        assert_eq!(
+            t(&Mask::sliding_window(10), 200..296, 0..256),
+            (Block::Partial, 160..256)
+        );
+    }
 
     fn random(rows: usize, cols: usize, seed: u64) -> DMatrix<f64> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);

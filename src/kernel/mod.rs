@@ -131,26 +131,24 @@ pub(crate) fn attend<T: Float>(
     } else {
         threads
     };
-    // K and V are packed once per key-value head and shared by its group's query heads.
-    let run_group = |heads: &[Problem<'_, T>], exec: Exec| -> Vec<AttentionOutput<T>> {
-        let kv = forward::PackedKv::new(&heads[0]);
-        let one = |p: &Problem<'_, T>| wrap(forward::forward(p, &kv, isa, exec));
-        if exec.parallel() {
-            heads.par_iter().map(one).collect()
-        } else {
-            heads.iter().map(one).collect()
-        }
-    };
+    // K and V are packed once per key-value head and shared by its group's query heads; the
+    // query tiles of all heads then run in one loop.
     with_threads(threads, |exec| {
-        let groups: Vec<Vec<AttentionOutput<T>>> = if exec.parallel() {
-            problems
-                .par_chunks(group)
-                .map(|g| run_group(g, exec))
-                .collect()
+        let pack = |g: &[Problem<'_, T>]| forward::PackedKv::new(&g[0]);
+        let kvs: Vec<forward::PackedKv<T>> = if exec.parallel() {
+            problems.par_chunks(group).map(pack).collect()
         } else {
-            problems.chunks(group).map(|g| run_group(g, exec)).collect()
+            problems.chunks(group).map(pack).collect()
         };
-        groups.into_iter().flatten().collect()
+        let jobs: Vec<(&Problem<'_, T>, &forward::PackedKv<T>)> = problems
+            .iter()
+            .enumerate()
+            .map(|(h, p)| (p, &kvs[h / group]))
+            .collect();
+        forward::forward_many(&jobs, isa, exec)
+            .into_iter()
+            .map(wrap)
+            .collect()
     })
 }
 

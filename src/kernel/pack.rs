@@ -31,13 +31,33 @@ pub(crate) fn rows<T: Float>(
     let (r, c) = x.shape();
     debug_assert!(rows_pad >= r);
     let mut out = vec![T::zero(); rows_pad * c];
-    for t in 0..c {
-        let col = x.column(t);
-        for (dst, &v) in out.iter_mut().skip(t).step_by(c).zip(col.as_slice()) {
-            *dst = factor(v);
+    transpose_into(x, 0..c, &mut out, c, factor);
+    out
+}
+
+/// `out[i·stride + (t − cols.start)] = factor(x[(i, t)])` for every row i of `x` and column
+/// t of `cols`: column-major to row-major, eight columns at a time, so that each output row
+/// gets a run of adjacent entries from eight sequential column streams.
+fn transpose_into<T: Float>(
+    x: &DMatrixView<'_, T>,
+    cols: std::ops::Range<usize>,
+    out: &mut [T],
+    stride: usize,
+    factor: impl Fn(T) -> T,
+) {
+    const W: usize = 8;
+    let r = x.nrows();
+    for t0 in cols.clone().step_by(W) {
+        let w = (cols.end - t0).min(W);
+        let views: Vec<_> = (t0..t0 + w).map(|t| x.column(t)).collect();
+        let columns: Vec<&[T]> = views.iter().map(|v| v.as_slice()).collect();
+        let at = t0 - cols.start;
+        for (i, row) in out.chunks_mut(stride).take(r).enumerate() {
+            for (o, col) in row[at..at + w].iter_mut().zip(&columns) {
+                *o = factor(col[i]);
+            }
         }
     }
-    out
 }
 
 /// Kᵀ for K (m x d), in `⌈m / nr⌉` panels of `d x nr` (panel stride `d·nr`); keys past m
@@ -61,13 +81,11 @@ pub(crate) fn panels<T: Float>(v: &DMatrixView<'_, T>, nr: usize, rows_pad: usiz
     let e = v.ncols();
     debug_assert!(rows_pad >= v.nrows());
     let mut out = vec![T::zero(); round_up(e, nr) * rows_pad];
-    for c in 0..e {
-        let (p, lane) = (c / nr, c % nr);
-        let panel = &mut out[p * rows_pad * nr..(p + 1) * rows_pad * nr];
-        let col = v.column(c);
-        for (dst, &x) in panel.iter_mut().skip(lane).step_by(nr).zip(col.as_slice()) {
-            *dst = x;
-        }
+    if out.is_empty() {
+        return out;
+    }
+    for (p, panel) in out.chunks_mut(rows_pad * nr).enumerate() {
+        transpose_into(v, p * nr..((p + 1) * nr).min(e), panel, nr, |x| x);
     }
     out
 }
