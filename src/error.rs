@@ -153,6 +153,19 @@ pub enum Error {
         /// Its shape, (rows, columns); a vector has one column.
         shape: (usize, usize),
     },
+    /// The saved forward result given to a backward pass does not come from a forward call
+    /// with this call's mask, options, Q and K: the weights of row `row` of head `head`,
+    /// recomputed from the saved log-sum-exp, sum to `sum` instead of 1 (beyond every
+    /// rounding the two passes can differ by). Nothing is returned rather than gradients of
+    /// another function.
+    ForwardMismatch {
+        /// The query head (0 for a single-head call).
+        head: usize,
+        /// The query row.
+        row: usize,
+        /// What its recomputed weights sum to.
+        sum: f64,
+    },
 }
 
 impl fmt::Display for Error {
@@ -221,6 +234,12 @@ impl fmt::Display for Error {
                 f,
                 "{what} ({} x {} entries) is too large to allocate",
                 shape.0, shape.1
+            ),
+            Error::ForwardMismatch { head, row, sum } => write!(
+                f,
+                "forward does not match this call: the weights of head {head}, row {row}, \
+                 recomputed from forward.lse, sum to {sum} instead of 1 (was the forward run \
+                 with another mask, options, Q or K?)"
             ),
         }
     }

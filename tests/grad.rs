@@ -2,8 +2,9 @@
 //! fully masked rows, and the gradient that explains the 1/√d scale.
 
 use attention_math::{
-    AttentionGrads, AttentionOptions, Error, Float, Mask, attention_backward,
-    attention_backward_reference, entropy, entropy_from_logits_grad, log_softmax, log_softmax_vjp,
+    AttentionGrads, AttentionOptions, Error, Float, Heads, Mask, MultiHeadOutput,
+    attention_backward, attention_backward_reference, entropy, entropy_from_logits_grad,
+    log_softmax, log_softmax_vjp, multi_head_attention_backward, multi_head_attention_with,
     scaled_attention_with, softmax, softmax_jacobian, softmax_jvp, softmax_vjp,
 };
 use nalgebra::{DMatrix, DVector};
@@ -572,4 +573,97 @@ proptest! {
             prop_assert!((lvjp[i] - (f(&a) - f(&b)) / (2.0 * h)).abs() < 1e-7);
         }
     }
+}
+
+/// A saved forward result from another call is an error, not the gradients of another
+/// function: another mask (the case: causal forward, prefix-LM backward, dQ was off by
+/// 1.76), another scale, a bias dropped, another Q; on one head and per head of a layer. The
+/// matching forward passes, from the kernel or the reference, on every thread count.
+#[test]
+fn a_forward_from_another_call_is_an_error() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let (n, d) = (300, 8);
+    let q = randn(&mut rng, n, d, 1.0);
+    let k = randn(&mut rng, n, d, 1.0);
+    let v = randn(&mut rng, n, d, 1.0);
+    let g = randn(&mut rng, n, d, 1.0);
+    let bias = randn(&mut rng, n, n, 1.0);
+    let plain = AttentionOptions::new();
+    let fwd = |mask: &Mask, opts: &AttentionOptions<'_, f64>, q: &DMatrix<f64>| {
+        scaled_attention_with(q, &k, &v, mask, opts).unwrap()
+    };
+    let is_mismatch = |r: attention_math::Result<AttentionGrads<f64>>| {
+        matches!(r, Err(Error::ForwardMismatch { head: 0, .. }))
+    };
+    let causal = fwd(&Mask::causal(), &plain, &q);
+    for threads in [1, 2] {
+        let opts = plain.clone().threads(threads);
+        let ok = attention_backward(&q, &k, &v, &Mask::causal(), &opts, &causal, &g);
+        assert!(ok.is_ok(), "{threads}");
+        let bad = attention_backward(&q, &k, &v, &Mask::prefix_lm(40), &opts, &causal, &g);
+        assert!(is_mismatch(bad), "{threads}");
+    }
+    let e = attention_backward(&q, &k, &v, &Mask::prefix_lm(40), &plain, &causal, &g).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("forward does not match this call"),
+        "{e}"
+    );
+    // Another scale, a bias the backward does not have, another Q.
+    let scaled = fwd(&Mask::none(), &AttentionOptions::new().scale(0.7), &q);
+    assert!(is_mismatch(attention_backward(
+        &q,
+        &k,
+        &v,
+        &Mask::none(),
+        &plain,
+        &scaled,
+        &g
+    )));
+    let biased = fwd(&Mask::none(), &AttentionOptions::new().bias(&bias), &q);
+    assert!(is_mismatch(attention_backward(
+        &q,
+        &k,
+        &v,
+        &Mask::none(),
+        &plain,
+        &biased,
+        &g
+    )));
+    let q2 = randn(&mut rng, n, d, 1.0);
+    let other = fwd(&Mask::none(), &plain, &q2);
+    assert!(is_mismatch(attention_backward(
+        &q,
+        &k,
+        &v,
+        &Mask::none(),
+        &plain,
+        &other,
+        &g
+    )));
+    // The reference's forward is accepted by the kernel's backward.
+    let reference =
+        attention_math::scaled_attention_reference(&q, &k, &v, &Mask::causal(), &plain).unwrap();
+    assert!(attention_backward(&q, &k, &v, &Mask::causal(), &plain, &reference, &g).is_ok());
+    // Per head of a layer: head 1 of 2 saved with another mask's log-sum-exp.
+    let heads = Heads::multi_head(2);
+    let (q2h, k2h, v2h, g2h) = (
+        randn(&mut rng, n, 2 * d, 1.0),
+        randn(&mut rng, n, 2 * d, 1.0),
+        randn(&mut rng, n, 2 * d, 1.0),
+        randn(&mut rng, n, 2 * d, 1.0),
+    );
+    let layer =
+        |mask: &Mask| multi_head_attention_with(&q2h, &k2h, &v2h, heads, mask, &plain).unwrap();
+    let mut mixed = layer(&Mask::causal());
+    let window = layer(&Mask::sliding_window(3));
+    mixed.lse.set_column(1, &window.lse.column(1));
+    let bwd = |f: &MultiHeadOutput<f64>| {
+        multi_head_attention_backward(&q2h, &k2h, &v2h, heads, &Mask::causal(), &plain, f, &g2h)
+    };
+    assert!(bwd(&layer(&Mask::causal())).is_ok());
+    assert!(matches!(
+        bwd(&mixed),
+        Err(Error::ForwardMismatch { head: 1, .. })
+    ));
 }

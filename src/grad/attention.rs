@@ -149,16 +149,26 @@ pub fn attention_backward_reference<'q, 'k, 'v, 'g, T: Float>(
 /// formulas are in the [guide](crate::guide::gradients). Fully masked rows get zero gradients,
 /// never NaN.
 ///
-/// Work is spread over rayon's thread pool in two passes (dK, dV and d bias over key
-/// blocks, then dQ over query blocks); every entry of the result is computed by one task in
-/// a fixed order, so the result is bit-identical for any number of threads. In a pool of
-/// one thread the two passes fuse into one (each block recomputed once, not twice), again
-/// with the same bits. [`AttentionOptions::threads`] runs the call on a pool of its own, as
-/// for the forward pass.
+/// One pass over the key blocks (FlashAttention-2's loop) spread over rayon's thread pool:
+/// each key block owns its rows of dK and dV (and its columns of d bias); dQ, which every
+/// key block adds to, is accumulated in a fixed number of partial sums (up to 8, chosen
+/// from the shape alone: key block J goes to partial J mod L) that are added in order at
+/// the end. Every entry of the result is therefore computed in the same order whatever the
+/// number of threads, and the result is bit-identical for any thread count. The partial
+/// sums cost up to `L − 1` extra n x d buffers (at most 64 MiB in all, and at least one
+/// where there are two key blocks). [`AttentionOptions::threads`] runs the call on a pool
+/// of its own, as for the forward pass.
 ///
 /// `forward` must come from a forward call with the same Q, K, V, mask and options
-/// ([`scaled_attention_with`](crate::scaled_attention_with) or the reference); that is not
-/// checked beyond its shapes.
+/// ([`scaled_attention_with`](crate::scaled_attention_with) or the reference). That is
+/// checked on the way, at no extra pass: every row's weights, recomputed from the saved
+/// log-sum-exp with this call's mask and options, must sum to 1 within the rounding the two
+/// passes can differ by (`2⁻⁶ + m·ε` plus the scores' conditioning), else the call returns
+/// [`Error::ForwardMismatch`] instead of the gradients of another function. A forward with
+/// `Mask::causal()` given to a backward with `Mask::prefix_lm(p)` fails it in its first
+/// rows; a mismatch that moves less than about 2% of a row's weight (a slightly different
+/// scale) is not caught, nor is a different V (the saved output only enters through
+/// `D = ⟨dO, O⟩`).
 ///
 /// # Errors
 ///
@@ -166,7 +176,9 @@ pub fn attention_backward_reference<'q, 'k, 'v, 'g, T: Float>(
 /// - [`Error::ShapeMismatch`] naming `d_out` (or `forward.output`) if it is not n x d_v;
 /// - [`Error::NonFinite`] naming `d_out` if it holds NaN or an infinity (likewise
 ///   `forward.output`, and `forward.lse` if it holds NaN; `+inf`, from scores that overflowed, is accepted);
-/// - [`Error::LengthMismatch`] naming `forward.lse` if its length is not n.
+/// - [`Error::LengthMismatch`] naming `forward.lse` if its length is not n;
+/// - [`Error::ForwardMismatch`] if `forward` came from a call with another mask, options,
+///   Q or K (see above).
 ///
 /// # Examples
 ///
@@ -283,12 +295,25 @@ fn backward_tiled<T: Float>(
             tiles,
         )
     });
+    if let Some((row, sum)) = g.mismatch {
+        return Err(mismatch(0, row, sum));
+    }
     Ok(AttentionGrads {
         dq: g.dq,
         dk: g.dk,
         dv: g.dv,
         dbias: g.dbias,
     })
+}
+
+/// The error of a saved forward result that another call produced (see
+/// [`Error::ForwardMismatch`]).
+fn mismatch<T: Float>(head: usize, row: usize, sum: T) -> Error {
+    Error::ForwardMismatch {
+        head,
+        row,
+        sum: sum.as_f64(),
+    }
 }
 
 /// The backward pass of [`multi_head_attention`](crate::multi_head_attention): gradients of
@@ -308,7 +333,9 @@ fn backward_tiled<T: Float>(
 /// - [`Error::ShapeMismatch`] naming `d_out` or `forward.output` if not n x (H·d_v), or
 ///   `forward.lse` if not n x H;
 /// - [`Error::NonFinite`] naming `d_out` or `forward.output` for NaN or an infinity, or
-///   `forward.lse` for NaN (`+inf`, from overflowing scores, is accepted).
+///   `forward.lse` for NaN (`+inf`, from overflowing scores, is accepted);
+/// - [`Error::ForwardMismatch`] naming the head and row, if `forward` came from a call with
+///   another mask, options, Q or K (checked as in [`attention_backward`]).
 ///
 /// # Examples
 ///
@@ -377,6 +404,13 @@ pub fn multi_head_attention_backward<'q, 'k, 'v, 'g, T: Float>(
             (0..h).map(|hd| one_head(hd, exec)).collect()
         }
     });
+    if let Some((hd, (row, sum))) = per_head
+        .iter()
+        .enumerate()
+        .find_map(|(hd, g)| g.mismatch.map(|x| (hd, x)))
+    {
+        return Err(mismatch(hd, row, sum));
+    }
     let mut dq = DMatrix::zeros(n, h * d);
     let mut dk = DMatrix::zeros(m, heads.kv * d);
     let mut dvm = DMatrix::zeros(m, heads.kv * dv);

@@ -52,6 +52,9 @@ pub(crate) struct Gradients<T: Float> {
     pub dk: DMatrix<T>,
     pub dv: DMatrix<T>,
     pub dbias: Option<DMatrix<T>>,
+    /// The first row whose recomputed weights do not sum to 1 (see [`check_row_sums`]), and
+    /// their sum: the saved forward result came from another call.
+    pub mismatch: Option<(usize, T)>,
 }
 
 /// Everything a block reads, packed once per call.
@@ -132,6 +135,7 @@ impl<T: Float> Ctx<'_, T> {
         (j0, j1): (usize, usize),
         scr: &mut Scratch<T>,
         dbias: Option<&mut [T]>,
+        psum: &mut [T],
     ) -> bool {
         let plan = &self.p.plan;
         let (n, m, d, dv) = (plan.n, plan.m, plan.d, plan.dv);
@@ -181,7 +185,7 @@ impl<T: Float> Ctx<'_, T> {
             self.exponent_args(i, j0, &x_row[..bc], class == Block::Partial, prob);
             simd::exp_in_place(isa, prob);
             let dp_row = &mut scr.dp[r * c..(r + 1) * c];
-            match (plan.softcap, dbias.as_deref_mut()) {
+            psum[i] += match (plan.softcap, dbias.as_deref_mut()) {
                 (None, None) => simd::softmax_grad_row(
                     isa,
                     prob,
@@ -191,7 +195,9 @@ impl<T: Float> Ctx<'_, T> {
                     tiny,
                 ),
                 (_, mut db) => {
+                    let mut sum = T::zero();
                     for (jj, &pij) in prob.iter().enumerate() {
+                        sum += pij;
                         let ds = if pij == T::zero() {
                             T::zero()
                         } else {
@@ -203,8 +209,9 @@ impl<T: Float> Ctx<'_, T> {
                         dp_row[jj] = pij;
                         x_row[jj] = ds * plan.score_grad(x_row[jj]);
                     }
+                    sum
                 }
-            }
+            };
             x_row[bc..].fill(T::zero());
             dp_row[bc..].fill(T::zero());
         }
@@ -312,17 +319,18 @@ impl<T: Float> Ctx<'_, T> {
     }
 
     /// One key block: dK_J, dV_J and the columns J of d bias over every query block, and its
-    /// contributions `dX_IJ K_J` to `dq` (one piece per query block: a lane's partial dQ).
+    /// contributions `dX_IJ K_J` to `dq` (one piece per query block: a lane's partial dQ)
+    /// and its weights to the row sums `psum`.
     fn key_block(
         &self,
         queries: &[(usize, usize)],
         (j0, j1): (usize, usize),
         mut out: KeyOut<'_, T>,
-        dq: &mut [&mut [T]],
+        (dq, psum): (&mut [&mut [T]], &mut [T]),
         scr: &mut Scratch<T>,
     ) {
         for (ib, &(i0, i1)) in queries.iter().enumerate() {
-            if !self.block((i0, i1), (j0, j1), scr, out.dbias.as_deref_mut()) {
+            if !self.block((i0, i1), (j0, j1), scr, out.dbias.as_deref_mut(), psum) {
                 continue;
             }
             self.add_dk_dv(i0, i1 - i0, j1 - j0, scr, &mut out);
@@ -330,20 +338,21 @@ impl<T: Float> Ctx<'_, T> {
         }
     }
 
-    /// One lane: its key blocks in order, their dQ contributions accumulated into `dq`
-    /// (n_pad x d_pad, zero on entry).
+    /// One lane: its key blocks in order, their dQ contributions and row sums of the weights
+    /// accumulated into `buf` (zero on entry): n_pad x d_pad of dQ, then n_pad row sums.
     fn lane(
         &self,
         queries: &[(usize, usize)],
         q_blocks: &[(usize, usize)],
         blocks: Vec<KeyWork<'_, T>>,
-        dq: &mut [T],
+        buf: &mut [T],
         scr: &mut Scratch<T>,
     ) {
+        let (dq, psum) = buf.split_at_mut(self.packed.n_pad * self.d_pad);
         let end = q_blocks.last().map_or(0, |b| b.1);
         let mut dq_parts = split(&mut dq[..end * self.d_pad], self.d_pad, q_blocks);
         for (key, out) in blocks {
-            self.key_block(queries, key, out, &mut dq_parts, scr);
+            self.key_block(queries, key, out, (&mut dq_parts, psum), scr);
         }
     }
 }
@@ -406,16 +415,20 @@ pub(crate) fn backward<T: Float>(
     // cheap bound) go to the exact rows too: the tiled pass would meet inf (or scale · inf).
     let kmax = p.k.iter().fold(0.0_f64, |a, v| a.max(v.as_f64().abs()));
     let limit = 2f64.powi(T::MAX_EXP - 2);
-    let exact: Vec<bool> = lse
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| {
+    // max |q_i| · max |k| · d per row: a bound on |q_i · k_j| and on its rounding error / ε.
+    let dots: Vec<f64> = (0..n)
+        .map(|i| {
             let qmax =
                 p.q.row(i)
                     .iter()
                     .fold(0.0_f64, |a, v| a.max(v.as_f64().abs()));
-            too_coarse(l) || qmax * kmax * d.max(1) as f64 >= limit
+            qmax * kmax * d.max(1) as f64
         })
+        .collect();
+    let exact: Vec<bool> = lse
+        .iter()
+        .zip(&dots)
+        .map(|(&l, &dot)| too_coarse(l) || dot >= limit)
         .collect();
     let ctx = Ctx {
         p,
@@ -445,7 +458,8 @@ pub(crate) fn backward<T: Float>(
     let kv_rows: usize = keys.iter().map(|&r| key_rows(r)).sum();
     let mut dk = vec![T::zero(); kv_rows * d_pad];
     let mut dvb = vec![T::zero(); kv_rows * dv_pad];
-    let mut dq = vec![T::zero(); n_pad * d_pad];
+    // dQ (n_pad x d_pad), then the row sums of the recomputed weights (n_pad).
+    let mut dq = vec![T::zero(); n_pad * d_pad + n_pad];
     let mut dbias = p.bias.map(|_| vec![T::zero(); n * m]);
     // Key block J owns rows [start_J, start_J + key_rows(J)) of dK and dV.
     let key_blocks: Vec<(usize, usize)> = keys
@@ -513,13 +527,41 @@ pub(crate) fn backward<T: Float>(
         };
         exact_rows(&ctx, d_out, &key_row, &mut out);
     }
+    let mismatch = check_row_sums(&ctx, &dq[n_pad * d_pad..], &dots);
     // Back to column-major nalgebra matrices, dropping the padding.
     Gradients {
+        mismatch,
         dq: DMatrix::from_fn(n, d, |i, c| dq[i * d_pad + c]),
         dk: DMatrix::from_fn(m, d, |j, c| dk[key_row(j) * d_pad + c]),
         dv: DMatrix::from_fn(m, dv, |j, c| dvb[key_row(j) * dv_pad + c]),
         dbias: dbias.map(|data| DMatrix::from_vec(n, m, data)),
     }
+}
+
+/// The first row (with its sum) whose weights, recomputed from the saved log-sum-exp, do not
+/// sum to 1: the forward result was computed with another mask, options, Q or K than this
+/// call. Rows without weight (lse = −inf) and the rows of the exact pass (which do not use
+/// the saved lse) are not checked. The tolerance covers every rounding between the forward
+/// and this pass: `2⁻⁶ + m·ε` for the sums and the exp, and `e^(8ε·c_i) − 1` with
+/// `c_i = |scale|·dots_i + |lse_i| + 88` for the scores (`dots_i` bounds |q_i · k_j|; the
+/// scores that carry weight lie within 88 of lse_i), so that rounding alone never fails the
+/// check, however ill-conditioned the products; a mismatch that moves less weight than that
+/// goes unnoticed.
+fn check_row_sums<T: Float>(ctx: &Ctx<'_, T>, sums: &[T], dots: &[f64]) -> Option<(usize, T)> {
+    let plan = &ctx.p.plan;
+    let eps = T::EPSILON.as_f64();
+    let scale = plan.scale.as_f64().abs();
+    (0..plan.n).find_map(|i| {
+        let l = ctx.lse[i];
+        if ctx.exact[i] || !l.is_finite() {
+            return None;
+        }
+        let conditioning = scale * dots[i] + l.as_f64().abs() + 88.0;
+        let tol = 2f64.powi(-6) + plan.m as f64 * eps + (8.0 * eps * conditioning).exp_m1();
+        let sum = sums[i];
+        // (A NaN tolerance or sum fails neither test: never an error the math does not make.)
+        ((sum.as_f64() - 1.0).abs() > tol).then_some((i, sum))
+    })
 }
 
 /// `acc ← acc + x`, element by element: the lanes' partial dQ summed in lane order.

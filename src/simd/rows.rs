@@ -134,10 +134,10 @@ struct SoftmaxGradRow<'a, E> {
 }
 
 impl<E: Element> Kernel<E> for SoftmaxGradRow<'_, E> {
-    type Output = ();
+    type Output = E;
 
     #[inline(always)]
-    fn run<S: Lanes<E>>(self, s: S) {
+    fn run<S: Lanes<E>>(self, s: S) -> E {
         let SoftmaxGradRow {
             p,
             dp,
@@ -150,14 +150,18 @@ impl<E: Element> Kernel<E> for SoftmaxGradRow<'_, E> {
         let (dv, gv) = (s.splat(delta), s.splat(g));
         let l = S::LANES;
         let whole = p.len() - p.len() % l;
+        let mut sum = s.splat(E::ZERO);
         for j in (0..whole).step_by(l) {
             let pv = s.load(&p[j..]);
+            sum = s.add(sum, pv);
             // A pair without weight gives exactly 0, even where dP − D is not finite.
             let ds = s.zero_below(pv, tiny, s.mul(pv, s.sub(s.load(&dp[j..]), dv)));
             s.store(&mut dp[j..], pv);
             s.store(&mut dx[j..], s.mul(ds, gv));
         }
+        let mut total = s.reduce_sum(sum);
         for j in whole..p.len() {
+            total += p[j];
             let ds = if p[j] < tiny {
                 E::ZERO
             } else {
@@ -166,13 +170,14 @@ impl<E: Element> Kernel<E> for SoftmaxGradRow<'_, E> {
             dp[j] = p[j];
             dx[j] = ds * g;
         }
+        total
     }
 }
 
 /// One row of the backward pass's softmax step, for a constant score derivative `g`:
 /// with `P` the row's weights (`p`, non-negative), `dS = P ⊙ (dP − D)` (0 where `P < tiny`,
 /// which callers set to the smallest normal number: the vector exp flushes smaller weights
-/// to 0), then `dp ← P` and `dx ← g · dS` (all of equal length).
+/// to 0), then `dp ← P` and `dx ← g · dS` (all of equal length). Returns `Σ P`.
 pub fn softmax_grad_row<E: Element>(
     isa: Isa,
     p: &[E],
@@ -180,7 +185,7 @@ pub fn softmax_grad_row<E: Element>(
     delta: E,
     g: E,
     tiny: E,
-) {
+) -> E {
     dispatch(
         isa,
         SoftmaxGradRow {
@@ -191,7 +196,7 @@ pub fn softmax_grad_row<E: Element>(
             g,
             tiny,
         },
-    );
+    )
 }
 
 /// See [`all_finite`].
@@ -290,7 +295,13 @@ mod tests {
                     })
                     .collect();
                 let (mut dp, mut dx) = (dp0.clone(), vec![7.0; len]);
-                softmax_grad_row(isa, &p, (&mut dp, &mut dx), 0.75, 0.25, f32::MIN_POSITIVE);
+                let sum =
+                    softmax_grad_row(isa, &p, (&mut dp, &mut dx), 0.75, 0.25, f32::MIN_POSITIVE);
+                let want: f32 = p.iter().sum();
+                assert!(
+                    (sum - want).abs() <= 1e-5 * want.max(1.0),
+                    "{isa:?} {sum} {want}"
+                );
                 for j in 0..len {
                     let ds = if p[j] == 0.0 {
                         0.0
