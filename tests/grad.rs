@@ -609,38 +609,18 @@ fn a_forward_from_another_call_is_an_error() {
             .starts_with("forward does not match this call"),
         "{e}"
     );
-    // Another scale, a bias the backward does not have, another Q.
-    let scaled = fwd(&Mask::none(), &AttentionOptions::new().scale(0.7), &q);
-    assert!(is_mismatch(attention_backward(
-        &q,
-        &k,
-        &v,
-        &Mask::none(),
-        &plain,
-        &scaled,
-        &g
-    )));
-    let biased = fwd(&Mask::none(), &AttentionOptions::new().bias(&bias), &q);
-    assert!(is_mismatch(attention_backward(
-        &q,
-        &k,
-        &v,
-        &Mask::none(),
-        &plain,
-        &biased,
-        &g
-    )));
+    // Another scale, a bias the backward does not have, another Q: each saved forward given
+    // to a plain, unmasked backward.
     let q2 = randn(&mut rng, n, d, 1.0);
-    let other = fwd(&Mask::none(), &plain, &q2);
-    assert!(is_mismatch(attention_backward(
-        &q,
-        &k,
-        &v,
-        &Mask::none(),
-        &plain,
-        &other,
-        &g
-    )));
+    let saved = [
+        fwd(&Mask::none(), &AttentionOptions::new().scale(0.7), &q),
+        fwd(&Mask::none(), &AttentionOptions::new().bias(&bias), &q),
+        fwd(&Mask::none(), &plain, &q2),
+    ];
+    for (what, f) in ["scale", "bias", "q"].iter().zip(&saved) {
+        let r = attention_backward(&q, &k, &v, &Mask::none(), &plain, f, &g);
+        assert!(is_mismatch(r), "{what}");
+    }
     // The reference's forward is accepted by the kernel's backward.
     let reference =
         attention_math::scaled_attention_reference(&q, &k, &v, &Mask::causal(), &plain).unwrap();
