@@ -621,6 +621,12 @@ pub(crate) struct Problem<'a, T: Float> {
 }
 
 impl<T: Float> Problem<'_, T> {
+    /// Whether an additive bias enters the scores: a bias matrix or ALiBi's per-pair term.
+    #[inline]
+    pub(crate) fn biased(&self) -> bool {
+        self.bias.is_some() || self.plan.alibi.is_some()
+    }
+
     /// The additive bias of pair (i, j): the bias matrix's entry plus ALiBi's term, if either
     /// is given.
     #[inline]

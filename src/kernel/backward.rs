@@ -227,7 +227,7 @@ impl<T: Float> Ctx<'_, T> {
             out.fill(T::NEG_INFINITY);
             return;
         }
-        if self.p.bias.is_none() && plan.alibi.is_none() && plan.softcap.is_none() {
+        if !self.p.biased() && plan.softcap.is_none() {
             // `score(x) − lse = scale · x − lse`, the same two roundings, vectorised.
             simd::affine_row(self.isa, x, plan.scale, lse, out);
         } else {
@@ -278,10 +278,7 @@ impl<T: Float> Ctx<'_, T> {
                 self.isa,
                 shape(self.dv_pad),
                 Rows::transposed(&scr.dp, self.c),
-                Panels {
-                    data: &pk.do_panels[i0 * T::NR..],
-                    stride,
-                },
+                Panels::new(&pk.do_panels[i0 * T::NR..], stride),
                 Out::new(out.dv, self.dv_pad),
             );
         }
@@ -290,10 +287,7 @@ impl<T: Float> Ctx<'_, T> {
                 self.isa,
                 shape(self.d_pad),
                 Rows::transposed(&scr.x, self.c),
-                Panels {
-                    data: &pk.q_panels[i0 * T::NR..],
-                    stride,
-                },
+                Panels::new(&pk.q_panels[i0 * T::NR..], stride),
                 Out::new(out.dk, self.d_pad),
             );
         }

@@ -18,6 +18,7 @@
 
 use super::Exec;
 use super::forward::{RowEnd, finish_scores, finite, online_step, q_factor, row_end};
+use super::pack::column;
 use super::threads::par::*;
 use crate::Float;
 use crate::mask::Block;
@@ -40,16 +41,6 @@ pub(crate) const MAX_ROWS: usize = 8;
 /// Whether `rows` query rows against `m` keys go the decode path.
 pub(crate) fn suits(rows: usize, m: usize) -> bool {
     rows > 0 && rows <= MAX_ROWS && m >= 2 * rows
-}
-
-/// Column `c` of `x` as a slice of its `nrows` elements.
-#[inline(always)]
-fn column<'a, E: nalgebra::Scalar>(x: &DMatrixView<'a, E>, c: usize) -> &'a [E] {
-    assert!(c < x.ncols());
-    // SAFETY: a `DMatrixView` has unit row stride, so column c < ncols is the `nrows`
-    // consecutive elements starting `c · column stride` after the view's first element, all
-    // borrowed for 'a.
-    unsafe { core::slice::from_raw_parts(x.as_ptr().add(c * x.strides().1), x.nrows()) }
 }
 
 /// `S[r, ..bc] = Σ_c q[r, c] · K[j0 + .., c]` for `R` rows (see the module docs), `KV`

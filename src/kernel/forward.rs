@@ -411,7 +411,7 @@ fn query_tile<T: Float, const STATS: bool>(
 /// tile's keys past its last row, a sliding window's keys before its first), so the products
 /// skip them; the start stays a multiple of `nr` (a panel boundary) if `keys.start` is one.
 /// The trimmed block is classified again (it may have become full).
-pub(super) fn trim(
+fn trim(
     mask: &crate::Mask,
     rows: std::ops::Range<usize>,
     keys: std::ops::Range<usize>,
@@ -653,8 +653,7 @@ fn mask_scores<T: Float>(
     partial: bool,
 ) -> bool {
     let log2e = T::of_f64(std::f64::consts::LOG2_E);
-    let biased = p.bias.is_some() || p.plan.alibi.is_some();
-    match (p.plan.softcap, biased) {
+    match (p.plan.softcap, p.biased()) {
         (None, false) => {}
         (None, true) => {
             for (j, x) in row.iter_mut().enumerate() {

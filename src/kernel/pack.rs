@@ -21,6 +21,16 @@ pub(crate) fn round_up(x: usize, to: usize) -> usize {
     x.div_ceil(to) * to
 }
 
+/// Column `c` of `x` as a slice of its `nrows` elements, borrowed for the view's lifetime.
+#[inline(always)]
+pub(crate) fn column<'a, E: nalgebra::Scalar>(x: &DMatrixView<'a, E>, c: usize) -> &'a [E] {
+    assert!(c < x.ncols());
+    // SAFETY: a `DMatrixView` has unit row stride, so column c < ncols is the `nrows`
+    // consecutive elements starting `c · column stride` after the view's first element, all
+    // borrowed for 'a.
+    unsafe { core::slice::from_raw_parts(x.as_ptr().add(c * x.strides().1), x.nrows()) }
+}
+
 /// X (r x c) as a row-major `rows_pad x c` buffer, `factor` applied to every entry;
 /// rows `r..rows_pad` are zero.
 pub(crate) fn rows<T: Float>(
@@ -49,8 +59,8 @@ fn transpose_into<T: Float>(
     let r = x.nrows();
     for t0 in cols.clone().step_by(W) {
         let w = (cols.end - t0).min(W);
-        let views: Vec<_> = (t0..t0 + w).map(|t| x.column(t)).collect();
-        let columns: Vec<&[T]> = views.iter().map(|v| v.as_slice()).collect();
+        let columns: [&[T]; W] =
+            core::array::from_fn(|u| if u < w { column(x, t0 + u) } else { &[] });
         let at = t0 - cols.start;
         for (i, row) in out.chunks_mut(stride).take(r).enumerate() {
             for (o, col) in row[at..at + w].iter_mut().zip(&columns) {
@@ -66,8 +76,7 @@ pub(crate) fn panels_of_transpose<T: Float>(k: &DMatrixView<'_, T>, nr: usize) -
     let (m, d) = k.shape();
     let mut out = vec![T::zero(); round_up(m, nr) * d];
     for t in 0..d {
-        let col = k.column(t);
-        for (p, keys) in col.as_slice().chunks(nr).enumerate() {
+        for (p, keys) in column(k, t).chunks(nr).enumerate() {
             let at = p * d * nr + t * nr;
             out[at..at + keys.len()].copy_from_slice(keys);
         }
