@@ -7,6 +7,7 @@ use crate::Float;
 use crate::error::{Error, Result, check_finite, checked_len};
 use crate::kernel;
 use crate::mask::Mask;
+use crate::prelude::*;
 
 use crate::spec::{
     AttentionOptions, AttentionOutput, AttentionStats, add_bias, convex_combination, plan, problem,
@@ -101,7 +102,7 @@ pub fn scaled_attention_with<'q, 'k, 'v, T: Float>(
         return scaled_attention_reference(q, k, v, mask, opts);
     }
     let problem = problem(q, k, v, mask, opts)?;
-    let mut out = kernel::attend(std::slice::from_ref(&problem), 1, opts.threads);
+    let mut out = kernel::attend(core::slice::from_ref(&problem), 1, opts.threads);
     Ok(out.pop().expect("one problem, one result"))
 }
 

@@ -7,11 +7,12 @@ use crate::Float;
 use crate::error::{Axis, Error, Result, check_finite};
 use crate::mask::Mask;
 use crate::multihead::{Heads, multi_head};
+use crate::prelude::*;
 use crate::spec::{AttentionOptions, Inputs};
+use core::fmt;
+use core::marker::PhantomData;
+use core::ops::Range;
 use nalgebra::{DMatrix, DMatrixView, Dyn, U1};
-use std::fmt;
-use std::marker::PhantomData;
-use std::ops::Range;
 
 #[cfg(doc)]
 use crate::{Rope, multi_head_attention, scaled_attention};
@@ -172,14 +173,14 @@ fn alloc<T: Copy + Default>(what: &'static str, rows: usize, cols: usize) -> Res
         shape: (rows, cols),
     };
     let len = rows.checked_mul(cols).ok_or_else(too_large)?;
-    match len.checked_mul(std::mem::size_of::<T>()) {
+    match len.checked_mul(core::mem::size_of::<T>()) {
         Some(bytes) if bytes <= isize::MAX as usize => {}
         _ => return Err(too_large()),
     }
     let mut v = Vec::new();
     v.try_reserve_exact(len).map_err(|_| too_large())?;
     // Before the first write, so that the pages are faulted in at their final size.
-    huge_pages(v.as_mut_ptr(), len * std::mem::size_of::<T>());
+    huge_pages(v.as_mut_ptr(), len * core::mem::size_of::<T>());
     v.resize(len, T::default());
     Ok(v)
 }

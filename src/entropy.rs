@@ -221,6 +221,7 @@ pub fn entropy_from_logits_rows<'a, T: Float>(s: impl Into<DMatrixView<'a, T>>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::prelude::*;
     use crate::softmax::softmax;
 
     #[test]

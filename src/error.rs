@@ -1,6 +1,7 @@
 //! The crate's one error type.
 
-use std::fmt;
+use crate::prelude::*;
+use core::fmt;
 
 /// Which dimension of a matrix an error message talks about.
 ///
@@ -245,7 +246,7 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {}
+impl core::error::Error for Error {}
 
 /// Shorthand for `std::result::Result<T, attention_math::Error>`.
 ///
@@ -258,7 +259,7 @@ impl std::error::Error for Error {}
 /// assert_eq!(normalised(&[0.0, 0.0])?, vec![0.5, 0.5]);
 /// # Ok::<(), attention_math::Error>(())
 /// ```
-pub type Result<T> = std::result::Result<T, Error>;
+pub type Result<T> = core::result::Result<T, Error>;
 
 /// The number of entries of a `rows x cols` buffer of `T`, checked: an [`Error::TooLarge`]
 /// naming `what` if `rows · cols` overflows `usize` or `rows · cols · size_of::<T>()` exceeds
@@ -273,7 +274,7 @@ pub(crate) fn checked_len<T>(what: &'static str, rows: usize, cols: usize) -> Re
         shape: (rows, cols),
     };
     let len = rows.checked_mul(cols).ok_or_else(too_large)?;
-    match len.checked_mul(std::mem::size_of::<T>()) {
+    match len.checked_mul(core::mem::size_of::<T>()) {
         Some(bytes) if bytes <= isize::MAX as usize => Ok(len),
         _ => Err(too_large()),
     }

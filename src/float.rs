@@ -1,8 +1,8 @@
 //! The scalar trait: what the crate needs of a float, implemented for `f32` and `f64` only.
 
 use crate::simd::Element;
+use core::fmt::{Debug, Display};
 use nalgebra::RealField;
-use std::fmt::{Debug, Display};
 
 mod sealed {
     pub trait Sealed {}
@@ -89,5 +89,11 @@ impl_float!(f64);
 
 /// `2^k` in `T`, exactly, for `k` within the normal exponents of `T` (`|k| < MAX_EXP − 1`).
 pub(crate) fn pow2<T: Float>(k: i32) -> T {
-    T::of_f64(2f64.powi(k))
+    #[cfg(feature = "std")]
+    let p = 2f64.powi(k);
+    // Without std (no `powi`): the same exact power, written into the exponent field; `k` is
+    // saturated to f64's normal exponents, which hold every `k` this is called with.
+    #[cfg(not(feature = "std"))]
+    let p = f64::from_bits((k.saturating_add(1023).clamp(1, 2046) as u64) << 52);
+    T::of_f64(p)
 }

@@ -1,6 +1,13 @@
 #![doc = include_str!("../README.md")]
+#![cfg_attr(not(feature = "std"), no_std)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs)]
+
+// Without the `std` feature the crate is `no_std` and needs `alloc` (see the feature list).
+extern crate alloc;
+// The unit tests use std (threads, std's float functions) with or without the feature.
+#[cfg(all(test, not(feature = "std")))]
+extern crate std;
 
 // The attention library: private modules, every public item re-exported below (one path
 // per item). Dependencies run one way, bottom to top:
@@ -17,6 +24,7 @@ mod grad;
 mod kernel;
 mod mask;
 mod multihead;
+mod prelude;
 mod rope;
 mod simd;
 mod softmax;

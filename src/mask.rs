@@ -15,10 +15,11 @@
 
 use crate::Float;
 use crate::error::{Result, try_matrix};
+use crate::prelude::*;
+use alloc::sync::Arc;
+use core::fmt;
+use core::ops::Range;
 use nalgebra::DMatrix;
-use std::fmt;
-use std::ops::Range;
-use std::sync::Arc;
 
 /// A rule deciding which keys each query may attend to; see the [guide](crate::guide::masks) for the
 /// rules and each constructor for an example.
@@ -787,7 +788,7 @@ impl Mask {
     }
 }
 
-impl std::ops::Not for Mask {
+impl core::ops::Not for Mask {
     type Output = Mask;
     fn not(self) -> Mask {
         Mask::not(self)

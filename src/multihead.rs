@@ -8,6 +8,7 @@ use crate::error::check_finite;
 use crate::error::{Error, Result};
 use crate::kernel;
 use crate::mask::Mask;
+use crate::prelude::*;
 use crate::spec::{
     Alibi, AttentionOptions, AttentionOutput, Inputs, Problem, alibi_slopes, problem_inputs,
 };

@@ -35,6 +35,7 @@ use crate::error::Result;
 use crate::grad::AttentionGrads;
 use crate::mask::Mask;
 use crate::multihead::Heads;
+use crate::prelude::*;
 use crate::spec::{AttentionOptions, AttentionOutput};
 use ::ndarray::{Array1, Array2, ArrayView2, ShapeBuilder};
 use nalgebra::{DMatrix, DMatrixView, DVector};

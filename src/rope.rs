@@ -4,6 +4,7 @@
 
 use crate::Float;
 use crate::error::{Error, Result, check_positive};
+use crate::prelude::*;
 use nalgebra::{DMatrix, DMatrixView, DMatrixViewMut};
 
 /// Rows whose cos/sin are computed together before they are applied to every head: the

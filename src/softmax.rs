@@ -5,6 +5,7 @@
 
 use crate::Float;
 use crate::error::{Result, check_positive};
+use crate::prelude::*;
 use crate::simd::{self, Isa};
 use nalgebra::{DMatrix, DMatrixView, DVector};
 

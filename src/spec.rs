@@ -7,6 +7,7 @@ use crate::Float;
 use crate::error::{Axis, Error, Result, check_finite, check_positive, checked_len};
 use crate::float::pow2;
 use crate::mask::Mask;
+use crate::prelude::*;
 use crate::softmax::{logsumexp, softmax_in_place};
 use nalgebra::{DMatrix, DMatrixView, DVector};
 

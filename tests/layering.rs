@@ -2,7 +2,7 @@
 //! so dependencies run one way and no module imports one that imports it back.
 //!
 //! ```text
-//! 0 simd  1 float  2 error  3 mask, softmax  4 entropy  5 spec  6 kernel
+//! 0 simd, prelude  1 float  2 error  3 mask, softmax  4 entropy  5 spec  6 kernel
 //! 7 attention, multihead  8 grad, rope  9 cache  10 sheet
 //! ```
 //!
@@ -15,6 +15,7 @@ use std::path::Path;
 
 const LAYERS: &[(&str, u32)] = &[
     ("simd", 0),
+    ("prelude", 0),
     ("float", 1),
     ("error", 2),
     ("mask", 3),

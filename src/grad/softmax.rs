@@ -3,6 +3,7 @@
 use crate::Float;
 use crate::entropy::entropy_from_logits;
 use crate::error::{Error, Result};
+use crate::prelude::*;
 use crate::softmax::{log_softmax, softmax};
 use nalgebra::DMatrix;
 

@@ -32,6 +32,7 @@ use super::threads::par::*;
 use crate::Float;
 use crate::float::pow2;
 use crate::mask::Block;
+use crate::prelude::*;
 use crate::simd::{self, Isa, Out, Panels, Rows, Shape};
 use crate::spec::{Problem, raw_dot_row, softmax_exact_row};
 use nalgebra::{DMatrix, DMatrixView};
@@ -373,7 +374,7 @@ fn ranges(len: usize, tile: usize) -> Vec<(usize, usize)> {
 fn split<'a, T>(mut data: &'a mut [T], per: usize, ranges: &[(usize, usize)]) -> Vec<&'a mut [T]> {
     let mut pieces = Vec::with_capacity(ranges.len());
     for &(a, b) in ranges {
-        let (head, tail) = std::mem::take(&mut data).split_at_mut(per * (b - a));
+        let (head, tail) = core::mem::take(&mut data).split_at_mut(per * (b - a));
         pieces.push(head);
         data = tail;
     }
@@ -486,7 +487,7 @@ pub(crate) fn backward<T: Float>(
     let c = ctx.c;
     if exec.parallel() {
         let mut partials: Vec<Vec<T>> = (1..lanes).map(|_| vec![T::zero(); dq.len()]).collect();
-        let bufs = std::iter::once(&mut dq[..]).chain(partials.iter_mut().map(|b| &mut b[..]));
+        let bufs = core::iter::once(&mut dq[..]).chain(partials.iter_mut().map(|b| &mut b[..]));
         let jobs: Vec<_> = work.into_iter().zip(bufs).collect();
         jobs.into_par_iter().for_each_init(
             || Scratch::new(tq, c),

@@ -22,10 +22,11 @@ use super::pack::column;
 use super::threads::par::*;
 use crate::Float;
 use crate::mask::Block;
+use crate::prelude::*;
 use crate::simd::{self, Element, Isa, Kernel, Lanes, Stored};
 use crate::spec::Problem;
+use core::ops::Range;
 use nalgebra::{DMatrix, DMatrixView, DVector};
-use std::ops::Range;
 
 /// Keys per block. Each block reads every column of K and V in a run of `BLOCK` elements
 /// (4 KiB of f32), long enough for the hardware prefetcher and DRAM pages; the block's

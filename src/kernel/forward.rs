@@ -7,6 +7,7 @@ use super::{Exec, tile};
 use crate::Float;
 use crate::float::pow2;
 use crate::mask::Block;
+use crate::prelude::*;
 use crate::simd::{self, Isa, Out, Panels, Rows, Shape};
 
 use super::threads::par::*;
@@ -374,7 +375,7 @@ fn query_tile<T: Float, const STATS: bool>(
             RowEnd::Normal { inv, lse } => {
                 (scr.inv[r], *l) = (inv, lse);
                 if STATS {
-                    let ln2 = T::of_f64(std::f64::consts::LN_2);
+                    let ln2 = T::of_f64(core::f64::consts::LN_2);
                     let (u, excess) = (scr.u[r], scr.excess[r]);
                     let h = excess.ln_1p() - ln2 * u / (T::one() + excess);
                     st_max[r] = scr.max[r] * ln2;
@@ -413,12 +414,12 @@ fn query_tile<T: Float, const STATS: bool>(
 /// The trimmed block is classified again (it may have become full).
 fn trim(
     mask: &crate::Mask,
-    rows: std::ops::Range<usize>,
-    keys: std::ops::Range<usize>,
+    rows: core::ops::Range<usize>,
+    keys: core::ops::Range<usize>,
     (n, m): (usize, usize),
     nr: usize,
-) -> (Block, std::ops::Range<usize>) {
-    let class = |k: std::ops::Range<usize>| mask.classify(rows.clone(), k, n, m);
+) -> (Block, core::ops::Range<usize>) {
+    let class = |k: core::ops::Range<usize>| mask.classify(rows.clone(), k, n, m);
     let block = class(keys.clone());
     if block != Block::Partial {
         return (block, keys);
@@ -511,7 +512,7 @@ fn stats_step<T: Float>(
 /// for exp2. With a softcap the products stay in natural units (see [`finish_scores`]).
 pub(super) fn q_factor<T: Float>(plan: &Plan<T>) -> QFactor<T> {
     let raw = match plan.softcap {
-        None => plan.scale * T::of_f64(std::f64::consts::LOG2_E),
+        None => plan.scale * T::of_f64(core::f64::consts::LOG2_E),
         Some(_) => plan.scale,
     };
     if raw == T::zero() || raw.abs() >= pow2::<T>(2 - T::MAX_EXP) {
@@ -526,7 +527,7 @@ pub(super) fn q_factor<T: Float>(plan: &Plan<T>) -> QFactor<T> {
     let big = plan.scale * pow2::<T>(64);
     QFactor {
         factor: match plan.softcap {
-            None => big * T::of_f64(std::f64::consts::LOG2_E),
+            None => big * T::of_f64(core::f64::consts::LOG2_E),
             Some(_) => big,
         },
         post: pow2(-64),
@@ -599,7 +600,7 @@ pub(super) enum RowEnd<T> {
 /// See [`RowEnd`]; `seen` says whether the mask allowed any key of the row.
 pub(super) fn row_end<T: Float>(max: T, sum: T, seen: bool) -> RowEnd<T> {
     if sum > T::zero() && sum.is_finite() && max.is_finite() {
-        let lse = (max + sum.log2()) * T::of_f64(std::f64::consts::LN_2);
+        let lse = (max + sum.log2()) * T::of_f64(core::f64::consts::LN_2);
         RowEnd::Normal {
             inv: T::one() / sum,
             lse,
@@ -652,7 +653,7 @@ fn mask_scores<T: Float>(
     row: &mut [T],
     partial: bool,
 ) -> bool {
-    let log2e = T::of_f64(std::f64::consts::LOG2_E);
+    let log2e = T::of_f64(core::f64::consts::LOG2_E);
     match (p.plan.softcap, p.biased()) {
         (None, false) => {}
         (None, true) => {

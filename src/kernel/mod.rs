@@ -12,6 +12,7 @@ mod threads;
 pub(crate) use threads::{Exec, par, with_threads};
 
 use crate::Float;
+use crate::prelude::*;
 use crate::simd::Isa;
 use crate::spec::{AttentionOutput, AttentionStats, Problem};
 use threads::par::*;

@@ -14,6 +14,7 @@
 //! before the softmax, padded value columns and query rows are dropped at the end.
 
 use crate::Float;
+use crate::prelude::*;
 use nalgebra::DMatrixView;
 
 /// `x` rounded up to a multiple of `to` (`to > 0`).
@@ -50,7 +51,7 @@ pub(crate) fn rows<T: Float>(
 /// gets a run of adjacent entries from eight sequential column streams.
 fn transpose_into<T: Float>(
     x: &DMatrixView<'_, T>,
-    cols: std::ops::Range<usize>,
+    cols: core::ops::Range<usize>,
     out: &mut [T],
     stride: usize,
     factor: impl Fn(T) -> T,

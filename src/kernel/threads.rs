@@ -51,14 +51,14 @@ pub(crate) mod par {
 
     /// `par_iter` and `par_chunks` on slices: the plain ones.
     pub(crate) trait ParallelSlice<T> {
-        fn par_iter(&self) -> std::slice::Iter<'_, T>;
-        fn par_chunks(&self, size: usize) -> std::slice::Chunks<'_, T>;
+        fn par_iter(&self) -> core::slice::Iter<'_, T>;
+        fn par_chunks(&self, size: usize) -> core::slice::Chunks<'_, T>;
     }
     impl<T> ParallelSlice<T> for [T] {
-        fn par_iter(&self) -> std::slice::Iter<'_, T> {
+        fn par_iter(&self) -> core::slice::Iter<'_, T> {
             self.iter()
         }
-        fn par_chunks(&self, size: usize) -> std::slice::Chunks<'_, T> {
+        fn par_chunks(&self, size: usize) -> core::slice::Chunks<'_, T> {
             self.chunks(size)
         }
     }

@@ -21,10 +21,11 @@ use crate::error::{Error, Result, check_positive, checked_len};
 use crate::kernel;
 use crate::mask::Mask;
 use crate::multihead::{Heads, head_problems};
+use crate::prelude::*;
 use crate::spec::{AttentionStats, Inputs};
+use alloc::collections::VecDeque;
+use core::fmt;
 use nalgebra::{DMatrix, DMatrixView, DVector};
-use std::collections::VecDeque;
-use std::fmt;
 
 #[cfg(doc)]
 use crate::{entropy_rows, scaled_attention_reference};

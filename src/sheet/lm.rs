@@ -49,10 +49,11 @@
 use crate::Float;
 use crate::error::{Error, Result, check_finite, try_matrix, try_vec};
 use crate::mask::Mask;
+use crate::prelude::*;
 use crate::softmax::{log_softmax, softmax};
+use core::fmt;
+use core::ops::Range;
 use nalgebra::{DMatrix, DMatrixView};
-use std::fmt;
-use std::ops::Range;
 
 /// How a sequence is trained: which keys each position attends to and which positions'
 /// next-token predictions count in the loss. See the [module docs](self) for the table.

@@ -39,6 +39,7 @@
 use crate::Float;
 use crate::error::{Axis, Error, Result, try_matrix};
 use crate::float::pow2;
+use crate::prelude::*;
 use crate::spec::{exponent, mul_pow2};
 use nalgebra::{DMatrix, DMatrixView, DMatrixViewMut, Dyn, MatrixView};
 

@@ -52,6 +52,7 @@
 
 use crate::Float;
 use crate::error::{Axis, Error, Result, check_finite, try_matrix, try_with_capacity};
+use crate::prelude::*;
 use crate::softmax::{logsumexp_rows, softmax_rows};
 use nalgebra::{DMatrix, DMatrixView};
 
@@ -184,7 +185,7 @@ pub fn route_top_k<'a, T: Float>(
         order.sort_by(|&a, &b| {
             probs[(i, b)]
                 .partial_cmp(&probs[(i, a)])
-                .unwrap_or(std::cmp::Ordering::Equal)
+                .unwrap_or(core::cmp::Ordering::Equal)
         });
         order.truncate(k);
         let mut g: Vec<T> = order.iter().map(|&j| probs[(i, j)]).collect();

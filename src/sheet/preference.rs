@@ -29,6 +29,7 @@
 
 use crate::Float;
 use crate::error::{Error, Result, check_finite, check_positive, try_with_capacity};
+use crate::prelude::*;
 use crate::sheet::lm::Objective;
 use crate::softmax::log_softmax_in_place;
 use nalgebra::DMatrixView;
@@ -1294,7 +1295,7 @@ mod tests {
         assert!((expect(KlEstimator::K2) - want).abs() > 1e-2 * want);
         // ... but to third order: halving the distance between p and q divides the bias by
         // about 8, while the KL itself only drops by 4.
-        let mix = |t: f64| -> [f64; 4] { std::array::from_fn(|i| p[i] + t * (q[i] - p[i])) };
+        let mix = |t: f64| -> [f64; 4] { core::array::from_fn(|i| p[i] + t * (q[i] - p[i])) };
         let bias = |t: f64| {
             let qt = mix(t);
             let e2: f64 = (0..4)
@@ -1308,8 +1309,8 @@ mod tests {
         let counts = [2, 4, 6, 8];
         let (mut logp, mut logp_ref) = (Vec::new(), Vec::new());
         for (i, &c) in counts.iter().enumerate() {
-            logp.extend(std::iter::repeat_n(p[i].ln(), c));
-            logp_ref.extend(std::iter::repeat_n(q[i].ln(), c));
+            logp.extend(core::iter::repeat_n(p[i].ln(), c));
+            logp_ref.extend(core::iter::repeat_n(q[i].ln(), c));
         }
         for e in [KlEstimator::K1, KlEstimator::K3] {
             let mean = kl_penalty(&logp, &logp_ref, e).unwrap();
@@ -1412,7 +1413,7 @@ mod tests {
         let (_, q) = categorical_pair();
         let softmax_of = |th: &[f64; 4]| -> [f64; 4] {
             let p = crate::softmax(th);
-            std::array::from_fn(|i| p[i])
+            core::array::from_fn(|i| p[i])
         };
         let p = softmax_of(&theta);
         let expected_grad = |e: KlEstimator| -> [f64; 4] {

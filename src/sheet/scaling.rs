@@ -46,11 +46,12 @@ use crate::Float;
 use crate::entropy::entropy;
 use crate::error::{Error, Result, checked_len, try_vec, try_with_capacity};
 use crate::grad::softmax_vjp;
+use crate::prelude::*;
 use crate::softmax::softmax_in_place;
+use core::fmt;
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 use rand_distr::StandardNormal;
-use std::fmt;
 
 /// The distribution of every query and key component. All have mean 0 and variance 1, so
 /// `Var(q · k) = d_k` for each of them; they differ in their fourth moment (3, 1.8 and 1),
@@ -691,7 +692,25 @@ impl ScalingReport {
 
 /// Rounds to 4 decimals as numpy's `round` does: scale, round half to even, unscale.
 fn round4(x: f64) -> f64 {
-    (x * 1e4).round_ties_even() / 1e4
+    #[cfg(feature = "std")]
+    let r = (x * 1e4).round_ties_even();
+    #[cfg(not(feature = "std"))]
+    let r = round_ties_even(x * 1e4);
+    r / 1e4
+}
+
+/// `f64::round_ties_even` without std: below 2⁵² adding and subtracting 2⁵² rounds to an
+/// integer, half to even (the default rounding); at or above it (and for NaN and the
+/// infinities) the value is already its own rounding. The sign is kept, so -0.4 gives -0.
+#[cfg(not(feature = "std"))]
+fn round_ties_even(y: f64) -> f64 {
+    const TWO_52: f64 = 4_503_599_627_370_496.0;
+    let a = y.abs();
+    if a < TWO_52 {
+        ((a + TWO_52) - TWO_52).copysign(y)
+    } else {
+        y
+    }
 }
 
 /// Python's `repr` of a float in the range the study produces: shortest round-trip digits,

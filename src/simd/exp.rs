@@ -198,6 +198,7 @@ mod tests {
     //! points per range, random plus a uniform grid plus the special points of the reduction.
 
     use super::*;
+    use crate::prelude::*;
     use rand::{RngExt, SeedableRng};
 
     fn points(lo: f64, hi: f64, count: usize) -> Vec<f64> {

@@ -246,6 +246,7 @@ pub fn gemm<E: Element>(isa: Isa, shape: Shape, a: Rows<'_, E>, b: Panels<'_, E>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::prelude::*;
 
     /// Every instruction set against a plain triple loop, overwriting and accumulating, with
     /// row and panel strides larger than the product needs.

@@ -1,9 +1,17 @@
 //! Which instruction set the vector code runs on: detected once, cached, and capped by the
 //! `ATTENTION_MATH_ISA` environment variable.
+//!
+//! Without the `std` feature there is neither run-time detection nor an environment: the
+//! instruction set is the best one the build's target features enable (`-C target-cpu=...`
+//! or `-C target-feature=...`), fixed at compile time, and nothing caps it.
 
 #[cfg(target_arch = "x86_64")]
 use super::{Avx2, Avx512};
-use std::fmt;
+use alloc::string::String;
+use alloc::vec::Vec;
+use alloc::{format, vec};
+use core::fmt;
+#[cfg(feature = "std")]
 use std::sync::OnceLock;
 
 /// The instruction sets the crate's kernels are written for, from the least to the most
@@ -53,7 +61,7 @@ impl fmt::Display for InstructionSet {
     }
 }
 
-impl std::str::FromStr for InstructionSet {
+impl core::str::FromStr for InstructionSet {
     type Err = String;
 
     /// Parses `portable`, `avx2` or `avx512` (any case, surrounding spaces ignored).
@@ -78,6 +86,10 @@ impl std::str::FromStr for InstructionSet {
 /// a value that is not one of the three names (which is then ignored). Tests and benchmarks
 /// use the variable to run each code path on a machine that has several; ordinary programs
 /// leave it unset.
+///
+/// Without the `std` feature: the best instruction set the build's target features enable
+/// (portable code unless the crate is built with, say, `-C target-cpu=native` or
+/// `-C target-feature=+avx2,+fma,+f16c`), and no variable.
 ///
 /// # Examples
 ///
@@ -125,6 +137,7 @@ impl Isa {
 
     /// The instruction set in use: [`Isa::best`] capped by `ATTENTION_MATH_ISA`, detected
     /// once and cached.
+    #[cfg(feature = "std")]
     pub fn get() -> Isa {
         static ISA: OnceLock<Isa> = OnceLock::new();
         *ISA.get_or_init(|| {
@@ -153,7 +166,15 @@ impl Isa {
         })
     }
 
+    /// The instruction set in use without `std`: [`Isa::best`], which is then a compile-time
+    /// constant (no cache is needed, and there is no environment to cap it).
+    #[cfg(not(feature = "std"))]
+    pub fn get() -> Isa {
+        Isa::best()
+    }
+
     /// `self`, or the best instruction set below it that does not exceed `cap`.
+    #[cfg(any(feature = "std", test))]
     fn capped(self, cap: InstructionSet) -> Isa {
         Isa::down_from(self)
             .into_iter()
@@ -194,6 +215,7 @@ impl Isa {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::prelude::*;
 
     #[test]
     fn available_runs_from_portable_up_to_the_one_in_use() {

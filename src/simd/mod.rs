@@ -14,7 +14,8 @@
 //!
 //! **Tokens make target-feature safety a property of the types.** A value of type
 //! [`x86::Avx2`] exists only if detection saw AVX2 and FMA on this CPU (its field is private
-//! to its module, and the only constructor runs `is_x86_feature_detected!`); [`Isa`] holds one
+//! to its module, and the only constructor runs `is_x86_feature_detected!`, or without the
+//! `std` feature checks the build's compile-time target features); [`Isa`] holds one
 //! token or none. The vector operations are methods of the token, so code that has no token
 //! cannot call them, and the one `unsafe` step, entering a `#[target_feature]` function, is
 //! taken in [`dispatch`] with the token in hand.
@@ -336,17 +337,37 @@ macro_rules! element {
             fn exp2_poly<S: Lanes<Self>>(s: S, r: S::V) -> S::V {
                 exp::$poly(s, r, &exp::$q2)
             }
+            // std's functions with std; without it libm's, through nalgebra's `ComplexField`
+            // (libm's `fma` is correctly rounded, so `mul_add` gives the same bits either way).
+            #[cfg(feature = "std")]
             #[inline(always)]
             fn std_exp(self) -> Self {
                 self.exp()
             }
+            #[cfg(not(feature = "std"))]
+            #[inline(always)]
+            fn std_exp(self) -> Self {
+                <$t as nalgebra::ComplexField>::exp(self)
+            }
+            #[cfg(feature = "std")]
             #[inline(always)]
             fn std_exp2(self) -> Self {
                 self.exp2()
             }
+            #[cfg(not(feature = "std"))]
+            #[inline(always)]
+            fn std_exp2(self) -> Self {
+                <$t as nalgebra::ComplexField>::exp2(self)
+            }
+            #[cfg(feature = "std")]
             #[inline(always)]
             fn mul_add(self, b: Self, c: Self) -> Self {
                 $t::mul_add(self, b, c)
+            }
+            #[cfg(not(feature = "std"))]
+            #[inline(always)]
+            fn mul_add(self, b: Self, c: Self) -> Self {
+                <$t as nalgebra::ComplexField>::mul_add(self, b, c)
             }
             #[inline]
             fn dispatch<K: Kernel<Self>>(isa: Isa, k: K) -> K::Output {

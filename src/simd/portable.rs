@@ -135,6 +135,7 @@ portable_lanes!(f64, 4, u64, i64, 52, 1023);
 #[cfg(test)]
 mod tests {
     use super::{bf16_to_f32, f16_to_f32};
+    use crate::prelude::*;
     use crate::simd::{Isa, Lanes};
 
     /// Every binary16 bit pattern against the format's definition, in f64:

@@ -235,6 +235,7 @@ pub fn all_finite<E: Element>(isa: Isa, x: &[E]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::prelude::*;
 
     /// Against a plain loop on every instruction set: the maximum exactly, the probabilities
     /// and the sum to rounding; a row with nothing allowed.

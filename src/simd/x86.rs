@@ -3,10 +3,24 @@
 //!
 //! A token's field is private to this module and its only constructor runs the CPU's feature
 //! detection, so holding one proves the features; that proof is what every `unsafe` block
-//! below relies on.
+//! below relies on. Without the `std` feature the detection is the build's compile-time
+//! target features (a binary built with them enabled requires them of every CPU it runs on).
 
 use super::{Element, Kernel, Lanes};
 use core::arch::x86_64::*;
+
+/// Whether this CPU has the target feature `$f`: detected at run time with the `std` feature;
+/// without it (core has no detection) whether the build enables the feature at compile time
+/// (`-C target-cpu=...` or `-C target-feature=...`), which every CPU the build runs on has.
+macro_rules! has {
+    ($f:tt) => {{
+        #[cfg(feature = "std")]
+        let on = std::arch::is_x86_feature_detected!($f);
+        #[cfg(not(feature = "std"))]
+        let on = cfg!(target_feature = $f);
+        on
+    }};
+}
 
 /// Proof that this CPU has AVX2, FMA and F16C (every AVX2 CPU has F16C; all three are
 /// checked).
@@ -24,10 +38,7 @@ pub struct Avx512 {
 impl Avx2 {
     /// The token, if the CPU has AVX2, FMA and F16C.
     pub fn detect() -> Option<Self> {
-        (is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c"))
-        .then_some(Avx2 { _proof: () })
+        (has!("avx2") && has!("fma") && has!("f16c")).then_some(Avx2 { _proof: () })
     }
 
     /// Runs `k` compiled for AVX2 + FMA + F16C.
@@ -52,11 +63,8 @@ impl Avx512 {
     /// The token, if the CPU has AVX-512F (with AVX2, FMA and F16C, which every such CPU has;
     /// all four are checked).
     pub fn detect() -> Option<Self> {
-        (is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c"))
-        .then_some(Avx512 { _proof: () })
+        (has!("avx512f") && has!("avx2") && has!("fma") && has!("f16c"))
+            .then_some(Avx512 { _proof: () })
     }
 
     /// The AVX2 token: every AVX-512 CPU has AVX2, FMA and F16C (checked in
