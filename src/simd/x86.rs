@@ -9,15 +9,16 @@
 use super::{Element, Kernel, Lanes};
 use core::arch::x86_64::*;
 
-/// Whether this CPU has the target feature `$f`: detected at run time with the `std` feature;
-/// without it (core has no detection) whether the build enables the feature at compile time
-/// (`-C target-cpu=...` or `-C target-feature=...`), which every CPU the build runs on has.
+/// Whether this CPU has every one of the target features named: detected at run time with the
+/// `std` feature; without it (core has no detection) whether the build enables them all at
+/// compile time (`-C target-cpu=...` or `-C target-feature=...`), which every CPU the build
+/// runs on then has.
 macro_rules! has {
-    ($f:tt) => {{
+    ($($f:tt),+) => {{
         #[cfg(feature = "std")]
-        let on = std::arch::is_x86_feature_detected!($f);
+        let on = $(std::arch::is_x86_feature_detected!($f))&&+;
         #[cfg(not(feature = "std"))]
-        let on = cfg!(target_feature = $f);
+        let on = cfg!(all($(target_feature = $f),+));
         on
     }};
 }
@@ -38,7 +39,7 @@ pub struct Avx512 {
 impl Avx2 {
     /// The token, if the CPU has AVX2, FMA and F16C.
     pub fn detect() -> Option<Self> {
-        (has!("avx2") && has!("fma") && has!("f16c")).then_some(Avx2 { _proof: () })
+        has!("avx2", "fma", "f16c").then_some(Avx2 { _proof: () })
     }
 
     /// Runs `k` compiled for AVX2 + FMA + F16C.
@@ -54,7 +55,8 @@ impl Avx2 {
         {
             k.run(t)
         }
-        // SAFETY: `self` exists, so detection saw AVX2, FMA and F16C on this CPU.
+        // SAFETY: `self` exists, so detection saw AVX2, FMA and F16C on this CPU (without std:
+        // the build enables them, so every CPU it runs on has them).
         unsafe { entry(self, k) }
     }
 }
@@ -63,8 +65,7 @@ impl Avx512 {
     /// The token, if the CPU has AVX-512F (with AVX2, FMA and F16C, which every such CPU has;
     /// all four are checked).
     pub fn detect() -> Option<Self> {
-        (has!("avx512f") && has!("avx2") && has!("fma") && has!("f16c"))
-            .then_some(Avx512 { _proof: () })
+        has!("avx512f", "avx2", "fma", "f16c").then_some(Avx512 { _proof: () })
     }
 
     /// The AVX2 token: every AVX-512 CPU has AVX2, FMA and F16C (checked in
@@ -86,7 +87,8 @@ impl Avx512 {
         {
             k.run(t)
         }
-        // SAFETY: `self` exists, so detection saw AVX-512F, AVX2, FMA and F16C on this CPU.
+        // SAFETY: `self` exists, so detection saw AVX-512F, AVX2, FMA and F16C on this CPU
+        // (without std: the build enables them, so every CPU it runs on has them).
         unsafe { entry(self, k) }
     }
 }
