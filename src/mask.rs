@@ -576,7 +576,7 @@ impl Mask {
 
     /// Complement: allowed iff `self` does not allow.
     ///
-    /// (Named like [`std::ops::Not::not`], which `Mask` also implements as `!mask`.)
+    /// (Named like [`core::ops::Not::not`], which `Mask` also implements as `!mask`.)
     ///
     /// # Examples
     ///
