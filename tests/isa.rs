@@ -5,10 +5,8 @@
 use attention_math::{InstructionSet, instruction_set};
 
 #[test]
+#[cfg(feature = "std")]
 fn the_requested_instruction_set_is_the_one_in_use() {
-    if cfg!(not(feature = "std")) {
-        return; // without std the variable is not read: compile-time target features decide
-    }
     let Ok(value) = std::env::var("ATTENTION_MATH_ISA") else {
         return; // no request: detection picks the best the CPU has
     };
@@ -24,6 +22,32 @@ fn the_requested_instruction_set_is_the_one_in_use() {
         "ATTENTION_MATH_ISA={wanted} was asked for, but this CPU cannot run it: the tests \
          ran on {running} instead"
     );
+}
+
+/// Without std there is no detection and no variable: the instruction set is the best one the
+/// build's compile-time target features enable.
+#[test]
+#[cfg(not(feature = "std"))]
+fn without_std_the_build_target_features_decide() {
+    let expected = if cfg!(all(
+        target_arch = "x86_64",
+        target_feature = "avx512f",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    )) {
+        InstructionSet::Avx512
+    } else if cfg!(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    )) {
+        InstructionSet::Avx2
+    } else {
+        InstructionSet::Portable
+    };
+    assert_eq!(instruction_set(), expected);
 }
 
 #[test]
