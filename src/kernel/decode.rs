@@ -17,7 +17,7 @@
 //! merged in chunk order, flash-decoding style: the same bits for any thread count.
 
 use super::Exec;
-use super::forward::{RowEnd, finish_scores, finite, online_step, q_factor, row_end};
+use super::forward::{RowEnd, finish_scores, online_step, q_factor, row_end};
 use super::pack::column;
 use super::threads::par::*;
 use crate::Float;
@@ -389,7 +389,9 @@ pub(crate) fn decode<T: Float, X: Stored<T> + nalgebra::Scalar>(
         let seen = partials.iter().any(|p| p.seen[r]);
         let end = match row_end(big, sum, seen) {
             // The unnormalised accumulator overflowed (values near the float's maximum).
-            RowEnd::Normal { .. } if !finite(&o) || partials.iter().any(|p| p.overflow[r]) => {
+            RowEnd::Normal { .. }
+                if !simd::all_finite(isa, &o) || partials.iter().any(|p| p.overflow[r]) =>
+            {
                 RowEnd::Exact
             }
             end => end,

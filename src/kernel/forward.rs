@@ -38,11 +38,11 @@ pub(crate) struct PackedKv<T> {
 
 impl<T: Float> PackedKv<T> {
     /// Packs the K and V of `p` (every problem of a group has the same).
-    pub(crate) fn new(p: &Problem<'_, T>) -> Self {
+    pub(crate) fn new(isa: Isa, p: &Problem<'_, T>) -> Self {
         let m_pad = round_up(p.plan.m, T::NR);
         PackedKv {
             kt: pack::panels_of_transpose(&p.k, T::NR),
-            v: pack::panels(&p.v, T::NR, m_pad),
+            v: pack::panels(isa, &p.v, T::NR, m_pad),
             m_pad,
             dv_pad: round_up(p.plan.dv, T::NR),
         }
@@ -167,11 +167,11 @@ fn run<'k, T: Float, const STATS: bool>(
 ) -> Vec<HeadResult<T>> {
     let br = tile::<T>().0;
     let pack_q = |&(p, kv): &(&Problem<'_, T>, &'k PackedKv<T>)| -> Packed<'k, T> {
-        let factor = q_factor(&p.plan);
-        Packed {
-            q: pack::rows(&p.q, |x| factor.apply(x), round_up(p.plan.n, T::MR)),
-            kv,
-        }
+        let mut q = pack::rows(isa, &p.q, round_up(p.plan.n, T::MR));
+        // The real rows only: the padded rows stay zero (their P must be 0, and a factor
+        // that overflowed to inf would make them NaN).
+        q_factor(&p.plan).apply_to(isa, &mut q[..p.plan.n * p.plan.d]);
+        Packed { q, kv }
     };
     let packed: Vec<Packed<'k, T>> = if exec.parallel() && jobs.len() > 1 {
         jobs.par_iter().map(pack_q).collect()
@@ -367,7 +367,8 @@ fn query_tile<T: Float, const STATS: bool>(
             // The unnormalised accumulator can overflow where the output cannot (values near
             // the float's maximum): such a row is recomputed with normalised weights.
             RowEnd::Normal { .. }
-                if scr.overflow[r] || !finite(&scr.o[r * dv_pad..r * dv_pad + dv]) =>
+                if scr.overflow[r]
+                    || !simd::all_finite(isa, &scr.o[r * dv_pad..r * dv_pad + dv]) =>
             {
                 scr.inv[r] = T::zero();
                 exact.push(r);
@@ -390,10 +391,13 @@ fn query_tile<T: Float, const STATS: bool>(
             }
         }
     }
-    for (c, column) in out.iter_mut().enumerate() {
-        for (r, x) in column.iter_mut().enumerate() {
-            *x = scr.o[r * dv_pad + c] * scr.inv[r];
+    if dv > 0 {
+        let o = &mut scr.o[..rows * dv_pad];
+        for (row, &inv) in o.chunks_mut(dv_pad).zip(&scr.inv) {
+            simd::scale_row(isa, &mut row[..dv], inv);
         }
+        let o_rows: Vec<&[T]> = o.chunks(dv_pad).collect();
+        simd::transpose(isa, &o_rows, &mut out);
     }
     for r in exact {
         let (row, l, st) = exact_row_impl::<T, STATS>(p, q0 + r);
@@ -548,6 +552,14 @@ impl<T: Float> QFactor<T> {
     pub(super) fn apply(self, q: T) -> T {
         (q * self.factor) * self.post
     }
+
+    /// [`apply`](Self::apply) to every entry of `q` (the same bits, a vector at a time).
+    pub(super) fn apply_to(self, isa: Isa, q: &mut [T]) {
+        simd::scale_row(isa, q, self.factor);
+        if self.post != T::one() {
+            simd::scale_row(isa, q, self.post);
+        }
+    }
 }
 
 /// One online-softmax step for one row: `row` (scores in log₂ units, padded with −inf to a
@@ -578,11 +590,6 @@ pub(super) fn online_step<T: Float>(
     } else {
         *sum += row_sum;
     }
-}
-
-/// Whether every entry is finite.
-pub(super) fn finite<T: Float>(x: &[T]) -> bool {
-    x.iter().all(|v| v.is_finite())
 }
 
 /// How a row ends, from its running maximum (log₂ units) and sum.
@@ -833,7 +840,7 @@ mod tests {
             bias: bias.map(|b| b.as_view()),
             plan: plan(&qv, &kv, &vv, opts).unwrap(),
         };
-        let (out, lse) = forward(&problem, &PackedKv::new(&problem), isa, Exec::Inline);
+        let (out, lse) = forward(&problem, &PackedKv::new(isa, &problem), isa, Exec::Inline);
         let want = scaled_attention_reference(&q, &k, &v, mask, opts).unwrap();
         for (a, b) in out.iter().zip(want.output.iter()) {
             let (a, b) = (a.as_f64(), b.as_f64());
@@ -961,7 +968,7 @@ mod tests {
         );
         assert_eq!(want.lse[0], f32::INFINITY);
         for isa in Isa::available() {
-            let (out, lse) = forward(&problem, &PackedKv::new(&problem), isa, Exec::Inline);
+            let (out, lse) = forward(&problem, &PackedKv::new(isa, &problem), isa, Exec::Inline);
             assert_eq!(out.row(0), want.output.row(0));
             assert_eq!(lse[0], f32::INFINITY);
             assert!((out.row(1) - want.output.row(1)).amax() < 1e-6);

@@ -2,7 +2,7 @@
 //! micro-kernel streams (see [`microkernel`](super::microkernel)).
 //!
 //! ```text
-//! rows(X, f, pad)           X (r x c)  →  r_pad x c row-major, times f, zero rows r..r_pad
+//! rows(X, pad)              X (r x c)  →  r_pad x c row-major, zero rows r..r_pad
 //! panels_of_transpose(K)    K (m x d)  →  Kᵀ (d x m) in panels of NR keys:
 //!                                         panel p, row t, lane j  =  K[p·NR + j, t]
 //! panels(V, pad)            V (m x e)  →  V in panels of NR columns, pad rows each:
@@ -15,6 +15,7 @@
 
 use crate::Float;
 use crate::prelude::*;
+use crate::simd::{self, Isa};
 use nalgebra::DMatrixView;
 
 /// `x` rounded up to a multiple of `to` (`to > 0`).
@@ -32,43 +33,30 @@ pub(crate) fn column<'a, E: nalgebra::Scalar>(x: &DMatrixView<'a, E>, c: usize) 
     unsafe { core::slice::from_raw_parts(x.as_ptr().add(c * x.strides().1), x.nrows()) }
 }
 
-/// X (r x c) as a row-major `rows_pad x c` buffer, `factor` applied to every entry;
-/// rows `r..rows_pad` are zero.
-pub(crate) fn rows<T: Float>(
-    x: &DMatrixView<'_, T>,
-    factor: impl Fn(T) -> T,
-    rows_pad: usize,
-) -> Vec<T> {
+/// X (r x c) as a row-major `rows_pad x c` buffer; rows `r..rows_pad` are zero.
+pub(crate) fn rows<T: Float>(isa: Isa, x: &DMatrixView<'_, T>, rows_pad: usize) -> Vec<T> {
     let (r, c) = x.shape();
     debug_assert!(rows_pad >= r);
     let mut out = vec![T::zero(); rows_pad * c];
-    transpose_into(x, 0..c, &mut out, c, factor);
+    transpose_into(isa, x, 0..c, &mut out, c);
     out
 }
 
-/// `out[i·stride + (t − cols.start)] = factor(x[(i, t)])` for every row i of `x` and column
-/// t of `cols`: column-major to row-major, eight columns at a time, so that each output row
-/// gets a run of adjacent entries from eight sequential column streams.
+/// `out[i·stride + (t − cols.start)] = x[(i, t)]` for every row i of `x` and column t of
+/// `cols`: column-major to row-major, by [`simd::transpose`]'s register blocks.
 fn transpose_into<T: Float>(
+    isa: Isa,
     x: &DMatrixView<'_, T>,
     cols: core::ops::Range<usize>,
     out: &mut [T],
     stride: usize,
-    factor: impl Fn(T) -> T,
 ) {
-    const W: usize = 8;
-    let r = x.nrows();
-    for t0 in cols.clone().step_by(W) {
-        let w = (cols.end - t0).min(W);
-        let columns: [&[T]; W] =
-            core::array::from_fn(|u| if u < w { column(x, t0 + u) } else { &[] });
-        let at = t0 - cols.start;
-        for (i, row) in out.chunks_mut(stride).take(r).enumerate() {
-            for (o, col) in row[at..at + w].iter_mut().zip(&columns) {
-                *o = factor(col[i]);
-            }
-        }
+    if cols.is_empty() {
+        return;
     }
+    let src: Vec<&[T]> = cols.map(|t| column(x, t)).collect();
+    let mut dst: Vec<&mut [T]> = out.chunks_mut(stride).take(x.nrows()).collect();
+    simd::transpose(isa, &src, &mut dst);
 }
 
 /// Kᵀ for K (m x d), in `⌈m / nr⌉` panels of `d x nr` (panel stride `d·nr`); keys past m
@@ -87,7 +75,12 @@ pub(crate) fn panels_of_transpose<T: Float>(k: &DMatrixView<'_, T>, nr: usize) -
 
 /// V (m x e) in `⌈e / nr⌉` panels of `rows_pad x nr` (panel stride `rows_pad·nr`); rows past
 /// m and columns past e are zero.
-pub(crate) fn panels<T: Float>(v: &DMatrixView<'_, T>, nr: usize, rows_pad: usize) -> Vec<T> {
+pub(crate) fn panels<T: Float>(
+    isa: Isa,
+    v: &DMatrixView<'_, T>,
+    nr: usize,
+    rows_pad: usize,
+) -> Vec<T> {
     let e = v.ncols();
     debug_assert!(rows_pad >= v.nrows());
     let mut out = vec![T::zero(); round_up(e, nr) * rows_pad];
@@ -95,7 +88,7 @@ pub(crate) fn panels<T: Float>(v: &DMatrixView<'_, T>, nr: usize, rows_pad: usiz
         return out;
     }
     for (p, panel) in out.chunks_mut(rows_pad * nr).enumerate() {
-        transpose_into(v, p * nr..((p + 1) * nr).min(e), panel, nr, |x| x);
+        transpose_into(isa, v, p * nr..((p + 1) * nr).min(e), panel, nr);
     }
     out
 }
@@ -109,20 +102,54 @@ mod tests {
     fn layouts_match_the_module_docs() {
         let x = DMatrix::<f64>::from_fn(5, 3, |i, j| (10 * i + j) as f64);
         let v = x.as_view();
-        let r = rows(&v, |x| 2.0 * x, 6);
-        assert_eq!(r.len(), 18);
-        assert_eq!(&r[3..6], &[20.0, 22.0, 24.0]);
-        assert_eq!(&r[15..], &[0.0; 3]);
+        for isa in Isa::available() {
+            let r = rows(isa, &v, 6);
+            assert_eq!(r.len(), 18);
+            assert_eq!(&r[3..6], &[10.0, 11.0, 12.0]);
+            assert_eq!(&r[15..], &[0.0; 3]);
+            let p = panels(isa, &v, 2, 8);
+            assert_eq!(p.len(), 2 * 8 * 2);
+            assert_eq!(&p[2 * 3..2 * 3 + 2], &[30.0, 31.0]); // row 3 of panel 0
+            assert_eq!(&p[16 + 2 * 4..16 + 2 * 4 + 2], &[42.0, 0.0]); // row 4 of panel 1
+            assert_eq!(&p[16 + 2 * 5..], &[0.0; 6]); // padded rows
+        }
         // Kᵀ panels of 4 keys: panel 1 holds key 4 in lane 0, zeros in lanes 1..4.
         let k = panels_of_transpose(&v, 4);
         assert_eq!(k.len(), 2 * 3 * 4);
         assert_eq!(&k[4..8], &[1.0, 11.0, 21.0, 31.0]); // row t = 1 of panel 0
         assert_eq!(&k[12 + 8..12 + 12], &[42.0, 0.0, 0.0, 0.0]); // row t = 2 of panel 1
-        // V panels of 2 columns, 8 rows each.
-        let p = panels(&v, 2, 8);
-        assert_eq!(p.len(), 2 * 8 * 2);
-        assert_eq!(&p[2 * 3..2 * 3 + 2], &[30.0, 31.0]); // row 3 of panel 0
-        assert_eq!(&p[16 + 2 * 4..16 + 2 * 4 + 2], &[42.0, 0.0]); // row 4 of panel 1
-        assert_eq!(&p[16 + 2 * 5..], &[0.0; 6]); // padded rows
+    }
+
+    /// A strided view (a block inside a larger matrix) larger than the register blocks, with
+    /// partial blocks at both edges: every entry of `rows` and `panels` on every instruction
+    /// set, in f32 and f64.
+    #[test]
+    fn strided_views_pack_entry_by_entry() {
+        fn check<T: Float>(isa: Isa) {
+            let big = DMatrix::<T>::from_fn(41, 23, |i, j| T::of_f64((100 * i + j) as f64));
+            let v = big.view((3, 2), (35, 19));
+            let r = rows(isa, &v, 36);
+            let p = panels(isa, &v, 8, 40);
+            for i in 0..40 {
+                for t in 0..24 {
+                    let want = if i < 35 && t < 19 {
+                        v[(i, t)]
+                    } else {
+                        T::zero()
+                    };
+                    if i < 36 && t < 19 {
+                        assert!(r[i * 19 + t] == want, "{isa:?} rows ({i}, {t})");
+                    }
+                    assert!(
+                        p[(t / 8) * 40 * 8 + i * 8 + t % 8] == want,
+                        "{isa:?} ({i}, {t})"
+                    );
+                }
+            }
+        }
+        for isa in Isa::available() {
+            check::<f32>(isa);
+            check::<f64>(isa);
+        }
     }
 }

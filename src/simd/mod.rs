@@ -10,6 +10,7 @@
 //! exp.rs       exp and 2^x (range reduction, polynomial, 2^n from the exponent field)
 //! gemm.rs      the register-blocked micro-kernel C (+)= A·B on packed panels
 //! rows.rs      the online-softmax row step and the row rescale
+//! transpose.rs column slices to row slices, a register block at a time (packing)
 //! ```
 //!
 //! **Tokens make target-feature safety a property of the types.** A value of type
@@ -22,7 +23,7 @@
 //!
 //! **Written once.** Every algorithm here is a generic `#[inline(always)]` function over
 //! [`Lanes<E>`], the vector trait (splat, load, store, add, fma, max, horizontal max and sum,
-//! a masked flush, 2ⁿ), for an element `E` = `f32` or `f64`. [`dispatch`] runs such a body
+//! a masked flush, 2ⁿ, a block transpose), for an element `E` = `f32` or `f64`. [`dispatch`] runs such a body
 //! (a [`Kernel`]) inside a thin `#[target_feature]` entry point per instruction set, so that
 //! the whole body, inlined there, is compiled for that instruction set. Six implementations
 //! of [`Lanes`] exist: AVX2 + FMA (8 f32 / 4 f64 lanes), AVX-512F (16 / 8) and portable
@@ -37,6 +38,7 @@ mod gemm;
 mod isa;
 mod portable;
 mod rows;
+mod transpose;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -45,6 +47,8 @@ pub use gemm::{Out, Panels, Rows, Shape, gemm};
 pub use isa::{InstructionSet, Isa, instruction_set};
 pub use portable::Portable;
 pub use rows::{affine_row, all_finite, scale_row, softmax_grad_row, softmax_row};
+pub use transpose::transpose;
+use transpose::transpose_by_blocks;
 #[cfg(target_arch = "x86_64")]
 pub use x86::{Avx2, Avx512};
 
@@ -183,6 +187,27 @@ pub trait Lanes<E: Element>: Copy + Send + Sync + 'static {
     #[inline(always)]
     fn prefetch<X>(self, x: &[X]) {
         let _ = x;
+    }
+
+    /// The transpose of a `LANES x LANES` block, `dst[i][k] = src[k][i]` for `i, k <
+    /// LANES`: `src[k]` points at column k of the block (`LANES` elements), `dst[i]` at row
+    /// i. Bits are moved, not computed on. This default moves one element at a time; the
+    /// x86 tokens shuffle registers.
+    ///
+    /// # Safety
+    ///
+    /// `src` and `dst` hold `LANES` pointers each (checked); every `src[k]` is valid for
+    /// reading and every `dst[i]` for writing `LANES` elements; no `dst[i]` range overlaps
+    /// another one or any `src[k]` range.
+    #[inline(always)]
+    unsafe fn transpose_ptr(self, src: &[*const E], dst: &[*mut E]) {
+        assert!(src.len() == Self::LANES && dst.len() == Self::LANES);
+        for (i, &d) in dst.iter().enumerate() {
+            for (k, &x) in src.iter().enumerate() {
+                // SAFETY: i, k < LANES, within the ranges the caller guarantees.
+                unsafe { *d.add(k) = *x.add(i) };
+            }
+        }
     }
 
     /// The first `LANES` elements of `x` (panics if it is shorter: a bug in the caller).

@@ -172,6 +172,51 @@ lanes!(Avx2, f32, __m256, 8, "avx2,fma",
     fnmadd: _mm256_fnmadd_ps, max: _mm256_max_ps,
     {
         #[inline(always)]
+        unsafe fn transpose_ptr(self, src: &[*const f32], dst: &[*mut f32]) {
+            assert!(src.len() == 8 && dst.len() == 8);
+            // SAFETY: the caller guarantees 8 readable floats at every src[k] and 8 writable
+            // at every dst[i], not overlapping; the token proves AVX2.
+            unsafe {
+                let a0 = _mm256_loadu_ps(src[0]);
+                let a1 = _mm256_loadu_ps(src[1]);
+                let a2 = _mm256_loadu_ps(src[2]);
+                let a3 = _mm256_loadu_ps(src[3]);
+                let a4 = _mm256_loadu_ps(src[4]);
+                let a5 = _mm256_loadu_ps(src[5]);
+                let a6 = _mm256_loadu_ps(src[6]);
+                let a7 = _mm256_loadu_ps(src[7]);
+                // Pairs: t0 = a0[0] a1[0] a0[1] a1[1] | a0[4] a1[4] a0[5] a1[5], t1 the
+                // same for lanes 2, 3 | 6, 7; and so on for (a2, a3), (a4, a5), (a6, a7).
+                let t0 = _mm256_unpacklo_ps(a0, a1);
+                let t1 = _mm256_unpackhi_ps(a0, a1);
+                let t2 = _mm256_unpacklo_ps(a2, a3);
+                let t3 = _mm256_unpackhi_ps(a2, a3);
+                let t4 = _mm256_unpacklo_ps(a4, a5);
+                let t5 = _mm256_unpackhi_ps(a4, a5);
+                let t6 = _mm256_unpacklo_ps(a6, a7);
+                let t7 = _mm256_unpackhi_ps(a6, a7);
+                // Quads: u0 = a0..a3 of lane 0 | of lane 4, u1 of lanes 1 | 5, u2 of 2 | 6,
+                // u3 of 3 | 7; u4..u7 the same for a4..a7.
+                let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+                let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+                let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+                let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+                let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+                let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+                let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+                let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+                // Rows: the low halves give lanes 0..3, the high halves lanes 4..7.
+                _mm256_storeu_ps(dst[0], _mm256_permute2f128_ps::<0x20>(u0, u4));
+                _mm256_storeu_ps(dst[1], _mm256_permute2f128_ps::<0x20>(u1, u5));
+                _mm256_storeu_ps(dst[2], _mm256_permute2f128_ps::<0x20>(u2, u6));
+                _mm256_storeu_ps(dst[3], _mm256_permute2f128_ps::<0x20>(u3, u7));
+                _mm256_storeu_ps(dst[4], _mm256_permute2f128_ps::<0x31>(u0, u4));
+                _mm256_storeu_ps(dst[5], _mm256_permute2f128_ps::<0x31>(u1, u5));
+                _mm256_storeu_ps(dst[6], _mm256_permute2f128_ps::<0x31>(u2, u6));
+                _mm256_storeu_ps(dst[7], _mm256_permute2f128_ps::<0x31>(u3, u7));
+            }
+        }
+        #[inline(always)]
         unsafe fn load_f16_ptr(self, p: *const u16) -> __m256 {
             // SAFETY: the caller guarantees 8 readable u16s; the token proves F16C.
             unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
@@ -230,6 +275,28 @@ lanes!(Avx2, f64, __m256d, 4, "avx2,fma",
     fnmadd: _mm256_fnmadd_pd, max: _mm256_max_pd,
     {
         #[inline(always)]
+        unsafe fn transpose_ptr(self, src: &[*const f64], dst: &[*mut f64]) {
+            assert!(src.len() == 4 && dst.len() == 4);
+            // SAFETY: the caller guarantees 4 readable doubles at every src[k] and 4 writable
+            // at every dst[i], not overlapping; the token proves AVX2.
+            unsafe {
+                let a0 = _mm256_loadu_pd(src[0]);
+                let a1 = _mm256_loadu_pd(src[1]);
+                let a2 = _mm256_loadu_pd(src[2]);
+                let a3 = _mm256_loadu_pd(src[3]);
+                // t0 = a0[0] a1[0] | a0[2] a1[2], t1 = a0[1] a1[1] | a0[3] a1[3]; t2, t3
+                // the same for (a2, a3).
+                let t0 = _mm256_unpacklo_pd(a0, a1);
+                let t1 = _mm256_unpackhi_pd(a0, a1);
+                let t2 = _mm256_unpacklo_pd(a2, a3);
+                let t3 = _mm256_unpackhi_pd(a2, a3);
+                _mm256_storeu_pd(dst[0], _mm256_permute2f128_pd::<0x20>(t0, t2));
+                _mm256_storeu_pd(dst[1], _mm256_permute2f128_pd::<0x20>(t1, t3));
+                _mm256_storeu_pd(dst[2], _mm256_permute2f128_pd::<0x31>(t0, t2));
+                _mm256_storeu_pd(dst[3], _mm256_permute2f128_pd::<0x31>(t1, t3));
+            }
+        }
+        #[inline(always)]
         unsafe fn load_f16_ptr(self, p: *const u16) -> __m256d {
             // SAFETY: the caller guarantees 4 readable u16s (8 bytes); the token proves F16C.
             unsafe { _mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64(p.cast()))) }
@@ -285,6 +352,13 @@ lanes!(Avx512, f32, __m512, 16, "avx512f",
     add: _mm512_add_ps, sub: _mm512_sub_ps, mul: _mm512_mul_ps, fmadd: _mm512_fmadd_ps,
     fnmadd: _mm512_fnmadd_ps, max: _mm512_max_ps,
     {
+        #[inline(always)]
+        unsafe fn transpose_ptr(self, src: &[*const f32], dst: &[*mut f32]) {
+            assert!(src.len() == 16 && dst.len() == 16);
+            // SAFETY: the caller's contract, for this block's lanes; AVX2's blocks divide it
+            // (every AVX-512 CPU has AVX2, checked at detection).
+            unsafe { super::transpose_by_blocks(self.avx2(), src, dst) }
+        }
         #[inline(always)]
         unsafe fn load_f16_ptr(self, p: *const u16) -> __m512 {
             // SAFETY: the caller guarantees 16 readable u16s; the token proves AVX-512F.
@@ -353,6 +427,13 @@ lanes!(Avx512, f64, __m512d, 8, "avx512f",
     add: _mm512_add_pd, sub: _mm512_sub_pd, mul: _mm512_mul_pd, fmadd: _mm512_fmadd_pd,
     fnmadd: _mm512_fnmadd_pd, max: _mm512_max_pd,
     {
+        #[inline(always)]
+        unsafe fn transpose_ptr(self, src: &[*const f64], dst: &[*mut f64]) {
+            assert!(src.len() == 8 && dst.len() == 8);
+            // SAFETY: the caller's contract, for this block's lanes; AVX2's blocks divide it
+            // (every AVX-512 CPU has AVX2, checked at detection).
+            unsafe { super::transpose_by_blocks(self.avx2(), src, dst) }
+        }
         #[inline(always)]
         unsafe fn load_f16_ptr(self, p: *const u16) -> __m512d {
             // SAFETY: the caller guarantees 8 readable u16s; the token proves AVX-512F and
