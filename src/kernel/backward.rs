@@ -411,15 +411,14 @@ pub(crate) fn backward<T: Float>(
     let kmax = p.k.iter().fold(0.0_f64, |a, v| a.max(v.as_f64().abs()));
     let limit = 2f64.powi(T::MAX_EXP - 2);
     // max |q_i| · max |k| · d per row: a bound on |q_i · k_j| and on its rounding error / ε.
-    let dots: Vec<f64> = (0..n)
-        .map(|i| {
-            let qmax =
-                p.q.row(i)
-                    .iter()
-                    .fold(0.0_f64, |a, v| a.max(v.as_f64().abs()));
-            qmax * kmax * d.max(1) as f64
-        })
-        .collect();
+    // (max |q_i| column by column: Q is column-major.)
+    let mut qmax = vec![0.0_f64; n];
+    for col in p.q.column_iter() {
+        for (a, v) in qmax.iter_mut().zip(col.iter()) {
+            *a = a.max(v.as_f64().abs());
+        }
+    }
+    let dots: Vec<f64> = qmax.iter().map(|&q| q * kmax * d.max(1) as f64).collect();
     let exact: Vec<bool> = lse
         .iter()
         .zip(&dots)
@@ -524,11 +523,18 @@ pub(crate) fn backward<T: Float>(
     }
     let mismatch = check_row_sums(&ctx, &dq[n_pad * d_pad..], &dots);
     // Back to column-major nalgebra matrices, dropping the padding.
+    // (Row i of each buffer is `stride` long, of which the first `cols` are the gradient.)
+    let unpack = |buf: &[T], (stride, cols): (usize, usize), at: &dyn Fn(usize) -> usize, count| {
+        let r: Vec<&[T]> = (0..count)
+            .map(|i| &buf[at(i) * stride..][..stride])
+            .collect();
+        pack::matrix_of_rows(isa, &r, cols)
+    };
     Gradients {
         mismatch,
-        dq: DMatrix::from_fn(n, d, |i, c| dq[i * d_pad + c]),
-        dk: DMatrix::from_fn(m, d, |j, c| dk[key_row(j) * d_pad + c]),
-        dv: DMatrix::from_fn(m, dv, |j, c| dvb[key_row(j) * dv_pad + c]),
+        dq: unpack(&dq, (d_pad, d), &|i| i, n),
+        dk: unpack(&dk, (d_pad, d), &key_row, m),
+        dv: unpack(&dvb, (dv_pad, dv), &key_row, m),
         dbias: dbias.map(|data| DMatrix::from_vec(n, m, data)),
     }
 }

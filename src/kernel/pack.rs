@@ -16,7 +16,7 @@
 use crate::Float;
 use crate::prelude::*;
 use crate::simd::{self, Isa};
-use nalgebra::DMatrixView;
+use nalgebra::{DMatrix, DMatrixView};
 
 /// `x` rounded up to a multiple of `to` (`to > 0`).
 pub(crate) fn round_up(x: usize, to: usize) -> usize {
@@ -59,6 +59,19 @@ fn transpose_into<T: Float>(
     simd::transpose(isa, &src, &mut dst);
 }
 
+/// The r x `cols` column-major matrix whose row i is `rows[i][..cols]` (r = `rows.len()`):
+/// a row-major result (the backward's dQ, dK, dV) back in nalgebra's layout, by
+/// [`simd::transpose`].
+pub(crate) fn matrix_of_rows<T: Float>(isa: Isa, rows: &[&[T]], cols: usize) -> DMatrix<T> {
+    let r = rows.len();
+    let mut out = DMatrix::zeros(r, cols);
+    if r > 0 && cols > 0 {
+        let mut dst: Vec<&mut [T]> = out.as_mut_slice().chunks_mut(r).collect();
+        simd::transpose(isa, rows, &mut dst);
+    }
+    out
+}
+
 /// Kᵀ for K (m x d), in `⌈m / nr⌉` panels of `d x nr` (panel stride `d·nr`); keys past m
 /// are zero.
 pub(crate) fn panels_of_transpose<T: Float>(k: &DMatrixView<'_, T>, nr: usize) -> Vec<T> {
@@ -96,7 +109,6 @@ pub(crate) fn panels<T: Float>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nalgebra::DMatrix;
 
     #[test]
     fn layouts_match_the_module_docs() {
@@ -150,6 +162,25 @@ mod tests {
         for isa in Isa::available() {
             check::<f32>(isa);
             check::<f64>(isa);
+        }
+    }
+
+    /// `matrix_of_rows` reads each row's first `cols` entries, whatever the rows' lengths.
+    #[test]
+    fn rows_back_into_a_matrix() {
+        let data: Vec<Vec<f32>> = (0..19)
+            .map(|i| (0..30 + i).map(|c| (100 * i + c) as f32).collect())
+            .collect();
+        let rows: Vec<&[f32]> = data.iter().map(|r| r.as_slice()).collect();
+        for isa in Isa::available() {
+            let x = matrix_of_rows(isa, &rows, 27);
+            assert_eq!(
+                x,
+                DMatrix::from_fn(19, 27, |i, c| (100 * i + c) as f32),
+                "{isa:?}"
+            );
+            assert_eq!(matrix_of_rows(isa, &rows, 0).shape(), (19, 0));
+            assert_eq!(matrix_of_rows::<f32>(isa, &[], 5).shape(), (0, 5));
         }
     }
 }
