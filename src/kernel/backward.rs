@@ -74,6 +74,46 @@ struct Packed<T> {
     n_pad: usize,
 }
 
+impl<T: Float> Packed<T> {
+    /// The seven layouts of Q, dO, K and V (each a function of the inputs alone), packed on
+    /// the call's threads.
+    fn new(
+        p: &Problem<'_, T>,
+        d_out: DMatrixView<'_, T>,
+        n_pad: usize,
+        isa: Isa,
+        exec: Exec,
+    ) -> Self {
+        let m = p.plan.m;
+        let jobs: [&(dyn Fn() -> Vec<T> + Sync); 7] = [
+            &|| pack::rows(isa, &p.q, n_pad),
+            &|| pack::rows(isa, &d_out, n_pad),
+            &|| pack::panels_of_transpose(&p.k, T::NR),
+            &|| pack::panels_of_transpose(&p.v, T::NR),
+            &|| pack::panels(isa, &p.q, T::NR, n_pad),
+            &|| pack::panels(isa, &d_out, T::NR, n_pad),
+            &|| pack::panels(isa, &p.k, T::NR, m),
+        ];
+        let packs: Vec<Vec<T>> = if exec.parallel() {
+            jobs.par_iter().map(|f| f()).collect()
+        } else {
+            jobs.iter().map(|f| f()).collect()
+        };
+        let mut packs = packs.into_iter();
+        let mut next = || packs.next().unwrap_or_default();
+        Packed {
+            q_rows: next(),
+            do_rows: next(),
+            kt: next(),
+            vt: next(),
+            q_panels: next(),
+            do_panels: next(),
+            k_panels: next(),
+            n_pad,
+        }
+    }
+}
+
 /// One block's working memory (row-major, R x C, padding kept at zero).
 struct Scratch<T> {
     /// X, then dX.
@@ -362,6 +402,30 @@ pub(crate) fn dq_lanes(key_blocks: usize, len: usize, size: usize) -> usize {
     key_blocks.min(budget.clamp(2, 8)).max(1)
 }
 
+/// `jobs` reordered so that every half, every quarter, ... of the list carries about the
+/// same work (`size`): the largest first, dealt in snake order to the two halves, recursively.
+/// A pool that splits the list in halves then finishes its threads together. (Only the order
+/// the lanes run in changes, never what a lane sums.)
+fn balanced<J>(mut jobs: Vec<J>, size: impl Fn(&J) -> usize + Copy) -> Vec<J> {
+    if jobs.len() <= 2 {
+        return jobs;
+    }
+    jobs.sort_by_key(|j| core::cmp::Reverse(size(j)));
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    // Snake order, A B B A A B B A ...: every two rounds give each half one larger and one
+    // smaller job.
+    for (i, j) in jobs.into_iter().enumerate() {
+        if (i + 1) / 2 % 2 == 0 {
+            a.push(j);
+        } else {
+            b.push(j);
+        }
+    }
+    let mut out = balanced(a, size);
+    out.extend(balanced(b, size));
+    out
+}
+
 /// The half-open ranges `[start, end)` of `len` positions cut into tiles of `tile`.
 fn ranges(len: usize, tile: usize) -> Vec<(usize, usize)> {
     (0..len)
@@ -429,16 +493,7 @@ pub(crate) fn backward<T: Float>(
         lse,
         delta,
         exact,
-        packed: Packed {
-            q_rows: pack::rows(isa, &p.q, n_pad),
-            do_rows: pack::rows(isa, &d_out, n_pad),
-            kt: pack::panels_of_transpose(&p.k, T::NR),
-            vt: pack::panels_of_transpose(&p.v, T::NR),
-            q_panels: pack::panels(isa, &p.q, T::NR, n_pad),
-            do_panels: pack::panels(isa, &d_out, T::NR, n_pad),
-            k_panels: pack::panels(isa, &p.k, T::NR, m),
-            n_pad,
-        },
+        packed: Packed::new(p, d_out, n_pad, isa, exec),
         isa,
         c: round_up(round_up(tk.min(m.max(1)), T::MR), T::NR),
         d_pad,
@@ -487,14 +542,19 @@ pub(crate) fn backward<T: Float>(
     if exec.parallel() {
         let mut partials: Vec<Vec<T>> = (1..lanes).map(|_| vec![T::zero(); dq.len()]).collect();
         let bufs = core::iter::once(&mut dq[..]).chain(partials.iter_mut().map(|b| &mut b[..]));
-        let jobs: Vec<_> = work.into_iter().zip(bufs).collect();
+        let jobs = balanced(work.into_iter().zip(bufs).collect(), |(b, _)| b.len());
         jobs.into_par_iter().for_each_init(
             || Scratch::new(tq, c),
             |scr, (blocks, buf)| ctx.lane(&queries, &q_blocks, blocks, buf, scr),
         );
-        for part in &partials {
-            add_into(&mut dq, part);
-        }
+        // Element by element in lane order (the same sums as one thread makes), cut into
+        // pieces across the threads.
+        const PIECE: usize = 1 << 14;
+        dq.par_chunks_mut(PIECE).enumerate().for_each(|(i, piece)| {
+            for part in &partials {
+                add_into(piece, &part[i * PIECE..]);
+            }
+        });
     } else {
         let mut scr = Scratch::new(tq, c);
         let mut lanes_work = work.into_iter();
@@ -649,5 +709,32 @@ fn exact_rows<T: Float>(
                 out.dv[kr * out.dv_pad + c] += pj * d_out[(i, c)];
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::balanced;
+
+    /// A permutation whose halves (and quarters) carry equal work where the sizes allow it:
+    /// 22 key blocks in 8 lanes split 11 / 11, where the lane order gives 12 / 10.
+    #[test]
+    fn balanced_halves() {
+        let sizes = vec![3, 3, 3, 3, 3, 3, 2, 2];
+        let out = balanced(sizes.clone(), |&s| s);
+        let mut sorted = out.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, [2, 2, 3, 3, 3, 3, 3, 3]);
+        assert_eq!(out[..4].iter().sum::<usize>(), 11);
+        assert_eq!(out[4..].iter().sum::<usize>(), 11);
+        assert_eq!(sizes[..4].iter().sum::<usize>(), 12);
+        let out = balanced((1..=8).collect(), |&s| s);
+        assert_eq!(out[..4].iter().sum::<usize>(), 18);
+        assert_eq!(
+            [&out[..2], &out[2..4], &out[4..6], &out[6..]].map(|q| q.iter().sum::<usize>()),
+            [9, 9, 9, 9]
+        );
+        assert_eq!(balanced(vec![5, 1], |&s| s), [5, 1]);
+        assert!(balanced(Vec::<usize>::new(), |&s| s).is_empty());
     }
 }

@@ -63,6 +63,16 @@ pub(crate) mod par {
         }
     }
 
+    /// `par_chunks_mut` on slices: the plain one.
+    pub(crate) trait ParallelSliceMut<T> {
+        fn par_chunks_mut(&mut self, size: usize) -> core::slice::ChunksMut<'_, T>;
+    }
+    impl<T> ParallelSliceMut<T> for [T] {
+        fn par_chunks_mut(&mut self, size: usize) -> core::slice::ChunksMut<'_, T> {
+            self.chunks_mut(size)
+        }
+    }
+
     /// `for_each_init`: one state for the whole (sequential) loop.
     pub(crate) trait ForEachInit: Iterator + Sized {
         fn for_each_init<S>(self, init: impl Fn() -> S, op: impl Fn(&mut S, Self::Item)) {
