@@ -415,7 +415,7 @@ fn balanced<J>(mut jobs: Vec<J>, size: impl Fn(&J) -> usize + Copy) -> Vec<J> {
     // Snake order, A B B A A B B A ...: every two rounds give each half one larger and one
     // smaller job.
     for (i, j) in jobs.into_iter().enumerate() {
-        if (i + 1) / 2 % 2 == 0 {
+        if i.div_ceil(2) % 2 == 0 {
             a.push(j);
         } else {
             b.push(j);
