@@ -474,7 +474,7 @@ fn chunk<T: Float, X: Stored<T> + nalgebra::Scalar>(
             scores[bc..].fill(T::NEG_INFINITY);
             online_step(
                 isa,
-                scores,
+                (scores, seen.max),
                 &mut part.max[r],
                 &mut part.sum[r],
                 &mut part.o[r * dv..(r + 1) * dv],

@@ -321,7 +321,7 @@ fn query_tile<T: Float, const STATS: bool>(
             }
             online_step(
                 isa,
-                row,
+                (row, seen.max),
                 &mut scr.max[r],
                 &mut scr.sum[r],
                 &mut scr.o[r * dv_pad..(r + 1) * dv_pad],
@@ -566,15 +566,16 @@ impl<T: Float> QFactor<T> {
 /// multiple of the vector width) becomes `P = 2^(row − max')` with `max' = max(max, row)`;
 /// the running `sum` and the accumulator row `o` are rescaled by `α = 2^(max − max')` when
 /// the maximum moves, and `Σ P` is added to the sum. The caller then adds `P · V` to `o`.
+/// `row_max` is the row's maximum if [`finish_scores`] found it.
 pub(super) fn online_step<T: Float>(
     isa: Isa,
-    row: &mut [T],
+    (row, row_max): (&mut [T], Option<T>),
     max: &mut T,
     sum: &mut T,
     o: &mut [T],
 ) {
     let m_old = *max;
-    let (m_new, row_sum) = simd::softmax_row(isa, row, m_old);
+    let (m_new, row_sum) = simd::softmax_row(isa, row, m_old, row_max);
     if m_new == T::NEG_INFINITY {
         return; // nothing allowed so far: P = 0, O and the sum stay 0
     }
@@ -635,21 +636,34 @@ pub(super) fn finish_scores<T: Float>(
     k0: usize,
     row: &mut [T],
     partial: bool,
-) -> Scores {
+) -> Scores<T> {
+    if !partial && p.plan.softcap.is_none() && !p.biased() {
+        // Nothing changes the raw products: one pass finds their overflow and their maximum.
+        let (finite, max) = simd::finite_max(isa, row);
+        return Scores {
+            seen: !row.is_empty(),
+            overflow: !finite,
+            max: Some(max),
+        };
+    }
     let overflow = !simd::all_finite(isa, row);
     Scores {
         seen: mask_scores(p, i, k0, row, partial),
         overflow,
+        max: None,
     }
 }
 
 /// What [`finish_scores`] learnt about a row.
 #[derive(Clone, Copy)]
-pub(super) struct Scores {
+pub(super) struct Scores<T> {
     /// The mask allows some key of the row in this block.
     pub seen: bool,
     /// A raw product was not finite.
     pub overflow: bool,
+    /// The row's maximum score, where the scan found it (a full block's raw products, which
+    /// nothing changes); for [`online_step`].
+    pub max: Option<T>,
 }
 
 /// Softcap, bias and mask of [`finish_scores`]; returns whether the mask allows any key.

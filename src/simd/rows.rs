@@ -8,6 +8,8 @@ use super::{Element, Isa, Kernel, Lanes, dispatch};
 struct SoftmaxRow<'a, E> {
     row: &'a mut [E],
     m_old: E,
+    /// The row's maximum, if the caller has it already (see [`finite_max`]).
+    row_max: Option<E>,
 }
 
 impl<E: Element> Kernel<E> for SoftmaxRow<'_, E> {
@@ -15,20 +17,35 @@ impl<E: Element> Kernel<E> for SoftmaxRow<'_, E> {
 
     #[inline(always)]
     fn run<S: Lanes<E>>(self, s: S) -> (E, E) {
-        let SoftmaxRow { row, m_old } = self;
+        let SoftmaxRow {
+            row,
+            m_old,
+            row_max,
+        } = self;
         let l = S::LANES;
         assert!(row.len().is_multiple_of(l), "score row not padded to {l}");
-        // Two independent chains for the maximum and for the sum: half the latency.
-        let (mut mx0, mut mx1) = (s.splat(m_old), s.splat(m_old));
-        let mut pairs = row.chunks_exact(2 * l);
-        for pair in &mut pairs {
-            mx0 = s.max(mx0, s.load(&pair[..l]));
-            mx1 = s.max(mx1, s.load(&pair[l..]));
-        }
-        if !pairs.remainder().is_empty() {
-            mx0 = s.max(mx0, s.load(pairs.remainder()));
-        }
-        let m_new = s.reduce_max(s.max(mx0, mx1));
+        let m_new = match row_max {
+            Some(mx) => {
+                if mx > m_old {
+                    mx
+                } else {
+                    m_old
+                }
+            }
+            None => {
+                // Two independent chains for the maximum and for the sum: half the latency.
+                let (mut mx0, mut mx1) = (s.splat(m_old), s.splat(m_old));
+                let mut pairs = row.chunks_exact(2 * l);
+                for pair in &mut pairs {
+                    mx0 = s.max(mx0, s.load(&pair[..l]));
+                    mx1 = s.max(mx1, s.load(&pair[l..]));
+                }
+                if !pairs.remainder().is_empty() {
+                    mx0 = s.max(mx0, s.load(pairs.remainder()));
+                }
+                s.reduce_max(s.max(mx0, mx1))
+            }
+        };
         if m_new == E::NEG_INF {
             row.fill(E::ZERO);
             return (m_new, E::ZERO);
@@ -59,8 +76,18 @@ impl<E: Element> Kernel<E> for SoftmaxRow<'_, E> {
 /// width; the kernel pads rows to [`Element::NR`]): `m_new = max(m_old, max(row))`,
 /// `row ← 2^(row − m_new)`; returns `(m_new, Σ row)`. If `m_new = −inf` (nothing allowed
 /// yet) the row becomes zeros and `(−inf, 0)` is returned.
-pub fn softmax_row<E: Element>(isa: Isa, row: &mut [E], m_old: E) -> (E, E) {
-    dispatch(isa, SoftmaxRow { row, m_old })
+///
+/// `row_max`, if given, is the row's maximum (from [`finite_max`] on the same scores): the
+/// pass that finds it is skipped. Without NaN the result is the same bits either way.
+pub fn softmax_row<E: Element>(isa: Isa, row: &mut [E], m_old: E, row_max: Option<E>) -> (E, E) {
+    dispatch(
+        isa,
+        SoftmaxRow {
+            row,
+            m_old,
+            row_max,
+        },
+    )
 }
 
 /// See [`scale_row`].
@@ -232,6 +259,48 @@ pub fn all_finite<E: Element>(isa: Isa, x: &[E]) -> bool {
     dispatch(isa, AllFinite { x })
 }
 
+/// See [`finite_max`].
+struct FiniteMax<'a, E> {
+    x: &'a [E],
+}
+
+impl<E: Element> Kernel<E> for FiniteMax<'_, E> {
+    type Output = (bool, E);
+
+    #[inline(always)]
+    fn run<S: Lanes<E>>(self, s: S) -> (bool, E) {
+        // The scan of [`AllFinite`] and the maximum of [`SoftmaxRow`]'s first pass, on one
+        // load of each vector.
+        let l = S::LANES;
+        let (zero, low) = (s.splat(E::ZERO), s.splat(E::NEG_INF));
+        let (mut a0, mut a1, mut m0, mut m1) = (zero, zero, low, low);
+        let mut pairs = self.x.chunks_exact(2 * l);
+        for pair in &mut pairs {
+            let (v0, v1) = (s.load(&pair[..l]), s.load(&pair[l..]));
+            a0 = s.mul_add(v0, zero, a0);
+            a1 = s.mul_add(v1, zero, a1);
+            m0 = s.max(m0, v0);
+            m1 = s.max(m1, v1);
+        }
+        let mut tail = s.reduce_sum(s.add(a0, a1));
+        let mut max = s.reduce_max(s.max(m0, m1));
+        for &x in pairs.remainder() {
+            tail = x.mul_add(E::ZERO, tail);
+            if x > max {
+                max = x;
+            }
+        }
+        (tail == E::ZERO, max)
+    }
+}
+
+/// Whether every entry of `x` is finite, and the largest entry (−inf for an empty `x`), in
+/// one pass: what a score row's overflow check and the online softmax's maximum both need.
+/// The maximum is meaningless when an entry is NaN.
+pub fn finite_max<E: Element>(isa: Isa, x: &[E]) -> (bool, E) {
+    dispatch(isa, FiniteMax { x })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,6 +330,45 @@ mod tests {
                     *last = f64::INFINITY;
                     assert!(!all_finite(isa, &z), "{isa:?} {len}");
                 }
+            }
+        }
+    }
+
+    /// The fused scan against its two halves: the finiteness of `all_finite` and the exact
+    /// maximum, every length (tails included); a known maximum gives `softmax_row` the same
+    /// bits as its own pass.
+    #[test]
+    fn finite_max_is_all_finite_and_the_maximum() {
+        for isa in Isa::available() {
+            for len in [0, 1, 7, 8, 15, 16, 17, 40, 96] {
+                let x: Vec<f32> = (0..len)
+                    .map(|j| ((j * 7 % 11) as f32 - 5.0) * 0.75)
+                    .collect();
+                let want = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                assert_eq!(finite_max(isa, &x), (true, want), "{isa:?} {len}");
+                for at in 0..len {
+                    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                        let mut y = x.clone();
+                        y[at] = bad;
+                        assert!(!finite_max(isa, &y).0, "{isa:?} {len} {at} {bad}");
+                    }
+                    // The maximum wherever it sits, masked entries (−inf) around it.
+                    let mut y = vec![f32::NEG_INFINITY; len];
+                    y[at] = -3.5;
+                    assert_eq!(finite_max(isa, &y).1, -3.5, "{isa:?} {len} {at}");
+                }
+                let padded = len.next_multiple_of(16);
+                let mut a: Vec<f32> = x.clone();
+                a.resize(padded, f32::NEG_INFINITY);
+                let mut b = a.clone();
+                for m_old in [f32::NEG_INFINITY, -1.0, 10.0] {
+                    let (mut a, mut b) = (a.clone(), b.clone());
+                    let one = softmax_row(isa, &mut a, m_old, None);
+                    let two = softmax_row(isa, &mut b, m_old, Some(want));
+                    assert_eq!(one, two, "{isa:?} {len} {m_old}");
+                    assert_eq!(a, b, "{isa:?} {len} {m_old}");
+                }
+                b.clear();
             }
         }
     }
@@ -325,7 +433,7 @@ mod tests {
                     .collect();
                 let m_old = 1.5;
                 let mut row = x.clone();
-                let (m, sum) = softmax_row(isa, &mut row, m_old);
+                let (m, sum) = softmax_row(isa, &mut row, m_old, None);
                 let want_m = x.iter().fold(m_old, |a, &b| a.max(b));
                 assert_eq!(m, want_m);
                 let want: Vec<f64> = x.iter().map(|&v| (v - want_m).exp2()).collect();
@@ -335,7 +443,7 @@ mod tests {
                 let want_sum: f64 = want.iter().sum();
                 assert!((sum - want_sum).abs() <= 1e-14 * want_sum);
                 let mut r32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
-                let (m32, s32) = softmax_row(isa, &mut r32, f32::NEG_INFINITY);
+                let (m32, s32) = softmax_row(isa, &mut r32, f32::NEG_INFINITY, None);
                 assert_eq!(m32, 4.0);
                 assert!(
                     (s32 as f64 - x.iter().map(|&v| (v - 4.0).exp2()).sum::<f64>()).abs() < 1e-4
@@ -343,7 +451,7 @@ mod tests {
             }
             let mut dead = vec![f32::NEG_INFINITY; 32];
             assert_eq!(
-                softmax_row(isa, &mut dead, f32::NEG_INFINITY),
+                softmax_row(isa, &mut dead, f32::NEG_INFINITY, None),
                 (f32::NEG_INFINITY, 0.0)
             );
             assert!(dead.iter().all(|&p| p == 0.0));
