@@ -348,6 +348,25 @@ pub(crate) fn check_finite<T: crate::Float>(
         return Ok(());
     }
     let isa = crate::simd::Isa::get();
+    let (rows, stride) = (x.nrows(), x.strides().1);
+    if stride == rows || x.ncols() == 1 {
+        // One run of memory (an owned matrix, or a block of whole columns): one scan, the
+        // first non-finite entry in column-major order located only on failure.
+        let len = rows * x.ncols();
+        // SAFETY: with unit row stride and column stride `rows` (or a single column), the
+        // view's entries are exactly the `rows · ncols` consecutive elements from its first
+        // one, all borrowed by the view for the duration of this function.
+        let all = unsafe { core::slice::from_raw_parts(x.as_ptr(), len) };
+        if crate::simd::all_finite(isa, all) {
+            return Ok(());
+        }
+        let at = all.iter().position(|v| !v.is_finite()).unwrap_or(0);
+        return Err(Error::NonFinite {
+            arg,
+            row: at % rows,
+            col: at / rows,
+        });
+    }
     for j in 0..x.ncols() {
         let col = x.column(j);
         // The vectorised scan first; the position only on the rare failure.
@@ -382,6 +401,32 @@ mod tests {
             nalgebra::Dyn(0),
         );
         assert!(check_finite("x", &x).is_ok());
+    }
+
+    /// The whole-matrix scan and the column-by-column one report the same first non-finite
+    /// entry (column-major order), for owned matrices, blocks of whole columns and strided
+    /// views.
+    #[test]
+    fn the_first_non_finite_entry_whatever_the_layout() {
+        let mut x = nalgebra::DMatrix::<f32>::from_fn(37, 9, |i, j| (i * 9 + j) as f32);
+        assert!(check_finite("x", &x.as_view()).is_ok());
+        x[(30, 4)] = f32::INFINITY;
+        x[(2, 6)] = f32::NAN;
+        x[(36, 8)] = f32::NEG_INFINITY;
+        let at = |r: Result<()>| match r {
+            Err(Error::NonFinite { row, col, .. }) => Some((row, col)),
+            _ => None,
+        };
+        assert_eq!(at(check_finite("x", &x.as_view())), Some((30, 4)));
+        assert_eq!(at(check_finite("x", &x.columns(5, 4))), Some((2, 1)));
+        assert_eq!(at(check_finite("x", &x.columns(7, 2))), Some((36, 1)));
+        assert_eq!(at(check_finite("x", &x.rows(3, 34))), Some((27, 4)));
+        assert_eq!(
+            at(check_finite("x", &x.view((0, 0), (30, 9)))),
+            Some((2, 6))
+        );
+        assert_eq!(at(check_finite("x", &x.columns(4, 1))), Some((30, 0)));
+        assert!(check_finite("x", &x.view((0, 0), (30, 6))).is_ok());
     }
 
     #[test]

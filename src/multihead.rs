@@ -268,13 +268,20 @@ fn side_by_side<T: Float>(
     n: usize,
     dv: usize,
 ) -> MultiHeadOutput<T> {
-    let mut output = DMatrix::zeros(n, outputs.len() * dv);
-    let mut lse = DMatrix::zeros(n, outputs.len());
-    for (h, o) in outputs.iter().enumerate() {
-        output.columns_mut(h * dv, dv).copy_from(&o.output);
-        lse.column_mut(h).copy_from(&o.lse);
+    // Column-major, so head h's n x d_v block is one contiguous run of the result: the heads'
+    // outputs (and lse) concatenated, with nothing zeroed first.
+    let heads = outputs.len();
+    let mut output = Vec::with_capacity(n * heads * dv);
+    let mut lse = Vec::with_capacity(n * heads);
+    for o in outputs {
+        debug_assert_eq!(o.output.shape(), (n, dv));
+        output.extend_from_slice(o.output.as_slice());
+        lse.extend_from_slice(o.lse.as_slice());
     }
-    MultiHeadOutput { output, lse }
+    MultiHeadOutput {
+        output: DMatrix::from_vec(n, heads * dv, output),
+        lse: DMatrix::from_vec(n, heads, lse),
+    }
 }
 
 /// [`multi_head`] over keys and values stored as `X` (a half-precision [`KvCache`](crate::KvCache),

@@ -715,6 +715,7 @@ fn exact_rows<T: Float>(
 #[cfg(test)]
 mod tests {
     use super::balanced;
+    use crate::prelude::*;
 
     /// A permutation whose halves (and quarters) carry equal work where the sizes allow it:
     /// 22 key blocks in 8 lanes split 11 / 11, where the lane order gives 12 / 10.
