@@ -27,6 +27,7 @@
 //! lanes one after another (one partial buffer, reused); several run them in parallel.
 
 use super::Exec;
+use super::buffers::Buf;
 use super::pack::{self, round_up};
 use super::threads::par::*;
 use crate::Float;
@@ -59,18 +60,18 @@ pub(crate) struct Gradients<T: Float> {
 }
 
 /// Everything a block reads, packed once per call.
-struct Packed<T> {
+struct Packed<T: Float> {
     /// Q (n_pad x d), dO (n_pad x d_v): the left operands of X and dP, row-major.
-    q_rows: Vec<T>,
-    do_rows: Vec<T>,
+    q_rows: Buf<T>,
+    do_rows: Buf<T>,
     /// Kᵀ, Vᵀ in panels of NR keys: the right operands of X and dP.
-    kt: Vec<T>,
-    vt: Vec<T>,
+    kt: Buf<T>,
+    vt: Buf<T>,
     /// Q and dO in panels of NR columns (n_pad rows each): the right operands of dK and dV.
-    q_panels: Vec<T>,
-    do_panels: Vec<T>,
+    q_panels: Buf<T>,
+    do_panels: Buf<T>,
     /// K in panels of NR columns (m rows each): the right operand of dQ.
-    k_panels: Vec<T>,
+    k_panels: Buf<T>,
     n_pad: usize,
 }
 
@@ -85,7 +86,7 @@ impl<T: Float> Packed<T> {
         exec: Exec,
     ) -> Self {
         let m = p.plan.m;
-        let jobs: [&(dyn Fn() -> Vec<T> + Sync); 7] = [
+        let jobs: [&(dyn Fn() -> Buf<T> + Sync); 7] = [
             &|| pack::rows(isa, &p.q, n_pad),
             &|| pack::rows(isa, &d_out, n_pad),
             &|| pack::panels_of_transpose(&p.k, T::NR),
@@ -94,13 +95,13 @@ impl<T: Float> Packed<T> {
             &|| pack::panels(isa, &d_out, T::NR, n_pad),
             &|| pack::panels(isa, &p.k, T::NR, m),
         ];
-        let packs: Vec<Vec<T>> = if exec.parallel() {
+        let packs: Vec<Buf<T>> = if exec.parallel() {
             jobs.par_iter().map(|f| f()).collect()
         } else {
             jobs.iter().map(|f| f()).collect()
         };
         let mut packs = packs.into_iter();
-        let mut next = || packs.next().unwrap_or_default();
+        let mut next = || packs.next().unwrap_or_else(|| Buf::zeroed(0));
         Packed {
             q_rows: next(),
             do_rows: next(),
@@ -505,10 +506,10 @@ pub(crate) fn backward<T: Float>(
     // contiguous piece), dQ row-major with n_pad rows, d bias column-major.
     let key_rows = |(a, b): (usize, usize)| round_up(b - a, T::MR);
     let kv_rows: usize = keys.iter().map(|&r| key_rows(r)).sum();
-    let mut dk = vec![T::zero(); kv_rows * d_pad];
-    let mut dvb = vec![T::zero(); kv_rows * dv_pad];
+    let mut dk = Buf::zeroed(kv_rows * d_pad);
+    let mut dvb = Buf::zeroed(kv_rows * dv_pad);
     // dQ (n_pad x d_pad), then the row sums of the recomputed weights (n_pad).
-    let mut dq = vec![T::zero(); n_pad * d_pad + n_pad];
+    let mut dq = Buf::zeroed(n_pad * d_pad + n_pad);
     let mut dbias = p.bias.map(|_| vec![T::zero(); n * m]);
     // Key block J owns rows [start_J, start_J + key_rows(J)) of dK and dV.
     let key_blocks: Vec<(usize, usize)> = keys
@@ -540,7 +541,7 @@ pub(crate) fn backward<T: Float>(
     }
     let c = ctx.c;
     if exec.parallel() {
-        let mut partials: Vec<Vec<T>> = (1..lanes).map(|_| vec![T::zero(); dq.len()]).collect();
+        let mut partials: Vec<Buf<T>> = (1..lanes).map(|_| Buf::zeroed(dq.len())).collect();
         let bufs = core::iter::once(&mut dq[..]).chain(partials.iter_mut().map(|b| &mut b[..]));
         let jobs = balanced(work.into_iter().zip(bufs).collect(), |(b, _)| b.len());
         jobs.into_par_iter().for_each_init(
@@ -561,12 +562,18 @@ pub(crate) fn backward<T: Float>(
         if let Some(first) = lanes_work.next() {
             ctx.lane(&queries, &q_blocks, first, &mut dq, &mut scr);
         }
-        let mut part = Vec::new();
+        let mut part: Option<Buf<T>> = None;
         for blocks in lanes_work {
-            part.clear();
-            part.resize(dq.len(), T::zero());
-            ctx.lane(&queries, &q_blocks, blocks, &mut part, &mut scr);
-            add_into(&mut dq, &part);
+            // One partial buffer, zeroed again for every lane after the first.
+            let part = match &mut part {
+                Some(p) => {
+                    p.fill(T::zero());
+                    p
+                }
+                None => part.insert(Buf::zeroed(dq.len())),
+            };
+            ctx.lane(&queries, &q_blocks, blocks, part, &mut scr);
+            add_into(&mut dq, part);
         }
     }
     let key_row = |j: usize| key_blocks[j / tk].0 + j % tk;

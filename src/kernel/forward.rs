@@ -2,6 +2,7 @@
 //!
 //! See the [kernel module docs](super) for the design; this file follows it step by step.
 
+use super::buffers::Buf;
 use super::pack::{self, round_up};
 use super::{Exec, tile};
 use crate::Float;
@@ -18,20 +19,20 @@ use crate::spec::{
 use nalgebra::{DMatrix, DVector};
 
 /// Everything a query tile reads, shared by all tiles (and threads).
-struct Packed<'a, T> {
+struct Packed<'a, T: Float> {
     /// Q · q_factor, row-major, rows padded to a multiple of MR.
-    q: Vec<T>,
+    q: Buf<T>,
     /// K and V, packed once per key-value head.
     kv: &'a PackedKv<T>,
 }
 
 /// K and V in the micro-kernel's layouts: packed once per key-value head and shared by the
 /// query heads of its GQA group.
-pub(crate) struct PackedKv<T> {
+pub(crate) struct PackedKv<T: Float> {
     /// Kᵀ in panels of NR keys.
-    kt: Vec<T>,
+    kt: Buf<T>,
     /// V in panels of NR columns, `m_pad` rows each.
-    v: Vec<T>,
+    v: Buf<T>,
     m_pad: usize,
     dv_pad: usize,
 }

@@ -4,6 +4,7 @@
 //! The design is in `src/guide/kernel.md`, rendered as [`crate::guide::kernel`].
 
 pub(crate) mod backward;
+mod buffers;
 mod decode;
 pub(crate) mod forward;
 mod pack;

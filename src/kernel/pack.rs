@@ -13,6 +13,7 @@
 //! NR), so the micro-kernel never needs an edge case: padded keys are masked with `−inf`
 //! before the softmax, padded value columns and query rows are dropped at the end.
 
+use super::buffers::Buf;
 use crate::Float;
 use crate::prelude::*;
 use crate::simd::{self, Isa};
@@ -34,10 +35,10 @@ pub(crate) fn column<'a, E: nalgebra::Scalar>(x: &DMatrixView<'a, E>, c: usize) 
 }
 
 /// X (r x c) as a row-major `rows_pad x c` buffer; rows `r..rows_pad` are zero.
-pub(crate) fn rows<T: Float>(isa: Isa, x: &DMatrixView<'_, T>, rows_pad: usize) -> Vec<T> {
+pub(crate) fn rows<T: Float>(isa: Isa, x: &DMatrixView<'_, T>, rows_pad: usize) -> Buf<T> {
     let (r, c) = x.shape();
     debug_assert!(rows_pad >= r);
-    let mut out = vec![T::zero(); rows_pad * c];
+    let mut out = Buf::zeroed(rows_pad * c);
     transpose_into(isa, x, 0..c, &mut out, c);
     out
 }
@@ -74,9 +75,9 @@ pub(crate) fn matrix_of_rows<T: Float>(isa: Isa, rows: &[&[T]], cols: usize) -> 
 
 /// Kᵀ for K (m x d), in `⌈m / nr⌉` panels of `d x nr` (panel stride `d·nr`); keys past m
 /// are zero.
-pub(crate) fn panels_of_transpose<T: Float>(k: &DMatrixView<'_, T>, nr: usize) -> Vec<T> {
+pub(crate) fn panels_of_transpose<T: Float>(k: &DMatrixView<'_, T>, nr: usize) -> Buf<T> {
     let (m, d) = k.shape();
-    let mut out = vec![T::zero(); round_up(m, nr) * d];
+    let mut out = Buf::zeroed(round_up(m, nr) * d);
     for t in 0..d {
         for (p, keys) in column(k, t).chunks(nr).enumerate() {
             let at = p * d * nr + t * nr;
@@ -93,10 +94,10 @@ pub(crate) fn panels<T: Float>(
     v: &DMatrixView<'_, T>,
     nr: usize,
     rows_pad: usize,
-) -> Vec<T> {
+) -> Buf<T> {
     let e = v.ncols();
     debug_assert!(rows_pad >= v.nrows());
-    let mut out = vec![T::zero(); round_up(e, nr) * rows_pad];
+    let mut out = Buf::zeroed(round_up(e, nr) * rows_pad);
     if out.is_empty() {
         return out;
     }
