@@ -348,38 +348,33 @@ pub(crate) fn check_finite<T: crate::Float>(
         return Ok(());
     }
     let isa = crate::simd::Isa::get();
-    let (rows, stride) = (x.nrows(), x.strides().1);
-    if stride == rows || x.ncols() == 1 {
-        // One run of memory (an owned matrix, or a block of whole columns): one scan, the
-        // first non-finite entry in column-major order located only on failure.
-        let len = rows * x.ncols();
+    let rows = x.nrows();
+    // A run of consecutive entries starting at column `col0`: the vectorised scan first, the
+    // position (column-major, so row `at % rows` of column `col0 + at / rows`) only on the rare
+    // failure.
+    let scan = |run: &[T], col0: usize| {
+        if crate::simd::all_finite(isa, run) {
+            return Ok(());
+        }
+        match run.iter().position(|v| !v.is_finite()) {
+            Some(at) => Err(Error::NonFinite {
+                arg,
+                row: at % rows,
+                col: col0 + at / rows,
+            }),
+            None => Ok(()),
+        }
+    };
+    if x.strides().1 == rows || x.ncols() == 1 {
+        // One run of memory (an owned matrix, or a block of whole columns): one scan.
         // SAFETY: with unit row stride and column stride `rows` (or a single column), the
         // view's entries are exactly the `rows · ncols` consecutive elements from its first
         // one, all borrowed by the view for the duration of this function.
-        let all = unsafe { core::slice::from_raw_parts(x.as_ptr(), len) };
-        if crate::simd::all_finite(isa, all) {
-            return Ok(());
-        }
-        let at = all.iter().position(|v| !v.is_finite()).unwrap_or(0);
-        return Err(Error::NonFinite {
-            arg,
-            row: at % rows,
-            col: at / rows,
-        });
+        let all = unsafe { core::slice::from_raw_parts(x.as_ptr(), rows * x.ncols()) };
+        return scan(all, 0);
     }
     for j in 0..x.ncols() {
-        let col = x.column(j);
-        // The vectorised scan first; the position only on the rare failure.
-        if crate::simd::all_finite(isa, col.as_slice()) {
-            continue;
-        }
-        if let Some(i) = col.as_slice().iter().position(|v| !v.is_finite()) {
-            return Err(Error::NonFinite {
-                arg,
-                row: i,
-                col: j,
-            });
-        }
+        scan(x.column(j).as_slice(), j)?;
     }
     Ok(())
 }

@@ -23,9 +23,10 @@
 //!
 //! **Written once.** Every algorithm here is a generic `#[inline(always)]` function over
 //! [`Lanes<E>`], the vector trait (splat, load, store, add, fma, max, horizontal max and sum,
-//! a masked flush, 2ⁿ, a block transpose), for an element `E` = `f32` or `f64`. [`dispatch`] runs such a body
-//! (a [`Kernel`]) inside a thin `#[target_feature]` entry point per instruction set, so that
-//! the whole body, inlined there, is compiled for that instruction set. Six implementations
+//! a masked flush, 2ⁿ, a block transpose), for an element `E` = `f32` or `f64`. [`dispatch`]
+//! runs such a body (a [`Kernel`]) inside a thin `#[target_feature]` entry point per
+//! instruction set, so that the whole body, inlined there, is compiled for that instruction
+//! set. Six implementations
 //! of [`Lanes`] exist: AVX2 + FMA (8 f32 / 4 f64 lanes), AVX-512F (16 / 8) and portable
 //! arrays (8 / 4, with `mul_add` as the fused multiply-add, so the portable path rounds like
 //! the vector paths lane for lane).
