@@ -102,8 +102,13 @@ pub fn scaled_attention_with<'q, 'k, 'v, T: Float>(
         return scaled_attention_reference(q, k, v, mask, opts);
     }
     let problem = problem(q, k, v, mask, opts)?;
-    let mut out = kernel::attend(core::slice::from_ref(&problem), 1, opts.threads);
-    Ok(out.pop().expect("one problem, one result"))
+    let (output, lse) =
+        kernel::attend(core::slice::from_ref(&problem), 1, opts.threads).into_head();
+    Ok(AttentionOutput {
+        output,
+        lse,
+        weights: None,
+    })
 }
 
 /// [`scaled_attention_with`] that also returns per-row statistics of the attention weights

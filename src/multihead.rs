@@ -9,10 +9,8 @@ use crate::error::{Error, Result};
 use crate::kernel;
 use crate::mask::Mask;
 use crate::prelude::*;
-use crate::spec::{
-    Alibi, AttentionOptions, AttentionOutput, Inputs, Problem, alibi_slopes, problem_inputs,
-};
-use nalgebra::{DMatrix, DMatrixView};
+use crate::spec::{Alibi, AttentionOptions, Inputs, Problem, alibi_slopes, problem_inputs};
+use nalgebra::{DMatrix, DMatrixView, DVector};
 #[cfg(feature = "half")]
 use nalgebra::{Dyn, U1};
 
@@ -255,33 +253,10 @@ fn multi_head_outputs<T: Float>(
     opts: &AttentionOptions<'_, T>,
     kv: Inputs,
 ) -> Result<MultiHeadOutput<T>> {
-    let (problems, _, dv) = head_problems(&q, &k, &v, heads, mask, opts, kv)?;
+    let (problems, _, _) = head_problems(&q, &k, &v, heads, mask, opts, kv)?;
     // Heads (or, decoding, GQA groups) run in parallel; every head is computed by the same
     // arithmetic whatever thread runs it, so the result does not depend on the thread count.
-    let outputs = kernel::attend(&problems, heads.group_size(), opts.threads);
-    Ok(side_by_side(&outputs, q.nrows(), dv))
-}
-
-/// The heads' outputs side by side (n x H·d_v) and their log-sum-exps (n x H).
-fn side_by_side<T: Float>(
-    outputs: &[AttentionOutput<T>],
-    n: usize,
-    dv: usize,
-) -> MultiHeadOutput<T> {
-    // Column-major, so head h's n x d_v block is one contiguous run of the result: the heads'
-    // outputs (and lse) concatenated, with nothing zeroed first.
-    let heads = outputs.len();
-    let mut output = Vec::with_capacity(n * heads * dv);
-    let mut lse = Vec::with_capacity(n * heads);
-    for o in outputs {
-        debug_assert_eq!(o.output.shape(), (n, dv));
-        output.extend_from_slice(o.output.as_slice());
-        lse.extend_from_slice(o.lse.as_slice());
-    }
-    MultiHeadOutput {
-        output: DMatrix::from_vec(n, heads * dv, output),
-        lse: DMatrix::from_vec(n, heads, lse),
-    }
+    Ok(kernel::attend(&problems, heads.group_size(), opts.threads))
 }
 
 /// [`multi_head`] over keys and values stored as `X` (a half-precision [`KvCache`](crate::KvCache),
@@ -320,9 +295,7 @@ pub(crate) fn multi_head_stored<T: Float, X: crate::simd::Stored<T> + nalgebra::
     };
     let (kp, vp) = (proxy(k.ncols()), proxy(v.ncols()));
     let (problems, d, dv) = head_problems(&q, &kp, &vp, heads, mask, opts, Inputs::Checked)?;
-    let outputs =
-        kernel::attend_stored(&problems, heads.group_size(), (k, v), (d, dv), opts.threads);
-    Ok(side_by_side(&outputs, q.nrows(), dv).output)
+    Ok(kernel::attend_stored(&problems, heads.group_size(), (k, v), (d, dv), opts.threads).output)
 }
 
 /// What [`multi_head_attention_with`] returns: the output and every head's log-sum-exp, what
@@ -347,6 +320,38 @@ pub struct MultiHeadOutput<T: Float> {
     pub output: DMatrix<T>,
     /// `lse[(i, h)]`: head h's log-sum-exp of query i (−inf for a fully masked row); n x H.
     pub lse: DMatrix<T>,
+}
+
+impl<T: Float> MultiHeadOutput<T> {
+    /// The heads' outputs (each n x d_v) side by side and their log-sum-exps (each of length
+    /// n) as the columns of `lse`; `n` and `dv` give the shape when there are no heads.
+    pub(crate) fn from_heads(
+        heads: impl ExactSizeIterator<Item = (DMatrix<T>, DVector<T>)>,
+        n: usize,
+        dv: usize,
+    ) -> Self {
+        // Column-major, so head h's n x d_v block is one contiguous run of the result: the
+        // heads' outputs (and lse) concatenated, with nothing zeroed first.
+        let h = heads.len();
+        let mut output = Vec::with_capacity(n * h * dv);
+        let mut lse = Vec::with_capacity(n * h);
+        for (o, l) in heads {
+            debug_assert_eq!((o.shape(), l.len()), ((n, dv), n));
+            output.extend_from_slice(o.as_slice());
+            lse.extend_from_slice(l.as_slice());
+        }
+        MultiHeadOutput {
+            output: DMatrix::from_vec(n, h * dv, output),
+            lse: DMatrix::from_vec(n, h, lse),
+        }
+    }
+
+    /// The one head of a single-head result: its output and its log-sum-exp as a vector.
+    pub(crate) fn into_head(self) -> (DMatrix<T>, DVector<T>) {
+        debug_assert_eq!(self.lse.ncols(), 1);
+        let lse: Vec<T> = self.lse.data.into();
+        (self.output, DVector::from_vec(lse))
+    }
 }
 
 /// [`multi_head_attention`] that also returns every head's log-sum-exp (a

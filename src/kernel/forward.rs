@@ -12,6 +12,7 @@ use crate::prelude::*;
 use crate::simd::{self, Isa, Out, Panels, Rows, Shape};
 
 use super::threads::par::*;
+use crate::multihead::MultiHeadOutput;
 use crate::spec::{
     AttentionStats, Plan, Problem, clamp_entropy, convex_combination, raw_dot_row, row_stats,
     softmax_exact_row,
@@ -96,18 +97,17 @@ impl<T: Float> Scratch<T> {
     }
 }
 
-/// The forward pass of several heads (each with the packed K and V of its key-value head):
-/// per head the output (n x d_v) and the per-row log-sum-exp (natural log). The query tiles
-/// of all heads are scheduled in one loop, with one scratch per thread.
+/// The forward pass of several heads (each with the packed K and V of its key-value head),
+/// all with the same n and d_v: their outputs side by side (n x H·d_v, head h in columns
+/// h·d_v .. (h+1)·d_v) and log-sum-exps (n x H, natural log). The query tiles of all heads
+/// are scheduled in one loop, with one scratch per thread, and write their rows straight
+/// into the result.
 pub(crate) fn forward_many<T: Float>(
     jobs: &[(&Problem<'_, T>, &PackedKv<T>)],
     isa: Isa,
     exec: Exec,
-) -> Vec<(DMatrix<T>, DVector<T>)> {
-    run::<T, false>(jobs, isa, exec)
-        .into_iter()
-        .map(|(output, lse, _)| (output, lse))
-        .collect()
+) -> MultiHeadOutput<T> {
+    run::<T, false>(jobs, isa, exec).0
 }
 
 /// Runs the forward pass of one head: the output (n x d_v) and the per-row log-sum-exp.
@@ -118,8 +118,7 @@ pub(crate) fn forward<T: Float>(
     isa: Isa,
     exec: Exec,
 ) -> (DMatrix<T>, DVector<T>) {
-    let (output, lse, _) = run::<T, false>(&[(p, kv)], isa, exec).swap_remove(0);
-    (output, lse)
+    run::<T, false>(&[(p, kv)], isa, exec).0.into_head()
 }
 
 /// The forward pass of one head with the per-row statistics of its weights
@@ -131,8 +130,9 @@ pub(crate) fn forward_with_stats<T: Float>(
     isa: Isa,
     exec: Exec,
 ) -> (DMatrix<T>, DVector<T>, AttentionStats<T>) {
-    let (output, lse, stats) = run::<T, true>(&[(p, kv)], isa, exec).swap_remove(0);
-    let [max_logit, entropy, max_prob] = stats.map(DVector::from_vec);
+    let (layer, mut stats) = run::<T, true>(&[(p, kv)], isa, exec);
+    let (output, lse) = layer.into_head();
+    let [max_logit, entropy, max_prob] = stats.swap_remove(0).map(DVector::from_vec);
     let stats = AttentionStats {
         max_logit,
         entropy,
@@ -144,12 +144,8 @@ pub(crate) fn forward_with_stats<T: Float>(
 /// One tile's rows of the three statistics (empty slices when they are not computed).
 type StatRows<'a, T> = [&'a mut [T]; 3];
 
-/// One head's results: output, log-sum-exp, and the statistics (each of length n with
-/// `STATS`, else empty).
-type HeadResult<T> = (DMatrix<T>, DVector<T>, [Vec<T>; 3]);
-
 /// One query tile of one head: the head, the tile's first row, and where its rows go (the
-/// tile's segment of every output column, of the lse and of the statistics).
+/// tile's segment of every output column of its head, of the lse and of the statistics).
 struct TileJob<'a, T> {
     head: usize,
     q0: usize,
@@ -158,15 +154,18 @@ struct TileJob<'a, T> {
     stats: StatRows<'a, T>,
 }
 
-/// The forward pass of every head of `jobs`; with `STATS` it also fills the three
-/// statistics (max logit, entropy, max probability). A compile-time choice: without it the
-/// statistics code is not in the loop at all.
+/// The forward pass of every head of `jobs` (one n and one d_v for all); with `STATS` it also
+/// fills each head's three statistics (max logit, entropy, max probability; each of length n,
+/// else empty). A compile-time choice: without it the statistics code is not in the loop at
+/// all.
 fn run<'k, T: Float, const STATS: bool>(
     jobs: &[(&Problem<'_, T>, &'k PackedKv<T>)],
     isa: Isa,
     exec: Exec,
-) -> Vec<HeadResult<T>> {
+) -> (MultiHeadOutput<T>, Vec<[Vec<T>; 3]>) {
     let br = tile::<T>().0;
+    let (n, dv) = jobs.first().map_or((0, 0), |(p, _)| (p.plan.n, p.plan.dv));
+    debug_assert!(jobs.iter().all(|(p, _)| (p.plan.n, p.plan.dv) == (n, dv)));
     let pack_q = |&(p, kv): &(&Problem<'_, T>, &'k PackedKv<T>)| -> Packed<'k, T> {
         let mut q = pack::rows(isa, &p.q, round_up(p.plan.n, T::MR));
         // The real rows only: the padded rows stay zero (their P must be 0, and a factor
@@ -179,42 +178,45 @@ fn run<'k, T: Float, const STATS: bool>(
     } else {
         jobs.iter().map(pack_q).collect()
     };
-    // Each result is column-major; query tile t owns the segment t·BR .. t·BR + rows of every
-    // column (and of the lse), so the tiles can write their rows in place, in parallel.
-    let mut results: Vec<HeadResult<T>> = jobs
-        .iter()
-        .map(|(p, _)| {
-            let Plan { n, dv, .. } = p.plan;
-            let sn = if STATS { n } else { 0 };
-            let stats = [
+    // The result is column-major, so head h's n x d_v block is one contiguous run of it, and
+    // query tile t of a head owns the segment t·BR .. t·BR + rows of each of its head's
+    // columns (and of its lse column): the tiles write their rows in place, in parallel.
+    let heads = jobs.len();
+    let mut layer = MultiHeadOutput {
+        output: DMatrix::zeros(n, heads * dv),
+        lse: DMatrix::zeros(n, heads),
+    };
+    let sn = if STATS { n } else { 0 };
+    let mut stats: Vec<[Vec<T>; 3]> = (0..heads)
+        .map(|_| {
+            [
                 vec![T::NEG_INFINITY; sn],
                 vec![T::zero(); sn],
                 vec![T::zero(); sn],
-            ];
-            (DMatrix::zeros(n, dv), DVector::zeros(n), stats)
+            ]
         })
         .collect();
     let mut tiles: Vec<TileJob<'_, T>> = Vec::new();
-    for (head, (output, lse, stats)) in results.iter_mut().enumerate() {
-        let (n, dv) = output.shape();
-        let [a, b, c] = stats;
-        let (mut a, mut b, mut c) = (a.chunks_mut(br), b.chunks_mut(br), c.chunks_mut(br));
-        let first = tiles.len();
-        for (t, l) in lse.as_mut_slice().chunks_mut(br).enumerate() {
-            tiles.push(TileJob {
-                head,
-                q0: t * br,
-                out: Vec::with_capacity(dv),
-                lse: l,
-                stats: [
-                    a.next().unwrap_or_default(),
-                    b.next().unwrap_or_default(),
-                    c.next().unwrap_or_default(),
-                ],
-            });
-        }
-        if n > 0 {
-            for column in output.as_mut_slice().chunks_mut(n) {
+    if n > 0 {
+        let mut columns = layer.output.as_mut_slice().chunks_mut(n);
+        let lse_columns = layer.lse.as_mut_slice().chunks_mut(n);
+        for (head, (lse, [a, b, c])) in lse_columns.zip(&mut stats).enumerate() {
+            let (mut a, mut b, mut c) = (a.chunks_mut(br), b.chunks_mut(br), c.chunks_mut(br));
+            let first = tiles.len();
+            for (t, l) in lse.chunks_mut(br).enumerate() {
+                tiles.push(TileJob {
+                    head,
+                    q0: t * br,
+                    out: Vec::with_capacity(dv),
+                    lse: l,
+                    stats: [
+                        a.next().unwrap_or_default(),
+                        b.next().unwrap_or_default(),
+                        c.next().unwrap_or_default(),
+                    ],
+                });
+            }
+            for column in columns.by_ref().take(dv) {
                 for (tile, segment) in tiles[first..].iter_mut().zip(column.chunks_mut(br)) {
                     tile.out.push(segment);
                 }
@@ -248,7 +250,7 @@ fn run<'k, T: Float, const STATS: bool>(
                 .for_each_init(|| Scratch::new(dv_pad, STATS), one);
         }
     }
-    results
+    (layer, stats)
 }
 
 /// Rows `q0 .. q0 + lse.len()` of the output (`out[c]`: the tile's segment of column c)

@@ -13,6 +13,7 @@ mod threads;
 pub(crate) use threads::{Exec, par, with_threads};
 
 use crate::Float;
+use crate::multihead::MultiHeadOutput;
 use crate::prelude::*;
 use crate::simd::Isa;
 use crate::spec::{AttentionOutput, AttentionStats, Problem};
@@ -44,8 +45,9 @@ pub(crate) fn attend_stored<T: Float, X: crate::simd::Stored<T> + nalgebra::Scal
     (k, v): (nalgebra::DMatrixView<'_, X>, nalgebra::DMatrixView<'_, X>),
     (d, dv): (usize, usize),
     threads: Option<usize>,
-) -> Vec<AttentionOutput<T>> {
+) -> MultiHeadOutput<T> {
     let isa = Isa::get();
+    let n = problems.first().map_or(0, |p| p.plan.n);
     let groups: Vec<Vec<&Problem<'_, T>>> =
         problems.chunks(group).map(|g| g.iter().collect()).collect();
     let one = |(gi, g): (usize, &Vec<&Problem<'_, T>>), exec: Exec| {
@@ -75,21 +77,14 @@ pub(crate) fn attend_stored<T: Float, X: crate::simd::Stored<T> + nalgebra::Scal
                 groups.iter().enumerate().map(|x| one(x, exec)).collect()
             }
         });
-    results
-        .into_iter()
-        .flatten()
-        .map(|(output, lse)| AttentionOutput {
-            output,
-            lse,
-            weights: None,
-        })
-        .collect()
+    let heads: Vec<_> = results.into_iter().flatten().collect();
+    MultiHeadOutput::from_heads(heads.into_iter(), n, dv)
 }
 
 /// Runs validated calls on the kernel: `problems` are the heads of an attention layer, in
 /// groups of `group` consecutive heads that share K, V, the mask and the options (GQA; 1 for
-/// independent heads). Returns each head's output and log-sum-exp (no weights), computed on
-/// `threads` as [`with_threads`] says.
+/// independent heads). Returns the heads' outputs side by side and their log-sum-exps,
+/// computed on `threads` as [`with_threads`] says.
 ///
 /// A few query rows per group against many keys take the decode path (each group's keys read
 /// once, split across threads); everything else the tiled forward pass, heads in parallel.
@@ -97,17 +92,12 @@ pub(crate) fn attend<T: Float>(
     problems: &[Problem<'_, T>],
     group: usize,
     threads: Option<usize>,
-) -> Vec<AttentionOutput<T>> {
+) -> MultiHeadOutput<T> {
     let isa = Isa::get();
     let Some(first) = problems.first() else {
-        return Vec::new();
+        return MultiHeadOutput::from_heads(core::iter::empty(), 0, 0);
     };
-    let (n, m) = (first.plan.n, first.plan.m);
-    let wrap = |(output, lse)| AttentionOutput {
-        output,
-        lse,
-        weights: None,
-    };
+    let (n, m, dv) = (first.plan.n, first.plan.m, first.plan.dv);
     if decode::suits(group * n, m) {
         let groups: Vec<Vec<&Problem<'_, T>>> =
             problems.chunks(group).map(|g| g.iter().collect()).collect();
@@ -123,7 +113,8 @@ pub(crate) fn attend<T: Float>(
                     groups.iter().map(one).collect()
                 }
             });
-        return results.into_iter().flatten().map(wrap).collect();
+        let heads: Vec<_> = results.into_iter().flatten().collect();
+        return MultiHeadOutput::from_heads(heads.into_iter(), n, dv);
     }
     // With fewer than four query tiles in all, handing them to a pool costs more (moving the
     // call to a worker, a scratch tile per thread) than the split saves: measured 0.89-0.91x
@@ -148,9 +139,6 @@ pub(crate) fn attend<T: Float>(
             .map(|(h, p)| (p, &kvs[h / group]))
             .collect();
         forward::forward_many(&jobs, isa, exec)
-            .into_iter()
-            .map(wrap)
-            .collect()
     })
 }
 
