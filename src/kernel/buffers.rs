@@ -6,8 +6,9 @@
 //! forward + backward call at n = 2048 (`perf`: `exc_page_fault`, `clear_page_rep`), because
 //! the allocator hands such blocks back to the system when they are freed. With the `std`
 //! feature a [`Buf`] returns its memory to a small free list of the thread that drops it, and
-//! the next call on that thread takes it from there, already mapped: it is zeroed again (a
-//! `memset` of memory the cache has seen), never faulted in again. At most `KEEP` (32 MiB) are
+//! the next call on that thread takes it from there, already mapped, never faulted in again:
+//! zeroed again ([`Buf::zeroed`], a `memset` of memory the cache has seen) for an accumulator,
+//! or left as it was ([`Buf::stale`]) for a packed layout that overwrites every element anyway. At most `KEEP` (32 MiB) are
 //! kept per thread, in at most `SLOTS` (24) blocks; buffers under `SMALL` (64 KiB) bypass
 //! the list. Without `std` a `Buf` is a plain allocation.
 
@@ -26,8 +27,8 @@ const SLOTS: usize = 24;
 #[cfg(feature = "std")]
 const SMALL: usize = 64 << 10;
 
-/// A zero-initialised buffer of `len` elements of `T` (f32 or f64), held as 64-bit words so
-/// that one free list serves both types.
+/// A buffer of `len` elements of `T` (f32 or f64), held as 64-bit words so that one free
+/// list serves both types.
 pub(crate) struct Buf<T: Float> {
     words: Vec<u64>,
     len: usize,
@@ -37,12 +38,24 @@ pub(crate) struct Buf<T: Float> {
 impl<T: Float> Buf<T> {
     /// `len` zeros.
     pub(crate) fn zeroed(len: usize) -> Self {
+        Self::of(len, Vec::clear)
+    }
+
+    /// `len` elements of unspecified values (whatever a previous buffer of this thread left
+    /// there, else zeros): for a caller that writes every element before it reads one.
+    pub(crate) fn stale(len: usize) -> Self {
+        Self::of(len, |v| v.truncate(len * size_of::<T>() / 8))
+    }
+
+    /// A kept block (else a new one) after `keep` shortened it, grown with zero words to hold
+    /// `len` elements.
+    fn of(len: usize, keep: impl FnOnce(&mut Vec<u64>)) -> Self {
         const {
             assert!(size_of::<T>() <= 8 && 8 % size_of::<T>() == 0 && align_of::<T>() <= 8);
         }
         let words = (len * size_of::<T>()).div_ceil(8);
         let mut v = take(words).unwrap_or_default();
-        v.clear();
+        keep(&mut v);
         v.resize(words, 0);
         Buf {
             words: v,
@@ -57,7 +70,7 @@ impl<T: Float> Deref for Buf<T> {
 
     fn deref(&self) -> &[T] {
         // SAFETY: `words` holds at least `len · size_of::<T>()` initialised bytes, aligned to
-        // 8 ≥ align_of::<T>() (checked at compile time in `zeroed`); T is f32 or f64 (Float is
+        // 8 ≥ align_of::<T>() (checked at compile time in `of`); T is f32 or f64 (Float is
         // sealed), for which every bit pattern is a value.
         unsafe { core::slice::from_raw_parts(self.words.as_ptr().cast::<T>(), self.len) }
     }

@@ -38,8 +38,9 @@ pub(crate) fn column<'a, E: nalgebra::Scalar>(x: &DMatrixView<'a, E>, c: usize) 
 pub(crate) fn rows<T: Float>(isa: Isa, x: &DMatrixView<'_, T>, rows_pad: usize) -> Buf<T> {
     let (r, c) = x.shape();
     debug_assert!(rows_pad >= r);
-    let mut out = Buf::zeroed(rows_pad * c);
+    let mut out = Buf::stale(rows_pad * c);
     transpose_into(isa, x, 0..c, &mut out, c);
+    out[r * c..].fill(T::zero());
     out
 }
 
@@ -77,11 +78,12 @@ pub(crate) fn matrix_of_rows<T: Float>(isa: Isa, rows: &[&[T]], cols: usize) -> 
 /// are zero.
 pub(crate) fn panels_of_transpose<T: Float>(k: &DMatrixView<'_, T>, nr: usize) -> Buf<T> {
     let (m, d) = k.shape();
-    let mut out = Buf::zeroed(round_up(m, nr) * d);
+    let mut out = Buf::stale(round_up(m, nr) * d);
     for t in 0..d {
         for (p, keys) in column(k, t).chunks(nr).enumerate() {
             let at = p * d * nr + t * nr;
             out[at..at + keys.len()].copy_from_slice(keys);
+            out[at + keys.len()..at + nr].fill(T::zero());
         }
     }
     out
@@ -95,14 +97,22 @@ pub(crate) fn panels<T: Float>(
     nr: usize,
     rows_pad: usize,
 ) -> Buf<T> {
-    let e = v.ncols();
-    debug_assert!(rows_pad >= v.nrows());
-    let mut out = Buf::zeroed(round_up(e, nr) * rows_pad);
+    let (m, e) = v.shape();
+    debug_assert!(rows_pad >= m);
+    let mut out = Buf::stale(round_up(e, nr) * rows_pad);
     if out.is_empty() {
         return out;
     }
     for (p, panel) in out.chunks_mut(rows_pad * nr).enumerate() {
-        transpose_into(isa, v, p * nr..((p + 1) * nr).min(e), panel, nr);
+        let cols = p * nr..((p + 1) * nr).min(e);
+        let width = cols.len();
+        transpose_into(isa, v, cols, panel, nr);
+        if width < nr {
+            for row in panel[..m * nr].chunks_mut(nr) {
+                row[width..].fill(T::zero());
+            }
+        }
+        panel[m * nr..].fill(T::zero());
     }
     out
 }
@@ -163,6 +173,52 @@ mod tests {
         for isa in Isa::available() {
             check::<f32>(isa);
             check::<f64>(isa);
+        }
+    }
+
+    /// The packed layouts reuse the thread's kept buffers without clearing them, so their
+    /// padding must be written explicitly: with every kept block full of NaN first, the
+    /// padded rows, keys and columns still come out zero (sizes above the free list's
+    /// 64 KiB minimum, partial panels and row blocks at every edge).
+    #[test]
+    fn padding_is_zero_in_reused_memory() {
+        fn dirty() {
+            let blocks: Vec<Buf<f64>> = (0..6)
+                .map(|i| {
+                    let mut b = Buf::zeroed(20_000 + 9_000 * i);
+                    b.fill(f64::NAN);
+                    b
+                })
+                .collect();
+            drop(blocks);
+        }
+        let x = DMatrix::<f32>::from_fn(301, 70, |i, j| (i * 70 + j) as f32);
+        let v = x.as_view();
+        for isa in Isa::available() {
+            dirty();
+            let r = rows(isa, &v, 306);
+            assert!(
+                r[..301 * 70]
+                    .iter()
+                    .zip(x.transpose().iter())
+                    .all(|(a, b)| a == b)
+            );
+            assert!(r[301 * 70..].iter().all(|&z| z.to_bits() == 0), "{isa:?}");
+            dirty();
+            let k = panels_of_transpose(&v, 16);
+            dirty();
+            let p = panels(isa, &v, 16, 304);
+            for i in 0..304 {
+                for t in 0..80 {
+                    let want = if i < 301 && t < 70 { x[(i, t)] } else { 0.0 };
+                    let pv = p[(t / 16) * 304 * 16 + i * 16 + t % 16];
+                    assert!(pv.to_bits() == want.to_bits(), "{isa:?} V ({i}, {t})");
+                    if t < 70 {
+                        let kv = k[(i / 16) * 70 * 16 + t * 16 + i % 16];
+                        assert!(kv.to_bits() == want.to_bits(), "{isa:?} K ({i}, {t})");
+                    }
+                }
+            }
         }
     }
 
