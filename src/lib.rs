@@ -52,11 +52,11 @@ pub use grad::{
     log_softmax_vjp, multi_head_attention_backward, softmax_jacobian, softmax_jvp, softmax_vjp,
 };
 pub use mask::{Block, Mask, MaskGrid};
-pub use multihead::{Heads, MultiHeadOutput, multi_head_attention, multi_head_attention_with};
+pub use multihead::{Heads, multi_head_attention, multi_head_attention_with};
 pub use rope::{Rope, RopeLayout};
 pub use simd::{InstructionSet, instruction_set};
 pub use softmax::{
     exp_in_place, log_softmax, log_softmax_in_place, log_softmax_rows, logsumexp, logsumexp_rows,
     softmax, softmax_in_place, softmax_rows, softmax_with_temperature,
 };
-pub use spec::{AttentionOptions, AttentionOutput, AttentionStats, alibi_slopes};
+pub use spec::{AttentionOptions, AttentionOutput, AttentionStats, MultiHeadOutput, alibi_slopes};

@@ -905,3 +905,59 @@ pub(crate) fn problem_inputs<'a, T: Float>(
         plan,
     })
 }
+
+/// What [`multi_head_attention_with`](crate::multi_head_attention_with) returns: the output and every head's log-sum-exp, what
+/// the [multi-head backward pass](crate::multi_head_attention_backward) needs.
+///
+/// # Examples
+///
+/// ```
+/// use attention_math::{multi_head_attention_with, AttentionOptions, Heads, Mask};
+/// use nalgebra::DMatrix;
+///
+/// let q = DMatrix::<f64>::zeros(3, 8);
+/// let kv = DMatrix::<f64>::zeros(5, 4);
+/// let out = multi_head_attention_with(&q, &kv, &kv, Heads::grouped(4, 2), &Mask::none(), &AttentionOptions::new())?;
+/// assert_eq!((out.output.shape(), out.lse.shape()), ((3, 8), (3, 4)));
+/// assert!((out.lse[(0, 3)] - 5.0_f64.ln()).abs() < 1e-15); // five scores of 0
+/// # Ok::<(), attention_math::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct MultiHeadOutput<T: Float> {
+    /// The output, n x (H·d_v), the heads side by side.
+    pub output: DMatrix<T>,
+    /// `lse[(i, h)]`: head h's log-sum-exp of query i (−inf for a fully masked row); n x H.
+    pub lse: DMatrix<T>,
+}
+
+impl<T: Float> MultiHeadOutput<T> {
+    /// The heads' outputs (each n x d_v) side by side and their log-sum-exps (each of length
+    /// n) as the columns of `lse`; `n` and `dv` give the shape when there are no heads.
+    pub(crate) fn from_heads(
+        heads: impl ExactSizeIterator<Item = (DMatrix<T>, DVector<T>)>,
+        n: usize,
+        dv: usize,
+    ) -> Self {
+        // Column-major, so head h's n x d_v block is one contiguous run of the result: the
+        // heads' outputs (and lse) concatenated, with nothing zeroed first.
+        let h = heads.len();
+        let mut output = Vec::with_capacity(n * h * dv);
+        let mut lse = Vec::with_capacity(n * h);
+        for (o, l) in heads {
+            debug_assert_eq!((o.shape(), l.len()), ((n, dv), n));
+            output.extend_from_slice(o.as_slice());
+            lse.extend_from_slice(l.as_slice());
+        }
+        MultiHeadOutput {
+            output: DMatrix::from_vec(n, h * dv, output),
+            lse: DMatrix::from_vec(n, h, lse),
+        }
+    }
+
+    /// The one head of a single-head result: its output and its log-sum-exp as a vector.
+    pub(crate) fn into_head(self) -> (DMatrix<T>, DVector<T>) {
+        debug_assert_eq!(self.lse.ncols(), 1);
+        let lse: Vec<T> = self.lse.data.into();
+        (self.output, DVector::from_vec(lse))
+    }
+}

@@ -7,9 +7,10 @@ use crate::attention::scaled_attention_reference;
 use crate::error::{Error, Result, check_finite, checked_len};
 use crate::kernel::{self, backward::backward, backward::tiles};
 use crate::mask::Mask;
-use crate::multihead::{Heads, MultiHeadOutput, head_problems};
+use crate::multihead::{Heads, head_problems};
 use crate::prelude::*;
 use crate::simd::Isa;
+use crate::spec::MultiHeadOutput;
 use crate::spec::{AttentionOptions, AttentionOutput, Inputs, plan, problem, raw_dots};
 use nalgebra::{DMatrix, DMatrixView};
 

@@ -12,10 +12,9 @@ use crate::prelude::*;
 use crate::simd::{self, Isa, Out, Panels, Rows, Shape};
 
 use super::threads::par::*;
-use crate::multihead::MultiHeadOutput;
 use crate::spec::{
-    AttentionStats, Plan, Problem, clamp_entropy, convex_combination, raw_dot_row, row_stats,
-    softmax_exact_row,
+    AttentionStats, MultiHeadOutput, Plan, Problem, clamp_entropy, convex_combination, raw_dot_row,
+    row_stats, softmax_exact_row,
 };
 use nalgebra::{DMatrix, DVector};
 
@@ -268,7 +267,7 @@ fn query_tile<T: Float, const STATS: bool>(
     stats: StatRows<'_, T>,
     scr: &mut Scratch<T>,
 ) {
-    let Plan { n, m, d, dv, .. } = p.plan;
+    let Plan { n, m, dv, .. } = p.plan;
     let ((br, bc), mr, nr) = (tile::<T>(), T::MR, T::NR);
     let rows = lse.len();
     let rows_pad = round_up(rows, mr);
@@ -287,75 +286,24 @@ fn query_tile<T: Float, const STATS: bool>(
 
     for kb in (0..m).step_by(bc) {
         let (block, keys) = trim(p.mask, q0..q0 + rows, kb..kb + bc.min(m - kb), (n, m), nr);
-        if block == Block::Empty {
-            continue;
-        }
-        let (k0, cols) = (keys.start, keys.len());
-        let cols_pad = round_up(cols, nr);
-        // S = Q_tile · K_tileᵀ (already in log₂ units unless there is a softcap).
-        simd::gemm(
-            isa,
-            Shape {
-                rows: rows_pad,
-                ncols: cols_pad,
-                k: d,
-                accumulate: false,
-            },
-            Rows::new(&packed.q[q0 * d..], d),
-            Panels::new(&packed.kv.kt[(k0 / nr) * d * nr..], d * nr),
-            Out::new(&mut scr.s, bc),
-        );
-        for r in 0..rows {
-            let row = &mut scr.s[r * bc..r * bc + cols_pad];
-            let seen = finish_scores(
-                p,
-                isa,
-                q0 + r,
-                k0,
-                &mut row[..cols],
-                block == Block::Partial,
-            );
-            scr.seen[r] |= seen.seen;
-            scr.overflow[r] |= seen.overflow;
-            row[cols..].fill(T::NEG_INFINITY);
-            let m_old = scr.max[r];
-            if STATS {
-                scr.scores[..cols].copy_from_slice(&row[..cols]);
+        match block {
+            Block::Empty => {}
+            Block::Full => {
+                strip::<T, STATS>(p, packed, isa, q0, (0, rows, rows_pad), keys, block, scr)
             }
-            online_step(
-                isa,
-                (row, seen.max),
-                &mut scr.max[r],
-                &mut scr.sum[r],
-                &mut scr.o[r * dv_pad..(r + 1) * dv_pad],
-            );
-            if STATS {
-                stats_step(
-                    &scr.scores[..cols],
-                    &row[..cols],
-                    m_old,
-                    scr.max[r],
-                    &mut scr.u[r],
-                    &mut scr.excess[r],
-                    &mut scr.support[r],
-                );
+            // A partial block (the diagonal of a causal mask, the edges of a window) goes
+            // MR rows at a time, each strip of rows over the keys its own rows can see: the
+            // products, the softmax and P · V skip the rest (a causal diagonal block of 96
+            // rows computes 69% of its scores, not all).
+            Block::Partial => {
+                for i0 in (0..rows).step_by(mr) {
+                    let i1 = (i0 + mr).min(rows);
+                    let (class, cut) = trim(p.mask, q0 + i0..q0 + i1, keys.clone(), (n, m), nr);
+                    if class != Block::Empty {
+                        strip::<T, STATS>(p, packed, isa, q0, (i0, i1, i0 + mr), cut, class, scr);
+                    }
+                }
             }
-        }
-        // Padded query rows r >= rows kept S = 0 (zero rows of Q), i.e. P = 0.
-        if dv > 0 {
-            // O += P · V_tile.
-            simd::gemm(
-                isa,
-                Shape {
-                    rows: rows_pad,
-                    ncols: dv_pad,
-                    k: cols_pad,
-                    accumulate: true,
-                },
-                Rows::new(&scr.s, bc),
-                Panels::new(&packed.kv.v[k0 * nr..], packed.kv.m_pad * nr),
-                Out::new(&mut scr.o, dv_pad),
-            );
         }
     }
 
@@ -411,6 +359,91 @@ fn query_tile<T: Float, const STATS: bool>(
         if STATS {
             [st_max[r], st_h[r], st_p[r]] = st;
         }
+    }
+}
+
+/// One online-softmax step of the tile's rows `i0 .. i1` (padded to `i_pad`, a multiple of
+/// MR past `i0`) over `keys` (starting on a panel boundary), of class `block`: S = Q Kᵀ for
+/// those rows and keys, the scores finished and folded into the running maximum and sum
+/// ([`online_step`]), then O += P · V over the same keys. Padded rows have zero Q, so S = 0
+/// there and they take no softmax step: their P stays 0.
+#[allow(clippy::too_many_arguments)]
+fn strip<T: Float, const STATS: bool>(
+    p: &Problem<'_, T>,
+    packed: &Packed<T>,
+    isa: Isa,
+    q0: usize,
+    (i0, i1, i_pad): (usize, usize, usize),
+    keys: core::ops::Range<usize>,
+    block: Block,
+    scr: &mut Scratch<T>,
+) {
+    let (Plan { d, dv, .. }, bc, nr) = (p.plan, tile::<T>().1, T::NR);
+    let dv_pad = packed.kv.dv_pad;
+    let (k0, cols) = (keys.start, keys.len());
+    let cols_pad = round_up(cols, nr);
+    simd::gemm(
+        isa,
+        Shape {
+            rows: i_pad - i0,
+            ncols: cols_pad,
+            k: d,
+            accumulate: false,
+        },
+        Rows::new(&packed.q[(q0 + i0) * d..], d),
+        Panels::new(&packed.kv.kt[(k0 / nr) * d * nr..], d * nr),
+        Out::new(&mut scr.s[i0 * bc..], bc),
+    );
+    for r in i0..i1 {
+        let row = &mut scr.s[r * bc..r * bc + cols_pad];
+        let seen = finish_scores(
+            p,
+            isa,
+            q0 + r,
+            k0,
+            &mut row[..cols],
+            block == Block::Partial,
+        );
+        scr.seen[r] |= seen.seen;
+        scr.overflow[r] |= seen.overflow;
+        row[cols..].fill(T::NEG_INFINITY);
+        let m_old = scr.max[r];
+        if STATS {
+            scr.scores[..cols].copy_from_slice(&row[..cols]);
+        }
+        online_step(
+            isa,
+            (row, seen.max),
+            &mut scr.max[r],
+            &mut scr.sum[r],
+            &mut scr.o[r * dv_pad..(r + 1) * dv_pad],
+        );
+        if STATS {
+            stats_step(
+                &scr.scores[..cols],
+                &row[..cols],
+                m_old,
+                scr.max[r],
+                &mut scr.u[r],
+                &mut scr.excess[r],
+                &mut scr.support[r],
+            );
+        }
+    }
+    if dv > 0 {
+        // O += P · V over these keys.
+        simd::gemm(
+            isa,
+            Shape {
+                rows: i_pad - i0,
+                ncols: dv_pad,
+                k: cols_pad,
+                accumulate: true,
+            },
+            Rows::new(&scr.s[i0 * bc..], bc),
+            Panels::new(&packed.kv.v[k0 * nr..], packed.kv.m_pad * nr),
+            Out::new(&mut scr.o[i0 * dv_pad..], dv_pad),
+        );
     }
 }
 

@@ -13,10 +13,9 @@ mod threads;
 pub(crate) use threads::{Exec, par, with_threads};
 
 use crate::Float;
-use crate::multihead::MultiHeadOutput;
 use crate::prelude::*;
 use crate::simd::Isa;
-use crate::spec::{AttentionOutput, AttentionStats, Problem};
+use crate::spec::{AttentionOutput, AttentionStats, MultiHeadOutput, Problem};
 use threads::par::*;
 
 /// Query rows per tile (a multiple of MR) and keys per tile (a multiple of NR): f32 96 x 256,
