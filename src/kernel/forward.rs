@@ -18,14 +18,6 @@ use crate::spec::{
 };
 use nalgebra::{DMatrix, DVector};
 
-/// Everything a query tile reads, shared by all tiles (and threads).
-struct Packed<'a, T: Float> {
-    /// Q · q_factor, row-major, rows padded to a multiple of MR.
-    q: Buf<T>,
-    /// K and V, packed once per key-value head.
-    kv: &'a PackedKv<T>,
-}
-
 /// K and V in the micro-kernel's layouts: packed once per key-value head and shared by the
 /// query heads of its GQA group.
 pub(crate) struct PackedKv<T: Float> {
@@ -50,8 +42,12 @@ impl<T: Float> PackedKv<T> {
     }
 }
 
-/// Per-thread working memory for one query tile: O(BR·BC + BR·d_v), independent of n and m.
+/// Per-thread working memory for one query tile: O(BR·(BC + d + d_v)), independent of n and m.
 struct Scratch<T> {
+    /// The tile's rows of Q · q_factor, column by column (element (i, t) at `t·BR + i`),
+    /// rows padded with zeros to a multiple of MR: a copy of the tile's segment of each
+    /// column of Q, no transpose (the micro-kernel reads A with any strides).
+    q: Vec<T>,
     /// The score tile S, then the probability tile P (BR x BC, row-major).
     s: Vec<T>,
     /// The unnormalised output accumulator (BR x dv_pad).
@@ -77,10 +73,12 @@ struct Scratch<T> {
 }
 
 impl<T: Float> Scratch<T> {
-    fn new(dv_pad: usize, stats: bool) -> Self {
+    fn new(d: usize, dv_pad: usize, stats: bool) -> Self {
         let (br, bc) = tile::<T>();
         let (sr, sc) = if stats { (br, bc) } else { (0, 0) };
         Scratch {
+            // At least one column, so that a strip can slice its rows when d = 0.
+            q: vec![T::zero(); d.max(1) * br],
             scores: vec![T::zero(); sc],
             u: vec![T::zero(); sr],
             excess: vec![T::zero(); sr],
@@ -165,18 +163,6 @@ fn run<'k, T: Float, const STATS: bool>(
     let br = tile::<T>().0;
     let (n, dv) = jobs.first().map_or((0, 0), |(p, _)| (p.plan.n, p.plan.dv));
     debug_assert!(jobs.iter().all(|(p, _)| (p.plan.n, p.plan.dv) == (n, dv)));
-    let pack_q = |&(p, kv): &(&Problem<'_, T>, &'k PackedKv<T>)| -> Packed<'k, T> {
-        let mut q = pack::rows(isa, &p.q, round_up(p.plan.n, T::MR));
-        // The real rows only: the padded rows stay zero (their P must be 0, and a factor
-        // that overflowed to inf would make them NaN).
-        q_factor(&p.plan).apply_to(isa, &mut q[..p.plan.n * p.plan.d]);
-        Packed { q, kv }
-    };
-    let packed: Vec<Packed<'k, T>> = if exec.parallel() && jobs.len() > 1 {
-        jobs.par_iter().map(pack_q).collect()
-    } else {
-        jobs.iter().map(pack_q).collect()
-    };
     // The result is column-major, so head h's n x d_v block is one contiguous run of it, and
     // query tile t of a head owns the segment t·BR .. t·BR + rows of each of its head's
     // columns (and of its lse column): the tiles write their rows in place, in parallel.
@@ -223,22 +209,14 @@ fn run<'k, T: Float, const STATS: bool>(
         }
     }
     let dv_pad = jobs.iter().map(|(_, kv)| kv.dv_pad).max().unwrap_or(0);
+    let d = jobs.iter().map(|(p, _)| p.plan.d).max().unwrap_or(0);
     let one = |scratch: &mut Scratch<T>, t: TileJob<'_, T>| {
-        let p = jobs[t.head].0;
-        query_tile::<T, STATS>(
-            p,
-            &packed[t.head],
-            isa,
-            t.q0,
-            t.out,
-            t.lse,
-            t.stats,
-            scratch,
-        )
+        let (p, kv) = jobs[t.head];
+        query_tile::<T, STATS>(p, kv, isa, t.q0, t.out, t.lse, t.stats, scratch)
     };
     match exec {
         Exec::Inline => {
-            let mut scratch = Scratch::new(dv_pad, STATS);
+            let mut scratch = Scratch::new(d, dv_pad, STATS);
             for t in tiles {
                 one(&mut scratch, t);
             }
@@ -246,7 +224,7 @@ fn run<'k, T: Float, const STATS: bool>(
         Exec::Pool => {
             tiles
                 .into_par_iter()
-                .for_each_init(|| Scratch::new(dv_pad, STATS), one);
+                .for_each_init(|| Scratch::new(d, dv_pad, STATS), one);
         }
     }
     (layer, stats)
@@ -259,7 +237,7 @@ fn run<'k, T: Float, const STATS: bool>(
 #[allow(clippy::too_many_arguments)]
 fn query_tile<T: Float, const STATS: bool>(
     p: &Problem<'_, T>,
-    packed: &Packed<T>,
+    kv: &PackedKv<T>,
     isa: Isa,
     q0: usize,
     mut out: Vec<&mut [T]>,
@@ -267,11 +245,20 @@ fn query_tile<T: Float, const STATS: bool>(
     stats: StatRows<'_, T>,
     scr: &mut Scratch<T>,
 ) {
-    let Plan { n, m, dv, .. } = p.plan;
+    let Plan { n, m, d, dv, .. } = p.plan;
     let ((br, bc), mr, nr) = (tile::<T>(), T::MR, T::NR);
     let rows = lse.len();
     let rows_pad = round_up(rows, mr);
-    let dv_pad = packed.kv.dv_pad;
+    let dv_pad = kv.dv_pad;
+    // The tile's Q, scaled: the real rows only, as padded rows must stay zero (their P must
+    // be 0, and a factor that overflowed to inf would make them NaN).
+    let factor = q_factor(&p.plan);
+    for t in 0..d {
+        let dst = &mut scr.q[t * br..t * br + rows_pad];
+        dst[..rows].copy_from_slice(&pack::column(&p.q, t)[q0..q0 + rows]);
+        factor.apply_to(isa, &mut dst[..rows]);
+        dst[rows..].fill(T::zero());
+    }
     scr.o[..rows_pad * dv_pad].fill(T::zero());
     scr.max[..rows].fill(T::NEG_INFINITY);
     scr.sum[..rows].fill(T::zero());
@@ -288,9 +275,7 @@ fn query_tile<T: Float, const STATS: bool>(
         let (block, keys) = trim(p.mask, q0..q0 + rows, kb..kb + bc.min(m - kb), (n, m), nr);
         match block {
             Block::Empty => {}
-            Block::Full => {
-                strip::<T, STATS>(p, packed, isa, q0, (0, rows, rows_pad), keys, block, scr)
-            }
+            Block::Full => strip::<T, STATS>(p, kv, isa, q0, (0, rows, rows_pad), keys, block, scr),
             // A partial block (the diagonal of a causal mask, the edges of a window) goes
             // MR rows at a time, each strip of rows over the keys its own rows can see: the
             // products, the softmax and P · V skip the rest (a causal diagonal block of 96
@@ -300,7 +285,7 @@ fn query_tile<T: Float, const STATS: bool>(
                     let i1 = (i0 + mr).min(rows);
                     let (class, cut) = trim(p.mask, q0 + i0..q0 + i1, keys.clone(), (n, m), nr);
                     if class != Block::Empty {
-                        strip::<T, STATS>(p, packed, isa, q0, (i0, i1, i0 + mr), cut, class, scr);
+                        strip::<T, STATS>(p, kv, isa, q0, (i0, i1, i0 + mr), cut, class, scr);
                     }
                 }
             }
@@ -370,7 +355,7 @@ fn query_tile<T: Float, const STATS: bool>(
 #[allow(clippy::too_many_arguments)]
 fn strip<T: Float, const STATS: bool>(
     p: &Problem<'_, T>,
-    packed: &Packed<T>,
+    kv: &PackedKv<T>,
     isa: Isa,
     q0: usize,
     (i0, i1, i_pad): (usize, usize, usize),
@@ -378,8 +363,8 @@ fn strip<T: Float, const STATS: bool>(
     block: Block,
     scr: &mut Scratch<T>,
 ) {
-    let (Plan { d, dv, .. }, bc, nr) = (p.plan, tile::<T>().1, T::NR);
-    let dv_pad = packed.kv.dv_pad;
+    let (Plan { d, dv, .. }, (br, bc), nr) = (p.plan, tile::<T>(), T::NR);
+    let dv_pad = kv.dv_pad;
     let (k0, cols) = (keys.start, keys.len());
     let cols_pad = round_up(cols, nr);
     simd::gemm(
@@ -390,8 +375,8 @@ fn strip<T: Float, const STATS: bool>(
             k: d,
             accumulate: false,
         },
-        Rows::new(&packed.q[(q0 + i0) * d..], d),
-        Panels::new(&packed.kv.kt[(k0 / nr) * d * nr..], d * nr),
+        Rows::transposed(&scr.q[i0..], br),
+        Panels::new(&kv.kt[(k0 / nr) * d * nr..], d * nr),
         Out::new(&mut scr.s[i0 * bc..], bc),
     );
     for r in i0..i1 {
@@ -441,7 +426,7 @@ fn strip<T: Float, const STATS: bool>(
                 accumulate: true,
             },
             Rows::new(&scr.s[i0 * bc..], bc),
-            Panels::new(&packed.kv.v[k0 * nr..], packed.kv.m_pad * nr),
+            Panels::new(&kv.v[k0 * nr..], kv.m_pad * nr),
             Out::new(&mut scr.o[i0 * dv_pad..], dv_pad),
         );
     }
