@@ -4,28 +4,30 @@
 //! Freshly allocated memory of that size comes from the operating system page by page: every
 //! 4 KiB is a page fault and a cleared page on first touch. On a Zen 2 that was 5% of a
 //! forward + backward call at n = 2048 (`perf`: `exc_page_fault`, `clear_page_rep`), because
-//! the allocator hands such blocks back to the system when they are freed. With the `std`
-//! feature a [`Buf`] returns its memory to a small free list of the thread that drops it, and
-//! the next call on that thread takes it from there, already mapped, never faulted in again:
-//! zeroed again ([`Buf::zeroed`], a `memset` of memory the cache has seen) for an accumulator,
-//! or left as it was ([`Buf::stale`]) for a packed layout that overwrites every element anyway. At most `KEEP` (32 MiB) are
-//! kept per thread, in at most `SLOTS` (24) blocks; buffers under `SMALL` (64 KiB) bypass
-//! the list. Without `std` a `Buf` is a plain allocation.
+//! the allocator hands such blocks back to the system when they are freed; and many small
+//! heads allocate and clear a few dozen 32 KiB buffers per call (3% of 16 heads at n = 128).
+//! With the `std` feature a [`Buf`] returns its memory to a free list shared by all threads
+//! (a buffer packed on a worker of the pool is usually dropped by the calling thread), and the
+//! next call takes it from there, already mapped, never faulted in again: zeroed again
+//! ([`Buf::zeroed`], a `memset` of memory the cache has seen) for an accumulator, or left as it
+//! was ([`Buf::stale`]) for a packed layout that writes every element anyway. At most `KEEP`
+//! (64 MiB) are kept, in at most `SLOTS` (64) blocks; buffers under `SMALL` (4 KiB) bypass the
+//! list. Without `std` a `Buf` is a plain allocation.
 
 use crate::Float;
 use crate::prelude::*;
 use core::marker::PhantomData;
 use core::ops::{Deref, DerefMut};
 
-/// Bytes kept per thread at most.
+/// Bytes kept at most.
 #[cfg(feature = "std")]
-const KEEP: usize = 32 << 20;
-/// Blocks kept per thread at most.
+const KEEP: usize = 64 << 20;
+/// Blocks kept at most.
 #[cfg(feature = "std")]
-const SLOTS: usize = 24;
+const SLOTS: usize = 64;
 /// Buffers below this many bytes are allocated and freed as usual.
 #[cfg(feature = "std")]
-const SMALL: usize = 64 << 10;
+const SMALL: usize = 4 << 10;
 
 /// A buffer of `len` elements of `T` (f32 or f64), held as 64-bit words so that one free
 /// list serves both types.
@@ -89,47 +91,40 @@ impl<T: Float> Drop for Buf<T> {
     }
 }
 
+/// The kept blocks, shared by all threads: a buffer packed on a worker of the pool is
+/// usually dropped by the calling thread, and taken again by a worker on the next call.
 #[cfg(feature = "std")]
-std::thread_local! {
-    static FREE: core::cell::RefCell<Vec<Vec<u64>>> = const { core::cell::RefCell::new(Vec::new()) };
-}
+static FREE: std::sync::Mutex<Vec<Vec<u64>>> = std::sync::Mutex::new(Vec::new());
 
-/// The smallest kept block of at least `words` words, if any (and if the list is reachable:
-/// not while the thread is being torn down).
+/// The smallest kept block of at least `words` words, if any.
 #[cfg(feature = "std")]
 fn take(words: usize) -> Option<Vec<u64>> {
     if words * 8 < SMALL {
         return None;
     }
-    FREE.try_with(|free| {
-        let mut free = free.try_borrow_mut().ok()?;
-        let best = free
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| v.capacity() >= words)
-            .min_by_key(|(_, v)| v.capacity())?
-            .0;
-        Some(free.swap_remove(best))
-    })
-    .ok()
-    .flatten()
+    let mut free = FREE.lock().ok()?;
+    let best = free
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| v.capacity() >= words)
+        .min_by_key(|(_, v)| v.capacity())?
+        .0;
+    Some(free.swap_remove(best))
 }
 
-/// Keeps `v` for a later call if it is large and the list has room; else frees it.
+/// Keeps `v` for a later call if it is large enough and the list has room; else frees it.
 #[cfg(feature = "std")]
 fn give(v: Vec<u64>) {
     let bytes = v.capacity() * 8;
     if !(SMALL..=KEEP).contains(&bytes) {
         return;
     }
-    let _ = FREE.try_with(|free| {
-        if let Ok(mut free) = free.try_borrow_mut() {
-            let kept: usize = free.iter().map(|v| v.capacity() * 8).sum();
-            if free.len() < SLOTS && kept + bytes <= KEEP {
-                free.push(v);
-            }
+    if let Ok(mut free) = FREE.lock() {
+        let kept: usize = free.iter().map(|v| v.capacity() * 8).sum();
+        if free.len() < SLOTS && kept + bytes <= KEEP {
+            free.push(v);
         }
-    });
+    }
 }
 
 #[cfg(not(feature = "std"))]
