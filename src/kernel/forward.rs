@@ -155,8 +155,8 @@ struct TileJob<'a, T> {
 /// fills each head's three statistics (max logit, entropy, max probability; each of length n,
 /// else empty). A compile-time choice: without it the statistics code is not in the loop at
 /// all.
-fn run<'k, T: Float, const STATS: bool>(
-    jobs: &[(&Problem<'_, T>, &'k PackedKv<T>)],
+fn run<T: Float, const STATS: bool>(
+    jobs: &[(&Problem<'_, T>, &PackedKv<T>)],
     isa: Isa,
     exec: Exec,
 ) -> (MultiHeadOutput<T>, Vec<[Vec<T>; 3]>) {
