@@ -10,8 +10,9 @@ use crate::mask::Mask;
 use crate::prelude::*;
 
 use crate::spec::{
-    AttentionOptions, AttentionOutput, AttentionStats, add_bias, convex_combination, plan, problem,
-    raw_dots, row_stats, softmax_exact_row,
+    AttentionOptions, AttentionOutput, AttentionStats, Inputs, add_bias, check_inputs,
+    convex_combination, input_error, plan, problem, problem_inputs, raw_dots, row_stats,
+    softmax_exact_row,
 };
 use nalgebra::{DMatrix, DMatrixView, DVector};
 
@@ -101,9 +102,18 @@ pub fn scaled_attention_with<'q, 'k, 'v, T: Float>(
     if opts.weights {
         return scaled_attention_reference(q, k, v, mask, opts);
     }
-    let problem = problem(q, k, v, mask, opts)?;
-    let (output, lse) =
-        kernel::attend(core::slice::from_ref(&problem), 1, opts.threads).into_head();
+    // The tiled pass scans Q, K and V as it packs them (one read of each, not two).
+    let inputs = if kernel::scans_inputs(q.nrows(), k.nrows()) {
+        Inputs::Deferred
+    } else {
+        Inputs::Check
+    };
+    let problem = problem_inputs(q, k, v, mask, opts, inputs)?;
+    let (layer, finite) = kernel::attend(core::slice::from_ref(&problem), 1, opts.threads);
+    if !finite {
+        return Err(input_error(|| check_inputs(&q, &k, &v)));
+    }
+    let (output, lse) = layer.into_head();
     Ok(AttentionOutput {
         output,
         lse,

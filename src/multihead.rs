@@ -10,7 +10,8 @@ use crate::kernel;
 use crate::mask::Mask;
 use crate::prelude::*;
 use crate::spec::{
-    Alibi, AttentionOptions, Inputs, MultiHeadOutput, Problem, alibi_slopes, problem_inputs,
+    Alibi, AttentionOptions, Inputs, MultiHeadOutput, Problem, alibi_slopes, input_error,
+    problem_inputs,
 };
 use nalgebra::{DMatrix, DMatrixView};
 #[cfg(feature = "half")]
@@ -198,6 +199,10 @@ pub(crate) fn multi_head<T: Float>(
 /// scanned for non-finite entries once (as `kv` says), not once per query head (the
 /// positions reported are those in the whole matrices), then every head's shapes and options
 /// in order, with ALiBi's per-head slopes. Also returns (d, d_v).
+///
+/// With `defer` the scan is left to the kernel (see [`Inputs::Deferred`]) unless a later
+/// check fails, which runs it first: the errors come in the same order either way.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn head_problems<'a, T: Float>(
     q: &'a DMatrixView<'_, T>,
     k: &'a DMatrixView<'_, T>,
@@ -206,6 +211,7 @@ pub(crate) fn head_problems<'a, T: Float>(
     mask: &'a Mask,
     opts: &AttentionOptions<'a, T>,
     kv: Inputs,
+    defer: bool,
 ) -> Result<(Vec<Problem<'a, T>>, usize, usize)> {
     heads.validate()?;
     let d = head_width("q", q.ncols(), heads.query)?;
@@ -218,12 +224,10 @@ pub(crate) fn head_problems<'a, T: Float>(
             expected: (k.nrows(), heads.kv * d),
         });
     }
-    check_finite("q", q)?;
-    if kv == Inputs::Check {
-        check_finite("k", k)?;
-        check_finite("v", v)?;
+    if !defer {
+        scan_layer(q, k, v, kv)?;
     }
-    let mut problems = (0..heads.query)
+    let problems = (0..heads.query)
         .map(|h| {
             let g = heads.kv_head(h);
             problem_inputs(
@@ -235,7 +239,16 @@ pub(crate) fn head_problems<'a, T: Float>(
                 Inputs::Checked,
             )
         })
-        .collect::<Result<Vec<_>>>()?;
+        .collect::<Result<Vec<_>>>();
+    let mut problems = match problems {
+        Ok(p) => p,
+        Err(e) => {
+            if defer {
+                scan_layer(q, k, v, kv)?;
+            }
+            return Err(e);
+        }
+    };
     // ALiBi by head: head h gets the h-th of the paper's H slopes.
     if opts.alibi == Some(Alibi::ByHead) {
         for (p, slope) in problems.iter_mut().zip(alibi_slopes(heads.query)) {
@@ -243,6 +256,21 @@ pub(crate) fn head_problems<'a, T: Float>(
         }
     }
     Ok((problems, d, dv))
+}
+
+/// The finiteness scan of a layer's inputs: Q, then K and V if `kv` asks for it.
+fn scan_layer<T: Float>(
+    q: &DMatrixView<'_, T>,
+    k: &DMatrixView<'_, T>,
+    v: &DMatrixView<'_, T>,
+    kv: Inputs,
+) -> Result<()> {
+    check_finite("q", q)?;
+    if kv == Inputs::Check {
+        check_finite("k", k)?;
+        check_finite("v", v)?;
+    }
+    Ok(())
 }
 
 /// Output and per-head log-sum-exp of a layer (see [`multi_head_attention_with`]).
@@ -255,10 +283,16 @@ fn multi_head_outputs<T: Float>(
     opts: &AttentionOptions<'_, T>,
     kv: Inputs,
 ) -> Result<MultiHeadOutput<T>> {
-    let (problems, _, _) = head_problems(&q, &k, &v, heads, mask, opts, kv)?;
+    // The tiled pass scans the inputs as it packs them (one read of each, not two).
+    let defer = kernel::scans_inputs(heads.group_size() * q.nrows(), k.nrows());
+    let (problems, _, _) = head_problems(&q, &k, &v, heads, mask, opts, kv, defer)?;
     // Heads (or, decoding, GQA groups) run in parallel; every head is computed by the same
     // arithmetic whatever thread runs it, so the result does not depend on the thread count.
-    Ok(kernel::attend(&problems, heads.group_size(), opts.threads))
+    let (layer, finite) = kernel::attend(&problems, heads.group_size(), opts.threads);
+    if !finite {
+        return Err(input_error(|| scan_layer(&q, &k, &v, kv)));
+    }
+    Ok(layer)
 }
 
 /// [`multi_head`] over keys and values stored as `X` (a half-precision [`KvCache`](crate::KvCache),
@@ -296,7 +330,7 @@ pub(crate) fn multi_head_stored<T: Float, X: crate::simd::Stored<T> + nalgebra::
         DMatrixView::from_slice_with_strides_generic(&zeros, Dyn(m), Dyn(cols), U1, Dyn(0))
     };
     let (kp, vp) = (proxy(k.ncols()), proxy(v.ncols()));
-    let (problems, d, dv) = head_problems(&q, &kp, &vp, heads, mask, opts, Inputs::Checked)?;
+    let (problems, d, dv) = head_problems(&q, &kp, &vp, heads, mask, opts, Inputs::Checked, false)?;
     Ok(kernel::attend_stored(&problems, heads.group_size(), (k, v), (d, dv), opts.threads).output)
 }
 

@@ -444,6 +444,41 @@ pub(crate) enum Inputs {
     /// The caller has scanned them already (multi-head attention scans each shared K and V
     /// once, not once per query head; a cache scans its rows on append).
     Checked,
+    /// The kernel scans them as it reads them (the tiled forward pass, see
+    /// [`kernel::scans_inputs`](crate::kernel::scans_inputs)): one read of each input, not
+    /// two. The errors keep the order of `Check`: a check after the scan that fails runs the
+    /// scan first, and a kernel that finds a non-finite entry has the caller run it
+    /// ([`check_inputs`]) to name the first one.
+    Deferred,
+}
+
+/// The error for inputs a kernel found not finite: the one `scan` (the caller's finiteness
+/// scan, such as [`check_inputs`]) returns. The kernel and the scan test the same entries
+/// with the same test, so the scan always finds one.
+pub(crate) fn input_error(scan: impl FnOnce() -> Result<()>) -> Error {
+    match scan() {
+        Err(e) => e,
+        Ok(()) => {
+            debug_assert!(false, "the kernel and the scan disagree");
+            Error::NonFinite {
+                arg: "q",
+                row: 0,
+                col: 0,
+            }
+        }
+    }
+}
+
+/// The finiteness scan of Q, K and V, in that order: the error names the first non-finite
+/// entry of the first matrix that has one.
+pub(crate) fn check_inputs<T: Float>(
+    q: &DMatrixView<'_, T>,
+    k: &DMatrixView<'_, T>,
+    v: &DMatrixView<'_, T>,
+) -> Result<()> {
+    check_finite("q", q)?;
+    check_finite("k", k)?;
+    check_finite("v", v)
 }
 
 /// Room the kernel may add to any dimension when it pads and packs (a tile at most).
@@ -494,10 +529,24 @@ pub(crate) fn plan_inputs<T: Float>(
         )?;
     }
     if inputs == Inputs::Check {
-        check_finite("q", q)?;
-        check_finite("k", k)?;
-        check_finite("v", v)?;
+        check_inputs(q, k, v)?;
     }
+    let plan = plan_options(n, m, d, dv, opts);
+    if plan.is_err() && inputs == Inputs::Deferred {
+        check_inputs(q, k, v)?;
+    }
+    plan
+}
+
+/// The checks of [`plan_inputs`] after the finiteness scan (bias, softcap, ALiBi, scale), and
+/// the plan.
+fn plan_options<T: Float>(
+    n: usize,
+    m: usize,
+    d: usize,
+    dv: usize,
+    opts: &AttentionOptions<'_, T>,
+) -> Result<Plan<T>> {
     if let Some(bias) = &opts.bias {
         if bias.shape() != (n, m) {
             return Err(Error::ShapeMismatch {

@@ -833,3 +833,89 @@ fn the_backward_survives_overflowing_dots_at_scale_zero() {
     assert_eq!(g.dq, r.dq);
     assert_eq!(g.dv, r.dv);
 }
+
+/// The tiled forward pass scans Q, K and V as it packs them instead of before: the error is
+/// still the one the up-front scan gives (the reference's), naming the first non-finite
+/// entry of the first of q, k, v that has one, and a non-finite input still wins over a
+/// later check that fails (a NaN scale, a bias of the wrong shape), while a shape error
+/// found before the scan still wins over it. Single head and multi-head (positions in the
+/// whole matrices), one and two threads, queries spanning several tiles.
+#[test]
+fn the_tiled_pass_reports_the_first_non_finite_input() {
+    use attention_math::{Heads, multi_head_attention};
+    let (n, m, d) = (131, 70, 8);
+    let base = |rows: usize, cols: usize, s: usize| {
+        DMatrix::<f32>::from_fn(rows, cols, |i, j| ((i * 31 + j * 7 + s) % 13) as f32 / 13.0)
+    };
+    let (q0, k0, v0) = (base(n, d, 1), base(m, d, 2), base(m, d, 3));
+    let nonfinite = |e: &Error| match e {
+        Error::NonFinite { arg, row, col } => Some((*arg, *row, *col)),
+        _ => None,
+    };
+    for threads in [1, 2] {
+        let opts = AttentionOptions::new().threads(threads);
+        // (which input, row, col, value), then a second fault after it.
+        let faults: [(usize, usize, usize, f32); 6] = [
+            (0, 0, 0, f32::NAN),
+            (0, n - 1, d - 1, f32::INFINITY),
+            (0, 100, 3, f32::NEG_INFINITY),
+            (1, m - 1, 0, f32::NAN),
+            (2, 0, d - 1, f32::INFINITY),
+            (2, 37, 5, f32::NAN),
+        ];
+        for &(which, i, j, x) in &faults {
+            let (mut q, mut k, mut v) = (q0.clone(), k0.clone(), v0.clone());
+            [&mut q, &mut k, &mut v][which][(i, j)] = x;
+            // A later fault in a later input (or later in the same one) does not change it.
+            if which < 2 {
+                v[(m - 1, d - 1)] = f32::NAN;
+            }
+            let want = scaled_attention_reference(&q, &k, &v, &Mask::causal(), &opts).unwrap_err();
+            let arg = ["q", "k", "v"][which];
+            assert_eq!(nonfinite(&want), Some((arg, i, j)));
+            let got = scaled_attention(&q, &k, &v, &Mask::causal()).unwrap_err();
+            assert_eq!(nonfinite(&got), Some((arg, i, j)), "{arg} ({i}, {j})");
+            let with = attention_math::scaled_attention_with(&q, &k, &v, &Mask::none(), &opts);
+            assert_eq!(nonfinite(&with.unwrap_err()), Some((arg, i, j)));
+            // Before a failing option check.
+            let bad = opts.clone().scale(f32::NAN);
+            let e = attention_math::scaled_attention_with(&q, &k, &v, &Mask::none(), &bad);
+            assert_eq!(nonfinite(&e.unwrap_err()), Some((arg, i, j)));
+            let bias = DMatrix::<f32>::zeros(n, m + 1);
+            let e = attention_math::scaled_attention_with(
+                &q,
+                &k,
+                &v,
+                &Mask::none(),
+                &opts.clone().bias(&bias),
+            );
+            assert_eq!(nonfinite(&e.unwrap_err()), Some((arg, i, j)));
+            // After a shape error.
+            let short = v.rows(0, m - 1).into_owned();
+            let e = attention_math::scaled_attention_with(&q, &k, &short, &Mask::none(), &opts);
+            assert!(matches!(e, Err(Error::DimensionMismatch { arg: "v", .. })));
+        }
+        // Multi-head, 4 query heads over 2 KV heads: positions in the whole matrices.
+        let heads = Heads::grouped(4, 2);
+        let (q0, k0, v0) = (base(n, 4 * d, 4), base(m, 2 * d, 5), base(m, 2 * d, 6));
+        for &(which, i, j) in &[(0, 120, 3 * d + 2), (1, 5, d + 1), (2, m - 1, 2 * d - 1)] {
+            let (mut q, mut k, mut v) = (q0.clone(), k0.clone(), v0.clone());
+            [&mut q, &mut k, &mut v][which][(i, j)] = f32::NAN;
+            let arg = ["q", "k", "v"][which];
+            let e = multi_head_attention(&q, &k, &v, heads, &Mask::causal(), &opts).unwrap_err();
+            assert_eq!(nonfinite(&e), Some((arg, i, j)), "{arg} ({i}, {j})");
+            let bias = DMatrix::<f32>::zeros(1, 1);
+            let bad = opts.clone().bias(&bias);
+            let e = multi_head_attention(&q, &k, &v, heads, &Mask::causal(), &bad).unwrap_err();
+            assert_eq!(
+                nonfinite(&e),
+                Some((arg, i, j)),
+                "{arg} ({i}, {j}) with a bad bias"
+            );
+        }
+        // All finite: the same answer as the reference.
+        let out = multi_head_attention(&q0, &k0, &v0, heads, &Mask::causal(), &opts).unwrap();
+        assert_eq!(out.shape(), (n, 4 * d));
+        assert!(out.iter().all(|x| x.is_finite()));
+    }
+}

@@ -374,7 +374,7 @@ pub fn multi_head_attention_backward<'q, 'k, 'v, 'g, T: Float>(
     d_out: impl Into<DMatrixView<'g, T>>,
 ) -> Result<AttentionGrads<T>> {
     let (q, k, v, d_out) = (q.into(), k.into(), v.into(), d_out.into());
-    let (problems, d, dv) = head_problems(&q, &k, &v, heads, mask, opts, Inputs::Check)?;
+    let (problems, d, dv) = head_problems(&q, &k, &v, heads, mask, opts, Inputs::Check, false)?;
     let (n, m, h) = (q.nrows(), k.nrows(), heads.query);
     check_d_out(&d_out, n, h * dv)?;
     let fo = &forward.output;

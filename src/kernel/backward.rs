@@ -89,11 +89,11 @@ impl<T: Float> Packed<T> {
         let jobs: [&(dyn Fn() -> Buf<T> + Sync); 7] = [
             &|| pack::rows(isa, &p.q, n_pad),
             &|| pack::rows(isa, &d_out, n_pad),
-            &|| pack::panels_of_transpose(&p.k, T::NR),
-            &|| pack::panels_of_transpose(&p.v, T::NR),
-            &|| pack::panels(isa, &p.q, T::NR, n_pad),
-            &|| pack::panels(isa, &d_out, T::NR, n_pad),
-            &|| pack::panels(isa, &p.k, T::NR, m),
+            &|| pack::panels_of_transpose(isa, &p.k, T::NR, None),
+            &|| pack::panels_of_transpose(isa, &p.v, T::NR, None),
+            &|| pack::panels(isa, &p.q, T::NR, n_pad, None),
+            &|| pack::panels(isa, &d_out, T::NR, n_pad, None),
+            &|| pack::panels(isa, &p.k, T::NR, m, None),
         ];
         let packs: Vec<Buf<T>> = if exec.parallel() {
             jobs.par_iter().map(|f| f()).collect()

@@ -10,6 +10,7 @@ use crate::float::pow2;
 use crate::mask::Block;
 use crate::prelude::*;
 use crate::simd::{self, Isa, Out, Panels, Rows, Shape};
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use super::threads::par::*;
 use crate::spec::{
@@ -27,17 +28,24 @@ pub(crate) struct PackedKv<T: Float> {
     v: Buf<T>,
     m_pad: usize,
     dv_pad: usize,
+    /// Whether every entry of K and V is finite (scanned as they were packed).
+    finite: bool,
 }
 
 impl<T: Float> PackedKv<T> {
-    /// Packs the K and V of `p` (every problem of a group has the same).
+    /// Packs the K and V of `p` (every problem of a group has the same), scanning them for
+    /// non-finite entries on the way.
     pub(crate) fn new(isa: Isa, p: &Problem<'_, T>) -> Self {
         let m_pad = round_up(p.plan.m, T::NR);
+        let mut finite = true;
+        let kt = pack::panels_of_transpose(isa, &p.k, T::NR, Some(&mut finite));
+        let v = pack::panels(isa, &p.v, T::NR, m_pad, Some(&mut finite));
         PackedKv {
-            kt: pack::panels_of_transpose(&p.k, T::NR),
-            v: pack::panels(isa, &p.v, T::NR, m_pad),
+            kt,
+            v,
             m_pad,
             dv_pad: round_up(p.plan.dv, T::NR),
+            finite,
         }
     }
 }
@@ -98,13 +106,16 @@ impl<T: Float> Scratch<T> {
 /// all with the same n and d_v: their outputs side by side (n x H·d_v, head h in columns
 /// h·d_v .. (h+1)·d_v) and log-sum-exps (n x H, natural log). The query tiles of all heads
 /// are scheduled in one loop, with one scratch per thread, and write their rows straight
-/// into the result.
+/// into the result. Also returns whether every entry of the inputs was finite: the pass scans
+/// them as it reads them (Q tile by tile, K and V as they were packed), and with a
+/// non-finite entry its results are meaningless and the caller reports the error.
 pub(crate) fn forward_many<T: Float>(
     jobs: &[(&Problem<'_, T>, &PackedKv<T>)],
     isa: Isa,
     exec: Exec,
-) -> MultiHeadOutput<T> {
-    run::<T, false>(jobs, isa, exec).0
+) -> (MultiHeadOutput<T>, bool) {
+    let (layer, _, finite) = run::<T, false>(jobs, isa, exec);
+    (layer, finite)
 }
 
 /// Runs the forward pass of one head: the output (n x d_v) and the per-row log-sum-exp.
@@ -127,7 +138,7 @@ pub(crate) fn forward_with_stats<T: Float>(
     isa: Isa,
     exec: Exec,
 ) -> (DMatrix<T>, DVector<T>, AttentionStats<T>) {
-    let (layer, mut stats) = run::<T, true>(&[(p, kv)], isa, exec);
+    let (layer, mut stats, _) = run::<T, true>(&[(p, kv)], isa, exec);
     let (output, lse) = layer.into_head();
     let [max_logit, entropy, max_prob] = stats.swap_remove(0).map(DVector::from_vec);
     let stats = AttentionStats {
@@ -154,12 +165,12 @@ struct TileJob<'a, T> {
 /// The forward pass of every head of `jobs` (one n and one d_v for all); with `STATS` it also
 /// fills each head's three statistics (max logit, entropy, max probability; each of length n,
 /// else empty). A compile-time choice: without it the statistics code is not in the loop at
-/// all.
+/// all. The last result says whether every input entry was finite (see [`forward_many`]).
 fn run<T: Float, const STATS: bool>(
     jobs: &[(&Problem<'_, T>, &PackedKv<T>)],
     isa: Isa,
     exec: Exec,
-) -> (MultiHeadOutput<T>, Vec<[Vec<T>; 3]>) {
+) -> (MultiHeadOutput<T>, Vec<[Vec<T>; 3]>, bool) {
     let br = tile::<T>().0;
     let (n, dv) = jobs.first().map_or((0, 0), |(p, _)| (p.plan.n, p.plan.dv));
     debug_assert!(jobs.iter().all(|(p, _)| (p.plan.n, p.plan.dv) == (n, dv)));
@@ -210,9 +221,15 @@ fn run<T: Float, const STATS: bool>(
     }
     let dv_pad = jobs.iter().map(|(_, kv)| kv.dv_pad).max().unwrap_or(0);
     let d = jobs.iter().map(|(p, _)| p.plan.d).max().unwrap_or(0);
+    let finite = AtomicBool::new(jobs.iter().all(|(_, kv)| kv.finite));
     let one = |scratch: &mut Scratch<T>, t: TileJob<'_, T>| {
         let (p, kv) = jobs[t.head];
-        query_tile::<T, STATS>(p, kv, isa, t.q0, t.out, t.lse, t.stats, scratch)
+        // Once an input is known not to be finite the results are discarded: skip the rest.
+        if finite.load(Ordering::Relaxed)
+            && !query_tile::<T, STATS>(p, kv, isa, t.q0, t.out, t.lse, t.stats, scratch)
+        {
+            finite.store(false, Ordering::Relaxed);
+        }
     };
     match exec {
         Exec::Inline => {
@@ -227,7 +244,7 @@ fn run<T: Float, const STATS: bool>(
                 .for_each_init(|| Scratch::new(d, dv_pad, STATS), one);
         }
     }
-    (layer, stats)
+    (layer, stats, finite.into_inner())
 }
 
 /// Rows `q0 .. q0 + lse.len()` of the output (`out[c]`: the tile's segment of column c)
@@ -244,7 +261,7 @@ fn query_tile<T: Float, const STATS: bool>(
     lse: &mut [T],
     stats: StatRows<'_, T>,
     scr: &mut Scratch<T>,
-) {
+) -> bool {
     let Plan { n, m, d, dv, .. } = p.plan;
     let ((br, bc), mr, nr) = (tile::<T>(), T::MR, T::NR);
     let rows = lse.len();
@@ -253,11 +270,16 @@ fn query_tile<T: Float, const STATS: bool>(
     // The tile's Q, scaled: the real rows only, as padded rows must stay zero (their P must
     // be 0, and a factor that overflowed to inf would make them NaN).
     let factor = q_factor(&p.plan);
+    let segment = |t: usize| &pack::column(&p.q, t)[q0..q0 + rows];
+    let finite = simd::all_finite_parts(isa, (0..d).map(segment));
     for t in 0..d {
         let dst = &mut scr.q[t * br..t * br + rows_pad];
-        dst[..rows].copy_from_slice(&pack::column(&p.q, t)[q0..q0 + rows]);
+        dst[..rows].copy_from_slice(segment(t));
         factor.apply_to(isa, &mut dst[..rows]);
         dst[rows..].fill(T::zero());
+    }
+    if !finite {
+        return false; // the caller reports the error; nothing of this tile is used
     }
     scr.o[..rows_pad * dv_pad].fill(T::zero());
     scr.max[..rows].fill(T::NEG_INFINITY);
@@ -345,6 +367,7 @@ fn query_tile<T: Float, const STATS: bool>(
             [st_max[r], st_h[r], st_p[r]] = st;
         }
     }
+    true
 }
 
 /// One online-softmax step of the tile's rows `i0 .. i1` (padded to `i_pad`, a multiple of

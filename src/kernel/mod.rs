@@ -80,10 +80,20 @@ pub(crate) fn attend_stored<T: Float, X: crate::simd::Stored<T> + nalgebra::Scal
     MultiHeadOutput::from_heads(heads.into_iter(), n, dv)
 }
 
+/// Whether [`attend`] scans the inputs itself for `rows` query rows per GQA group against `m`
+/// keys: the tiled forward pass reads every entry of Q, K and V once as it packs them and
+/// checks them there; the decode path does not (its caller scans Q, and K and V unless a
+/// cache checked them on append).
+pub(crate) fn scans_inputs(rows: usize, m: usize) -> bool {
+    !decode::suits(rows, m)
+}
+
 /// Runs validated calls on the kernel: `problems` are the heads of an attention layer, in
 /// groups of `group` consecutive heads that share K, V, the mask and the options (GQA; 1 for
 /// independent heads). Returns the heads' outputs side by side and their log-sum-exps,
-/// computed on `threads` as [`with_threads`] says.
+/// computed on `threads` as [`with_threads`] says, and whether the inputs were all finite
+/// (always true where [`scans_inputs`] is false; else the results are meaningless when it
+/// is false, and the caller reports the error).
 ///
 /// A few query rows per group against many keys take the decode path (each group's keys read
 /// once, split across threads); everything else the tiled forward pass, heads in parallel.
@@ -91,10 +101,10 @@ pub(crate) fn attend<T: Float>(
     problems: &[Problem<'_, T>],
     group: usize,
     threads: Option<usize>,
-) -> MultiHeadOutput<T> {
+) -> (MultiHeadOutput<T>, bool) {
     let isa = Isa::get();
     let Some(first) = problems.first() else {
-        return MultiHeadOutput::from_heads(core::iter::empty(), 0, 0);
+        return (MultiHeadOutput::from_heads(core::iter::empty(), 0, 0), true);
     };
     let (n, m, dv) = (first.plan.n, first.plan.m, first.plan.dv);
     if decode::suits(group * n, m) {
@@ -113,7 +123,7 @@ pub(crate) fn attend<T: Float>(
                 }
             });
         let heads: Vec<_> = results.into_iter().flatten().collect();
-        return MultiHeadOutput::from_heads(heads.into_iter(), n, dv);
+        return (MultiHeadOutput::from_heads(heads.into_iter(), n, dv), true);
     }
     // With fewer than four query tiles in all, handing them to a pool costs more (moving the
     // call to a worker, a scratch tile per thread) than the split saves: measured 0.89-0.91x

@@ -74,12 +74,37 @@ pub(crate) fn matrix_of_rows<T: Float>(isa: Isa, rows: &[&[T]], cols: usize) -> 
     out
 }
 
+/// Clears `*finite` unless every entry of columns `cols` of `x` is finite (nothing to do
+/// without a flag): the forward pass's scan of its inputs, folded into packing a block of
+/// columns at a time, so that the columns just scanned are in cache when they are copied.
+#[inline]
+fn scan<T: Float>(
+    isa: Isa,
+    x: &DMatrixView<'_, T>,
+    cols: core::ops::Range<usize>,
+    finite: &mut Option<&mut bool>,
+) {
+    if let Some(f) = finite {
+        if **f && !simd::all_finite_parts(isa, cols.map(|c| column(x, c))) {
+            **f = false;
+        }
+    }
+}
+
 /// Kᵀ for K (m x d), in `⌈m / nr⌉` panels of `d x nr` (panel stride `d·nr`); keys past m
-/// are zero.
-pub(crate) fn panels_of_transpose<T: Float>(k: &DMatrixView<'_, T>, nr: usize) -> Buf<T> {
+/// are zero. With `finite`, also clears it if an entry of K is not finite.
+pub(crate) fn panels_of_transpose<T: Float>(
+    isa: Isa,
+    k: &DMatrixView<'_, T>,
+    nr: usize,
+    mut finite: Option<&mut bool>,
+) -> Buf<T> {
     let (m, d) = k.shape();
     let mut out = Buf::stale(round_up(m, nr) * d);
     for t in 0..d {
+        if t % nr == 0 {
+            scan(isa, k, t..(t + nr).min(d), &mut finite);
+        }
         for (p, keys) in column(k, t).chunks(nr).enumerate() {
             let at = p * d * nr + t * nr;
             out[at..at + keys.len()].copy_from_slice(keys);
@@ -90,12 +115,14 @@ pub(crate) fn panels_of_transpose<T: Float>(k: &DMatrixView<'_, T>, nr: usize) -
 }
 
 /// V (m x e) in `⌈e / nr⌉` panels of `rows_pad x nr` (panel stride `rows_pad·nr`); rows past
-/// m and columns past e are zero.
+/// m and columns past e are zero. With `finite`, also clears it if an entry of V is not
+/// finite.
 pub(crate) fn panels<T: Float>(
     isa: Isa,
     v: &DMatrixView<'_, T>,
     nr: usize,
     rows_pad: usize,
+    mut finite: Option<&mut bool>,
 ) -> Buf<T> {
     let (m, e) = v.shape();
     debug_assert!(rows_pad >= m);
@@ -106,6 +133,7 @@ pub(crate) fn panels<T: Float>(
     for (p, panel) in out.chunks_mut(rows_pad * nr).enumerate() {
         let cols = p * nr..((p + 1) * nr).min(e);
         let width = cols.len();
+        scan(isa, v, cols.clone(), &mut finite);
         transpose_into(isa, v, cols, panel, nr);
         if width < nr {
             for row in panel[..m * nr].chunks_mut(nr) {
@@ -130,14 +158,14 @@ mod tests {
             assert_eq!(r.len(), 18);
             assert_eq!(&r[3..6], &[10.0, 11.0, 12.0]);
             assert_eq!(&r[15..], &[0.0; 3]);
-            let p = panels(isa, &v, 2, 8);
+            let p = panels(isa, &v, 2, 8, None);
             assert_eq!(p.len(), 2 * 8 * 2);
             assert_eq!(&p[2 * 3..2 * 3 + 2], &[30.0, 31.0]); // row 3 of panel 0
             assert_eq!(&p[16 + 2 * 4..16 + 2 * 4 + 2], &[42.0, 0.0]); // row 4 of panel 1
             assert_eq!(&p[16 + 2 * 5..], &[0.0; 6]); // padded rows
         }
         // Kᵀ panels of 4 keys: panel 1 holds key 4 in lane 0, zeros in lanes 1..4.
-        let k = panels_of_transpose(&v, 4);
+        let k = panels_of_transpose(Isa::Portable, &v, 4, None);
         assert_eq!(k.len(), 2 * 3 * 4);
         assert_eq!(&k[4..8], &[1.0, 11.0, 21.0, 31.0]); // row t = 1 of panel 0
         assert_eq!(&k[12 + 8..12 + 12], &[42.0, 0.0, 0.0, 0.0]); // row t = 2 of panel 1
@@ -152,7 +180,7 @@ mod tests {
             let big = DMatrix::<T>::from_fn(41, 23, |i, j| T::of_f64((100 * i + j) as f64));
             let v = big.view((3, 2), (35, 19));
             let r = rows(isa, &v, 36);
-            let p = panels(isa, &v, 8, 40);
+            let p = panels(isa, &v, 8, 40, None);
             for i in 0..40 {
                 for t in 0..24 {
                     let want = if i < 35 && t < 19 {
@@ -205,9 +233,9 @@ mod tests {
             );
             assert!(r[301 * 70..].iter().all(|&z| z.to_bits() == 0), "{isa:?}");
             dirty();
-            let k = panels_of_transpose(&v, 16);
+            let k = panels_of_transpose(isa, &v, 16, None);
             dirty();
-            let p = panels(isa, &v, 16, 304);
+            let p = panels(isa, &v, 16, 304, None);
             for i in 0..304 {
                 for t in 0..80 {
                     let want = if i < 301 && t < 70 { x[(i, t)] } else { 0.0 };

@@ -265,7 +265,7 @@ pub fn diagnose_heads<'q, 'k, T: Float>(
     checked_len::<T>("the n x m attention weights", n, m)?;
     let no_values = DMatrix::<T>::zeros(m, 0);
     let v = no_values.as_view();
-    let (problems, _, _) = head_problems(&q, &k, &v, heads, mask, opts, Inputs::Check)?;
+    let (problems, _, _) = head_problems(&q, &k, &v, heads, mask, opts, Inputs::Check, false)?;
     let allowed = allowed_keys(mask, n, m);
     Ok(problems
         .iter()

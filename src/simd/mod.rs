@@ -47,7 +47,9 @@ pub use exp::exp_in_place;
 pub use gemm::{Out, Panels, Rows, Shape, gemm};
 pub use isa::{InstructionSet, Isa, instruction_set};
 pub use portable::Portable;
-pub use rows::{affine_row, all_finite, finite_max, scale_row, softmax_grad_row, softmax_row};
+pub use rows::{
+    affine_row, all_finite, all_finite_parts, finite_max, scale_row, softmax_grad_row, softmax_row,
+};
 pub use transpose::transpose;
 use transpose::transpose_by_blocks;
 #[cfg(target_arch = "x86_64")]

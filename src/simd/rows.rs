@@ -227,11 +227,11 @@ pub fn softmax_grad_row<E: Element>(
 }
 
 /// See [`all_finite`].
-struct AllFinite<'a, E> {
-    x: &'a [E],
+struct AllFinite<I> {
+    parts: I,
 }
 
-impl<E: Element> Kernel<E> for AllFinite<'_, E> {
+impl<'a, E: Element, I: Iterator<Item = &'a [E]>> Kernel<E> for AllFinite<I> {
     type Output = bool;
 
     #[inline(always)]
@@ -244,28 +244,41 @@ impl<E: Element> Kernel<E> for AllFinite<'_, E> {
         let l = S::LANES;
         let zero = s.splat(E::ZERO);
         let mut acc = [zero; CHAINS];
-        let mut groups = self.x.chunks_exact(CHAINS * l);
-        for group in &mut groups {
-            for (a, v) in acc.iter_mut().zip(group.chunks_exact(l)) {
+        let mut tail = E::ZERO;
+        for x in self.parts {
+            let mut groups = x.chunks_exact(CHAINS * l);
+            for group in &mut groups {
+                for (a, v) in acc.iter_mut().zip(group.chunks_exact(l)) {
+                    *a = s.mul_add(s.load(v), zero, *a);
+                }
+            }
+            let mut vectors = groups.remainder().chunks_exact(l);
+            for (a, v) in acc.iter_mut().zip(&mut vectors) {
                 *a = s.mul_add(s.load(v), zero, *a);
             }
-        }
-        let mut vectors = groups.remainder().chunks_exact(l);
-        for v in &mut vectors {
-            acc[0] = s.mul_add(s.load(v), zero, acc[0]);
+            for &x in vectors.remainder() {
+                tail = x.mul_add(E::ZERO, tail);
+            }
         }
         let all = acc.iter().fold(zero, |x, &a| s.add(x, a));
-        let mut tail = s.reduce_sum(all);
-        for &x in vectors.remainder() {
-            tail = x.mul_add(E::ZERO, tail);
-        }
-        tail == E::ZERO
+        s.reduce_sum(all) + tail == E::ZERO
     }
 }
 
 /// Whether every entry of `x` is finite (no NaN, no infinity).
 pub fn all_finite<E: Element>(isa: Isa, x: &[E]) -> bool {
-    dispatch(isa, AllFinite { x })
+    dispatch(
+        isa,
+        AllFinite {
+            parts: core::iter::once(x),
+        },
+    )
+}
+
+/// Whether every entry of every slice of `parts` is finite: [`all_finite`] of several
+/// slices (the columns of a view) in one call.
+pub fn all_finite_parts<'a, E: Element>(isa: Isa, parts: impl Iterator<Item = &'a [E]>) -> bool {
+    dispatch(isa, AllFinite { parts })
 }
 
 /// See [`finite_max`].
