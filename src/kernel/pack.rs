@@ -84,10 +84,11 @@ fn scan<T: Float>(
     cols: core::ops::Range<usize>,
     finite: &mut Option<&mut bool>,
 ) {
-    if let Some(f) = finite {
-        if **f && !simd::all_finite_parts(isa, cols.map(|c| column(x, c))) {
-            **f = false;
-        }
+    if let Some(f) = finite
+        && **f
+        && !simd::all_finite_parts(isa, cols.map(|c| column(x, c)))
+    {
+        **f = false;
     }
 }
 
