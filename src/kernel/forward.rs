@@ -51,15 +51,18 @@ impl<T: Float> PackedKv<T> {
 }
 
 /// Per-thread working memory for one query tile: O(BR·(BC + d + d_v)), independent of n and m.
-struct Scratch<T> {
+/// The three tiles come from the kept buffers as they are (rayon makes a scratch per piece
+/// of work it splits off, many per call, and clearing 120 KiB each time showed in profiles):
+/// every entry is written before it is read.
+struct Scratch<T: Float> {
     /// The tile's rows of Q · q_factor, column by column (element (i, t) at `t·BR + i`),
     /// rows padded with zeros to a multiple of MR: a copy of the tile's segment of each
     /// column of Q, no transpose (the micro-kernel reads A with any strides).
-    q: Vec<T>,
+    q: Buf<T>,
     /// The score tile S, then the probability tile P (BR x BC, row-major).
-    s: Vec<T>,
-    /// The unnormalised output accumulator (BR x dv_pad).
-    o: Vec<T>,
+    s: Buf<T>,
+    /// The unnormalised output accumulator (BR x dv_pad), cleared by each tile.
+    o: Buf<T>,
     /// Running maximum per row, in log₂ units.
     max: Vec<T>,
     /// Running sum per row: `Σ_j 2^(s_j − max)`.
@@ -86,13 +89,13 @@ impl<T: Float> Scratch<T> {
         let (sr, sc) = if stats { (br, bc) } else { (0, 0) };
         Scratch {
             // At least one column, so that a strip can slice its rows when d = 0.
-            q: vec![T::zero(); d.max(1) * br],
+            q: Buf::stale(d.max(1) * br),
             scores: vec![T::zero(); sc],
             u: vec![T::zero(); sr],
             excess: vec![T::zero(); sr],
             support: vec![0; sr],
-            s: vec![T::zero(); br * bc],
-            o: vec![T::zero(); br * dv_pad],
+            s: Buf::stale(br * bc),
+            o: Buf::stale(br * dv_pad),
             max: vec![T::NEG_INFINITY; br],
             sum: vec![T::zero(); br],
             inv: vec![T::zero(); br],
