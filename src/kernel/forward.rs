@@ -174,7 +174,6 @@ fn run<T: Float, const STATS: bool>(
     isa: Isa,
     exec: Exec,
 ) -> (MultiHeadOutput<T>, Vec<[Vec<T>; 3]>, bool) {
-    let br = tile::<T>().0;
     let (n, dv) = jobs.first().map_or((0, 0), |(p, _)| (p.plan.n, p.plan.dv));
     debug_assert!(jobs.iter().all(|(p, _)| (p.plan.n, p.plan.dv) == (n, dv)));
     // The result is column-major, so head h's n x d_v block is one contiguous run of it, and
@@ -197,15 +196,18 @@ fn run<T: Float, const STATS: bool>(
         .collect();
     let mut tiles: Vec<TileJob<'_, T>> = Vec::new();
     if n > 0 {
+        let rows = tile_rows::<T>(n, heads, exec.threads());
         let mut columns = layer.output.as_mut_slice().chunks_mut(n);
         let lse_columns = layer.lse.as_mut_slice().chunks_mut(n);
         for (head, (lse, [a, b, c])) in lse_columns.zip(&mut stats).enumerate() {
-            let (mut a, mut b, mut c) = (a.chunks_mut(br), b.chunks_mut(br), c.chunks_mut(br));
             let first = tiles.len();
-            for (t, l) in lse.chunks_mut(br).enumerate() {
+            let (mut a, mut b, mut c) = (cut(a, &rows), cut(b, &rows), cut(c, &rows));
+            let mut q0 = 0;
+            for l in cut(lse, &rows) {
+                let r = l.len();
                 tiles.push(TileJob {
                     head,
-                    q0: t * br,
+                    q0,
                     out: Vec::with_capacity(dv),
                     lse: l,
                     stats: [
@@ -214,9 +216,10 @@ fn run<T: Float, const STATS: bool>(
                         c.next().unwrap_or_default(),
                     ],
                 });
+                q0 += r;
             }
             for column in columns.by_ref().take(dv) {
-                for (tile, segment) in tiles[first..].iter_mut().zip(column.chunks_mut(br)) {
+                for (tile, segment) in tiles[first..].iter_mut().zip(cut(column, &rows)) {
                     tile.out.push(segment);
                 }
             }
@@ -248,6 +251,45 @@ fn run<T: Float, const STATS: bool>(
         }
     }
     (layer, stats, finite.into_inner())
+}
+
+/// The row counts of each head's query tiles (n rows in all): BR each, the last one fewer;
+/// unless the call's tiles, `heads` times as many, do not split evenly over `threads`
+/// threads: then a few more tiles, as many as make the count a multiple of the threads, with
+/// the MR-row strips dealt out as evenly as they go (a dense n = 1024 in f32 on two threads:
+/// 12 tiles of 84-90 rows, not 11 of 96, one thread's sixth while the other idles). The
+/// result does not depend on the tiles (see the kernel guide), only the time.
+fn tile_rows<T: Float>(n: usize, heads: usize, threads: usize) -> Vec<usize> {
+    let (br, mr) = (tile::<T>().0, T::MR);
+    let mut count = n.div_ceil(br);
+    if threads > 1 && heads * count < 8 * threads {
+        while !(heads * count).is_multiple_of(threads) {
+            count += 1;
+        }
+    }
+    let strips = n.div_ceil(mr);
+    let count = count.min(strips).max(1);
+    let (each, extra) = (strips / count, strips % count);
+    let mut left = n;
+    (0..count)
+        .map(|t| {
+            let r = ((each + usize::from(t < extra)) * mr).min(left);
+            debug_assert!(r <= br);
+            left -= r;
+            r
+        })
+        .collect()
+}
+
+/// `s` cut into consecutive pieces of the lengths `lens` (empty pieces where `s` runs out:
+/// the statistics are empty without `STATS`).
+fn cut<'s, X>(mut s: &'s mut [X], lens: &[usize]) -> impl Iterator<Item = &'s mut [X]> {
+    lens.iter().map(move |&l| {
+        let whole = core::mem::take(&mut s);
+        let (head, rest) = whole.split_at_mut(l.min(whole.len()));
+        s = rest;
+        head
+    })
 }
 
 /// Rows `q0 .. q0 + lse.len()` of the output (`out[c]`: the tile's segment of column c)
@@ -827,6 +869,42 @@ mod tests {
 
     /// Trimming never drops an allowed pair, keeps panel boundaries, drops the empty runs
     /// it should, and classifies what is left as the mask does.
+    /// Tiles cover the rows in order, each at most BR rows and a whole number of MR-row
+    /// strips (but the last), and with few tiles their count is a multiple of the threads.
+    #[test]
+    fn tile_rows_cover_the_queries_evenly() {
+        fn check<T: Float>() {
+            let (br, mr) = (tile::<T>().0, T::MR);
+            for n in [1, 5, 6, 7, 95, 96, 97, 128, 500, 1024, 2048, 5000] {
+                for heads in [1, 2, 3, 16] {
+                    for threads in [1, 2, 3, 4] {
+                        let rows = tile_rows::<T>(n, heads, threads);
+                        assert_eq!(rows.iter().sum::<usize>(), n);
+                        assert!(rows.iter().all(|&r| r > 0 && r <= br));
+                        let last = rows.len() - 1;
+                        assert!(rows[..last].iter().all(|r| r % mr == 0));
+                        let plain = n.div_ceil(br);
+                        if threads == 1 {
+                            assert_eq!(rows.len(), plain);
+                        } else if heads * plain < 8 * threads && rows.len() < n.div_ceil(mr) {
+                            assert_eq!(heads * rows.len() % threads, 0, "{n} {heads} {threads}");
+                        }
+                        let (lo, hi) = (rows[..last].iter().min(), rows.iter().max());
+                        if let (Some(lo), Some(hi)) = (lo, hi) {
+                            assert!(hi - lo <= mr, "{rows:?}");
+                        }
+                    }
+                }
+            }
+            assert_eq!(
+                tile_rows::<T>(1024, 1, 2).len(),
+                1024usize.div_ceil(br).next_multiple_of(2)
+            );
+        }
+        check::<f32>();
+        check::<f64>();
+    }
+
     #[test]
     fn trim_keeps_every_allowed_pair() {
         let (n, m, nr) = (300, 520, 32);

@@ -30,6 +30,15 @@ impl Exec {
     pub(crate) fn parallel(self) -> bool {
         false
     }
+
+    /// How many threads work handed to rayon here runs on (1 inline).
+    pub(crate) fn threads(self) -> usize {
+        #[cfg(feature = "rayon")]
+        if self.parallel() {
+            return rayon::current_num_threads();
+        }
+        1
+    }
 }
 
 /// rayon's prelude, or (without the `rayon` feature) sequential stand-ins with its names.
