@@ -726,14 +726,38 @@ pub(super) fn finish_scores<T: Float>(
     row: &mut [T],
     partial: bool,
 ) -> Scores<T> {
-    if !partial && p.plan.softcap.is_none() && !p.biased() {
-        // Nothing changes the raw products: one pass finds their overflow and their maximum.
-        let (finite, max) = simd::finite_max(isa, row);
-        return Scores {
-            seen: !row.is_empty(),
-            overflow: !finite,
-            max: Some(max),
-        };
+    if p.plan.softcap.is_none() && !p.biased() {
+        if !partial {
+            // Nothing changes the raw products: one pass finds their overflow and their
+            // maximum.
+            let (finite, max) = simd::finite_max(isa, row);
+            return Scores {
+                seen: !row.is_empty(),
+                overflow: !finite,
+                max: Some(max),
+            };
+        }
+        let (n, m) = (p.plan.n, p.plan.m);
+        if let Some(run) = p.mask.row_run(i, k0..k0 + row.len(), n, m) {
+            // The allowed keys are one run: mask the rest, then one pass over the run finds
+            // the overflow of the products that count and their maximum.
+            let (a, b) = (run.start - k0, run.end - k0);
+            row[..a].fill(T::NEG_INFINITY);
+            row[b..].fill(T::NEG_INFINITY);
+            if a == b {
+                return Scores {
+                    seen: false,
+                    overflow: false,
+                    max: Some(T::NEG_INFINITY),
+                };
+            }
+            let (finite, max) = simd::finite_max(isa, &row[a..b]);
+            return Scores {
+                seen: true,
+                overflow: !finite,
+                max: Some(max),
+            };
+        }
     }
     let overflow = !simd::all_finite(isa, row);
     Scores {
