@@ -10,8 +10,8 @@ use crate::kernel;
 use crate::mask::Mask;
 use crate::prelude::*;
 use crate::spec::{
-    Alibi, AttentionOptions, Inputs, MultiHeadOutput, Problem, alibi_slopes, input_error,
-    problem_inputs,
+    Alibi, AttentionOptions, Inputs, MultiHeadOutput, Problem, alibi_slopes, check_inputs,
+    input_error, problem_inputs,
 };
 use nalgebra::{DMatrix, DMatrixView};
 #[cfg(feature = "half")]
@@ -265,12 +265,10 @@ fn scan_layer<T: Float>(
     v: &DMatrixView<'_, T>,
     kv: Inputs,
 ) -> Result<()> {
-    check_finite("q", q)?;
-    if kv == Inputs::Check {
-        check_finite("k", k)?;
-        check_finite("v", v)?;
+    match kv {
+        Inputs::Check => check_inputs(q, k, v),
+        _ => check_finite("q", q),
     }
-    Ok(())
 }
 
 /// Output and per-head log-sum-exp of a layer (see [`multi_head_attention_with`]).

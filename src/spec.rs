@@ -955,8 +955,9 @@ pub(crate) fn problem_inputs<'a, T: Float>(
     })
 }
 
-/// What [`multi_head_attention_with`](crate::multi_head_attention_with) returns: the output and every head's log-sum-exp, what
-/// the [multi-head backward pass](crate::multi_head_attention_backward) needs.
+/// What [`multi_head_attention_with`](crate::multi_head_attention_with) returns: the output
+/// and every head's log-sum-exp, what the
+/// [multi-head backward pass](crate::multi_head_attention_backward) needs.
 ///
 /// # Examples
 ///
@@ -981,18 +982,19 @@ pub struct MultiHeadOutput<T: Float> {
 
 impl<T: Float> MultiHeadOutput<T> {
     /// The heads' outputs (each n x d_v) side by side and their log-sum-exps (each of length
-    /// n) as the columns of `lse`; `n` and `dv` give the shape when there are no heads.
+    /// n) as the columns of `lse`, from the heads of each group in order; `n` and `dv` give
+    /// the shape when there are no heads.
     pub(crate) fn from_heads(
-        heads: impl ExactSizeIterator<Item = (DMatrix<T>, DVector<T>)>,
+        groups: Vec<Vec<(DMatrix<T>, DVector<T>)>>,
         n: usize,
         dv: usize,
     ) -> Self {
         // Column-major, so head h's n x d_v block is one contiguous run of the result: the
         // heads' outputs (and lse) concatenated, with nothing zeroed first.
-        let h = heads.len();
+        let h: usize = groups.iter().map(Vec::len).sum();
         let mut output = Vec::with_capacity(n * h * dv);
         let mut lse = Vec::with_capacity(n * h);
-        for (o, l) in heads {
+        for (o, l) in groups.into_iter().flatten() {
             debug_assert_eq!((o.shape(), l.len()), ((n, dv), n));
             output.extend_from_slice(o.as_slice());
             lse.extend_from_slice(l.as_slice());

@@ -43,7 +43,7 @@ impl<T: Float> Buf<T> {
         Self::of(len, Vec::clear)
     }
 
-    /// `len` elements of unspecified values (whatever a previous buffer of this thread left
+    /// `len` elements of unspecified values (whatever a buffer dropped earlier left
     /// there, else zeros): for a caller that writes every element before it reads one.
     pub(crate) fn stale(len: usize) -> Self {
         Self::of(len, |v| v.truncate(len * size_of::<T>() / 8))

@@ -177,8 +177,8 @@ fn run<T: Float, const STATS: bool>(
     let (n, dv) = jobs.first().map_or((0, 0), |(p, _)| (p.plan.n, p.plan.dv));
     debug_assert!(jobs.iter().all(|(p, _)| (p.plan.n, p.plan.dv) == (n, dv)));
     // The result is column-major, so head h's n x d_v block is one contiguous run of it, and
-    // query tile t of a head owns the segment t·BR .. t·BR + rows of each of its head's
-    // columns (and of its lse column): the tiles write their rows in place, in parallel.
+    // a query tile of rows q0 .. q0 + r owns that segment of each of its head's columns (and
+    // of its lse column): the tiles write their rows in place, in parallel.
     let heads = jobs.len();
     let mut layer = MultiHeadOutput {
         output: DMatrix::zeros(n, heads * dv),
@@ -201,20 +201,16 @@ fn run<T: Float, const STATS: bool>(
         let lse_columns = layer.lse.as_mut_slice().chunks_mut(n);
         for (head, (lse, [a, b, c])) in lse_columns.zip(&mut stats).enumerate() {
             let first = tiles.len();
-            let (mut a, mut b, mut c) = (cut(a, &rows), cut(b, &rows), cut(c, &rows));
+            let pieces = cut(lse, &rows).zip(cut(a, &rows).zip(cut(b, &rows).zip(cut(c, &rows))));
             let mut q0 = 0;
-            for l in cut(lse, &rows) {
+            for (l, (a, (b, c))) in pieces {
                 let r = l.len();
                 tiles.push(TileJob {
                     head,
                     q0,
                     out: Vec::with_capacity(dv),
                     lse: l,
-                    stats: [
-                        a.next().unwrap_or_default(),
-                        b.next().unwrap_or_default(),
-                        c.next().unwrap_or_default(),
-                    ],
+                    stats: [a, b, c],
                 });
                 q0 += r;
             }
@@ -741,9 +737,7 @@ pub(super) fn finish_scores<T: Float>(
         if let Some(run) = p.mask.row_run(i, k0..k0 + row.len(), n, m) {
             // The allowed keys are one run: mask the rest, then one pass over the run finds
             // the overflow of the products that count and their maximum.
-            let (a, b) = (run.start - k0, run.end - k0);
-            row[..a].fill(T::NEG_INFINITY);
-            row[b..].fill(T::NEG_INFINITY);
+            let (a, b) = mask_outside(row, k0, &run);
             if a == b {
                 return Scores {
                     seen: false,
@@ -779,6 +773,19 @@ pub(super) struct Scores<T> {
     pub max: Option<T>,
 }
 
+/// Sets to −inf every score of `row` (keys `k0 ..`) outside the allowed keys `run`; returns
+/// the run's bounds within the row.
+fn mask_outside<T: Float>(
+    row: &mut [T],
+    k0: usize,
+    run: &core::ops::Range<usize>,
+) -> (usize, usize) {
+    let (a, b) = (run.start - k0, run.end - k0);
+    row[..a].fill(T::NEG_INFINITY);
+    row[b..].fill(T::NEG_INFINITY);
+    (a, b)
+}
+
 /// Softcap, bias and mask of [`finish_scores`]; returns whether the mask allows any key.
 fn mask_scores<T: Float>(
     p: &Problem<'_, T>,
@@ -811,8 +818,7 @@ fn mask_scores<T: Float>(
         // The common case (causal, window, prefix, padding and their intersections): the
         // allowed keys are one run, so mask everything outside it.
         Some(run) => {
-            row[..run.start - k0].fill(T::NEG_INFINITY);
-            row[run.end - k0..].fill(T::NEG_INFINITY);
+            mask_outside(row, k0, &run);
             !run.is_empty()
         }
         None => {
@@ -891,8 +897,6 @@ mod tests {
     use crate::spec::{AttentionOptions, plan};
     use rand::{RngExt, SeedableRng};
 
-    /// Trimming never drops an allowed pair, keeps panel boundaries, drops the empty runs
-    /// it should, and classifies what is left as the mask does.
     /// Tiles cover the rows in order, each at most BR rows and a whole number of MR-row
     /// strips (but the last), and with few tiles their count is a multiple of the threads.
     #[test]
@@ -929,6 +933,8 @@ mod tests {
         check::<f64>();
     }
 
+    /// Trimming never drops an allowed pair, keeps panel boundaries, drops the empty runs
+    /// it should, and classifies what is left as the mask does.
     #[test]
     fn trim_keeps_every_allowed_pair() {
         let (n, m, nr) = (300, 520, 32);
