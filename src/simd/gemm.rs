@@ -13,15 +13,19 @@
 //! rows by two vectors: 12 accumulators. Per step t it loads the two vectors of the panel row
 //! `B[t, ..]`, broadcasts `A[i, t]` for the six rows and issues 12 fused multiply-adds. Where
 //! two vectors are narrower than a panel (AVX2: 16 f32 or 8 f64; the portable arrays likewise)
-//! the block runs once per slice of the panel:
+//! the block runs once per slice of the panel. Where two vectors span the panel (AVX-512,
+//! 32 registers) the block is 2·MR = 12 rows while 12 rows remain, then 6: 24 accumulators,
+//! and each panel row loaded serves 12 broadcasts instead of 6:
 //!
 //! ```text
-//!   f32  AVX-512F  6 x 32 (12 zmm)     AVX2 + FMA, portable  6 x 16, twice per panel
-//!   f64  AVX-512F  6 x 16 (12 zmm)     AVX2 + FMA, portable  6 x 8,  twice per panel
+//!   f32  AVX-512F  12 x 32 (24 zmm), then 6 x 32   AVX2 + FMA, portable  6 x 16, twice per panel
+//!   f64  AVX-512F  12 x 16 (24 zmm), then 6 x 16   AVX2 + FMA, portable  6 x 8,  twice per panel
 //! ```
 //!
-//! A's six rows stream through L1, so the loop is bound by the loads and broadcasts, not by
-//! memory. Each output element accumulates its k products in order `t = 0, 1, …` with one
+//! A's rows stream through L1, so the loop is bound by the loads and broadcasts, not by
+//! memory. Measured on an Intel Xeon (family 6 model 167), the 12-row block is 1.04-1.12x
+//! faster than the 6-row one at d = 128, causal n = 4096, f64 and two threads, and equal at
+//! d = 64. Each output element accumulates its k products in order `t = 0, 1, …` with one
 //! rounding per step, whatever the instruction set, so every path gives the same bits.
 
 use super::{Element, Isa, Kernel, Lanes, dispatch};
@@ -208,11 +212,32 @@ impl<E: Element> Kernel<E> for Gemm<'_, E> {
         const NV: usize = 2;
         let Gemm { shape, a, b, c } = self;
         let (nr, w) = (E::NR, NV * S::LANES);
+        // Where two vectors span the panel (AVX-512), 2·MR rows at a time: 24 accumulators
+        // and two panel vectors fit in the 32 registers, and each panel row loaded from L1
+        // serves twice the rows.
+        let wide = w == nr;
         debug_assert!(E::MR == MR && nr.is_multiple_of(w));
         check_bounds(MR, nr, shape, &a, &b, &c);
         for p in 0..shape.ncols / nr {
             for h in (0..nr).step_by(w) {
-                for i0 in (0..shape.rows).step_by(MR) {
+                let mut i0 = 0;
+                while wide && i0 + 2 * MR <= shape.rows {
+                    // SAFETY: as below, for the 2·MR rows i0..i0 + 2·MR.
+                    unsafe {
+                        block::<E, S, { 2 * MR }, NV>(
+                            s,
+                            shape.k,
+                            a.data.as_ptr().add(i0 * a.stride),
+                            (a.stride, a.step),
+                            b.data.as_ptr().add(p * b.stride + h),
+                            c.data.as_mut_ptr().add(i0 * c.stride + p * nr + h),
+                            c.stride,
+                            shape.accumulate,
+                        )
+                    };
+                    i0 += 2 * MR;
+                }
+                for i0 in (i0..shape.rows).step_by(MR) {
                     // SAFETY: `check_bounds` proved that rows i0..i0 + MR of A hold k elements
                     // each (`step` apart), that panel p holds k rows of nr elements, and that C's rows
                     // i0..i0 + MR hold columns p·nr..(p + 1)·nr; the slice h..h + w lies
@@ -307,7 +332,8 @@ mod tests {
     /// inputs too.
     #[test]
     fn every_instruction_set_gives_the_same_bits() {
-        let (rows, ncols, k) = (12, 64, 29);
+        // 18 rows: one 12-row block and one 6-row block where AVX-512 runs both.
+        let (rows, ncols, k) = (18, 64, 29);
         let a: Vec<f32> = (0..rows * k).map(|x| (x as f32 * 0.37).sin()).collect();
         let b: Vec<f32> = (0..ncols * k).map(|x| (x as f32 * 0.11).cos()).collect();
         let run = |isa| {
