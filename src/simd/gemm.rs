@@ -210,7 +210,7 @@ impl<E: Element> Kernel<E> for Gemm<'_, E> {
     fn run<S: Lanes<E>>(self, s: S) {
         const MR: usize = 6;
         const NV: usize = 2;
-        let Gemm { shape, a, b, c } = self;
+        let Gemm { shape, a, b, mut c } = self;
         let (nr, w) = (E::NR, NV * S::LANES);
         // Where two vectors span the panel (AVX-512), 2·MR rows at a time: 24 accumulators
         // and two panel vectors fit in the 32 registers, and each panel row loaded from L1
@@ -220,43 +220,54 @@ impl<E: Element> Kernel<E> for Gemm<'_, E> {
         check_bounds(MR, nr, shape, &a, &b, &c);
         for p in 0..shape.ncols / nr {
             for h in (0..nr).step_by(w) {
+                // SAFETY (both loops): `check_bounds` proved that rows i0..i0 + MR of A hold
+                // k elements each (`step` apart), that panel p holds k rows of nr elements,
+                // and that C's rows i0..i0 + MR hold columns p·nr..(p + 1)·nr, for every i0 a
+                // multiple of MR below the rows; a 2·MR block is two such blocks, run only
+                // where i0 + 2·MR <= rows. The slice h..h + w lies inside both, and C is
+                // borrowed mutably, apart from A and B.
                 let mut i0 = 0;
                 while wide && i0 + 2 * MR <= shape.rows {
-                    // SAFETY: as below, for the 2·MR rows i0..i0 + 2·MR.
                     unsafe {
-                        block::<E, S, { 2 * MR }, NV>(
-                            s,
-                            shape.k,
-                            a.data.as_ptr().add(i0 * a.stride),
-                            (a.stride, a.step),
-                            b.data.as_ptr().add(p * b.stride + h),
-                            c.data.as_mut_ptr().add(i0 * c.stride + p * nr + h),
-                            c.stride,
-                            shape.accumulate,
-                        )
+                        block_at::<E, S, { 2 * MR }, NV>(s, shape, &a, &b, &mut c, (p, h, i0))
                     };
                     i0 += 2 * MR;
                 }
                 for i0 in (i0..shape.rows).step_by(MR) {
-                    // SAFETY: `check_bounds` proved that rows i0..i0 + MR of A hold k elements
-                    // each (`step` apart), that panel p holds k rows of nr elements, and that C's rows
-                    // i0..i0 + MR hold columns p·nr..(p + 1)·nr; the slice h..h + w lies
-                    // inside both, and C is borrowed mutably, apart from A and B.
-                    unsafe {
-                        block::<E, S, MR, NV>(
-                            s,
-                            shape.k,
-                            a.data.as_ptr().add(i0 * a.stride),
-                            (a.stride, a.step),
-                            b.data.as_ptr().add(p * b.stride + h),
-                            c.data.as_mut_ptr().add(i0 * c.stride + p * nr + h),
-                            c.stride,
-                            shape.accumulate,
-                        )
-                    };
+                    unsafe { block_at::<E, S, MR, NV>(s, shape, &a, &b, &mut c, (p, h, i0)) };
                 }
             }
         }
+    }
+}
+
+/// [`block`] of `ROWS` rows from row `i0`, over the slice `h .. h + NV·LANES` of panel `p`.
+///
+/// # Safety
+///
+/// As [`block`]: rows i0..i0 + ROWS of A and C and panel p lie inside the operands (what
+/// `check_bounds` proves for every block of [`Gemm`]'s loops).
+#[inline(always)]
+unsafe fn block_at<E: Element, S: Lanes<E>, const ROWS: usize, const NV: usize>(
+    s: S,
+    shape: Shape,
+    a: &Rows<'_, E>,
+    b: &Panels<'_, E>,
+    c: &mut Out<'_, E>,
+    (p, h, i0): (usize, usize, usize),
+) {
+    // SAFETY: the caller's contract, as the offsets below compute it.
+    unsafe {
+        block::<E, S, ROWS, NV>(
+            s,
+            shape.k,
+            a.data.as_ptr().add(i0 * a.stride),
+            (a.stride, a.step),
+            b.data.as_ptr().add(p * b.stride + h),
+            c.data.as_mut_ptr().add(i0 * c.stride + p * E::NR + h),
+            c.stride,
+            shape.accumulate,
+        )
     }
 }
 
