@@ -128,7 +128,7 @@ fn main() {
     row!("AVX2 f32", avx2_f32, 8, avx2, [8, 10, 12]);
     row!("AVX2 f64", avx2_f64, 4, avx2, [8, 10, 12]);
     // AVX-512 has 32: 24 chains would fit, but rustc spills that loop to the stack (seen in
-    // the disassembly: loads and stores around the FMAs, half the 16-chain rate), so the
+    // the disassembly: loads and stores around the FMAs, 54-59% of the 16-chain rate), so the
     // counts stop at 16, which already covers latency 4 x 2 units twice.
     row!("AVX-512 f32", avx512_f32, 16, avx512, [8, 12, 16]);
     row!("AVX-512 f64", avx512_f64, 8, avx512, [8, 12, 16]);
