@@ -81,6 +81,8 @@ struct Scratch<T: Float> {
     excess: Vec<T>,
     /// Per row: the number of scores above −inf.
     support: Vec<usize>,
+    /// The tile's key blocks: their class and the keys worth computing ([`trim`]).
+    blocks: Vec<(Block, core::ops::Range<usize>)>,
 }
 
 impl<T: Float> Scratch<T> {
@@ -101,6 +103,7 @@ impl<T: Float> Scratch<T> {
             inv: vec![T::zero(); br],
             seen: vec![false; br],
             overflow: vec![false; br],
+            blocks: Vec::new(),
         }
     }
 }
@@ -312,13 +315,14 @@ fn query_tile<T: Float, const STATS: bool>(
     // be 0, and a factor that overflowed to inf would make them NaN).
     let factor = q_factor(&p.plan);
     let segment = |t: usize| &pack::column(&p.q, t)[q0..q0 + rows];
-    let finite = simd::all_finite_parts(isa, (0..d).map(segment));
-    for t in 0..d {
-        let dst = &mut scr.q[t * br..t * br + rows_pad];
-        dst[..rows].copy_from_slice(segment(t));
-        factor.apply_to(isa, &mut dst[..rows]);
-        dst[rows..].fill(T::zero());
-    }
+    // The segments are n apart (column-major Q): hint them all first, so that their lines
+    // arrive together, then one pass scans, scales and pads them. Measured on an Intel Xeon
+    // (model 167): without the hints the fused pass took 1.6x the time of a scan followed by
+    // copies at n = 2048, d = 128 (the scan's loads keep more misses in flight); with them it
+    // takes the same there, and on 16 heads of n = 128 this setup costs 0.12-0.15 ms a call
+    // against 0.15-0.17 for the scan and the per-column copies (one dispatch, not 3·d).
+    (0..d).for_each(|t| simd::prefetch(segment(t)));
+    let finite = factor.apply_into(isa, (0..d).map(segment), &mut scr.q, (br, rows_pad));
     if !finite {
         return false; // the caller reports the error; nothing of this tile is used
     }
@@ -334,8 +338,19 @@ fn query_tile<T: Float, const STATS: bool>(
     }
     debug_assert!(rows <= br);
 
-    for kb in (0..m).step_by(bc) {
-        let (block, keys) = trim(p.mask, q0..q0 + rows, kb..kb + bc.min(m - kb), (n, m), nr);
+    let blocks = (0..m)
+        .step_by(bc)
+        .map(|kb| trim(p.mask, q0..q0 + rows, kb..kb + bc.min(m - kb), (n, m), nr));
+    scr.blocks.clear();
+    scr.blocks.extend(blocks);
+    // The tile's output segments are cold and n apart (see `simd::prefetch`): fetch them
+    // while the last block that computes anything runs.
+    let last = scr.blocks.iter().rposition(|(b, _)| *b != Block::Empty);
+    for at in 0..scr.blocks.len() {
+        let (block, keys) = scr.blocks[at].clone();
+        if Some(at) == last {
+            out.iter().for_each(|segment| simd::prefetch(segment));
+        }
         match block {
             Block::Empty => {}
             Block::Full => strip::<T, STATS>(p, kv, isa, q0, (0, rows, rows_pad), keys, block, scr),
@@ -638,12 +653,18 @@ impl<T: Float> QFactor<T> {
         (q * self.factor) * self.post
     }
 
-    /// [`apply`](Self::apply) to every entry of `q` (the same bits, a vector at a time).
-    pub(super) fn apply_to(self, isa: Isa, q: &mut [T]) {
-        simd::scale_row(isa, q, self.factor);
-        if self.post != T::one() {
-            simd::scale_row(isa, q, self.post);
-        }
+    /// [`apply`](Self::apply) to every entry of the columns `q` (the same bits, a vector at
+    /// a time): column t into `dst[t·stride ..]`, zeros after it up to `pad` entries; returns
+    /// whether every entry of `q` is finite. One pass over the tile's Q
+    /// ([`simd::scale_parts_into`]).
+    pub(super) fn apply_into<'a>(
+        self,
+        isa: Isa,
+        q: impl Iterator<Item = &'a [T]>,
+        dst: &mut [T],
+        (stride, pad): (usize, usize),
+    ) -> bool {
+        simd::scale_parts_into(isa, q, (self.factor, self.post), dst, (stride, pad))
     }
 }
 

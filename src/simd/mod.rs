@@ -48,7 +48,8 @@ pub use gemm::{Out, Panels, Rows, Shape, gemm};
 pub use isa::{InstructionSet, Isa, instruction_set};
 pub use portable::Portable;
 pub use rows::{
-    affine_row, all_finite, all_finite_parts, finite_max, scale_row, softmax_grad_row, softmax_row,
+    affine_row, all_finite, all_finite_parts, finite_max, scale_parts_into, scale_row,
+    softmax_grad_row, softmax_row,
 };
 pub use transpose::transpose;
 use transpose::transpose_by_blocks;
@@ -309,6 +310,38 @@ pub trait Kernel<E: Element> {
 #[inline]
 pub fn dispatch<E: Element, K: Kernel<E>>(isa: Isa, k: K) -> K::Output {
     E::dispatch(isa, k)
+}
+
+/// Asks the cache hierarchy for the lines of `x` ahead of their use (into L2: `prefetcht1`
+/// on x86-64, a hint that never faults and changes no value; nothing elsewhere). The tiled
+/// pass prefetches a query tile's output segments before its last key block: they are `n`
+/// elements apart in the column-major result, a pattern the hardware prefetchers do not
+/// follow, and cold by then (measured on an Intel Xeon, n = 2048, d = 128: the tile's final
+/// write 0.84-0.92 ms a call without it, 0.36-0.44 with it).
+#[inline]
+pub fn prefetch<T>(x: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use core::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+        let bytes = core::mem::size_of_val(x);
+        if bytes == 0 {
+            return;
+        }
+        let start = x.as_ptr().cast::<i8>();
+        // One hint per 64-byte line, from the line holding the first byte.
+        let first = start as usize % 64;
+        let mut at = 0;
+        while first + bytes > at {
+            // SAFETY: `prefetcht1` needs SSE, part of the x86-64 baseline (every x86-64 CPU
+            // has it, and the target enables it); the hint never dereferences its address
+            // and cannot fault, so an address outside `x` (the start of its first line) is
+            // fine, computed with wrapping arithmetic for that reason.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(start.wrapping_sub(first).wrapping_add(at)) };
+            at += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
 }
 
 /// The match behind [`Element::dispatch`], written once for both element types (whose

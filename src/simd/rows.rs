@@ -281,6 +281,86 @@ pub fn all_finite_parts<'a, E: Element>(isa: Isa, parts: impl Iterator<Item = &'
     dispatch(isa, AllFinite { parts })
 }
 
+/// See [`scale_parts_into`].
+struct ScaleParts<'a, I, E> {
+    parts: I,
+    a: E,
+    b: E,
+    dst: &'a mut [E],
+    stride: usize,
+    pad: usize,
+}
+
+impl<'a, 'b, E: Element, I: Iterator<Item = &'b [E]>> Kernel<E> for ScaleParts<'a, I, E> {
+    type Output = bool;
+
+    #[inline(always)]
+    fn run<S: Lanes<E>>(self, s: S) -> bool {
+        let ScaleParts {
+            parts,
+            a,
+            b,
+            dst,
+            stride,
+            pad,
+        } = self;
+        let l = S::LANES;
+        let (zero, av, bv) = (s.splat(E::ZERO), s.splat(a), s.splat(b));
+        let twice = b != E::ONE;
+        // The scan of [`AllFinite`] (acc + 0·x turns NaN at the first non-finite x), two
+        // chains: the parts are short (a query tile's rows).
+        let mut acc = [zero; 2];
+        let mut tail = E::ZERO;
+        for (t, x) in parts.enumerate() {
+            let row = &mut dst[t * stride..t * stride + pad];
+            let (body, rest) = row.split_at_mut(x.len());
+            let mut src = x.chunks_exact(l);
+            let mut out = body.chunks_exact_mut(l);
+            for (j, (v, o)) in (&mut src).zip(&mut out).enumerate() {
+                let v = s.load(v);
+                acc[j % 2] = s.mul_add(v, zero, acc[j % 2]);
+                let w = s.mul(v, av);
+                s.store(o, if twice { s.mul(w, bv) } else { w });
+            }
+            for (&v, o) in src.remainder().iter().zip(out.into_remainder()) {
+                tail = v.mul_add(E::ZERO, tail);
+                let w = v * a;
+                *o = if twice { w * b } else { w };
+            }
+            for o in rest {
+                *o = E::ZERO;
+            }
+        }
+        s.reduce_sum(s.add(acc[0], acc[1])) + tail == E::ZERO
+    }
+}
+
+/// `dst[t·stride + i] = (parts[t][i] · a) · b` for every part `t` and `i < parts[t].len()`
+/// (one rounding per multiplication, and the second left out where `b = 1`: the same bits
+/// as [`scale_row`] by `a` and then by `b`), and zeros from there to `t·stride + pad`;
+/// returns whether every entry of every part is finite ([`all_finite_parts`]). Copies the
+/// columns of a query tile into the kernel's scratch, scaled, scanned and padded in one
+/// pass and one dispatch. Panics if a part is longer than `pad` or `dst` is too short.
+pub fn scale_parts_into<'a, E: Element>(
+    isa: Isa,
+    parts: impl Iterator<Item = &'a [E]>,
+    (a, b): (E, E),
+    dst: &mut [E],
+    (stride, pad): (usize, usize),
+) -> bool {
+    dispatch(
+        isa,
+        ScaleParts {
+            parts,
+            a,
+            b,
+            dst,
+            stride,
+            pad,
+        },
+    )
+}
+
 /// See [`finite_max`].
 struct FiniteMax<'a, E> {
     x: &'a [E],
@@ -361,6 +441,78 @@ mod tests {
                     assert!(!all_finite(isa, &z), "{isa:?} {len}");
                 }
             }
+        }
+    }
+
+    /// `scale_parts_into` against its definition entry by entry on every instruction set:
+    /// `(x · a) · b` rounded twice (once where `b = 1`), zeros up to the padding, entries past
+    /// it untouched; its finiteness answer is `all_finite_parts`' on every part and tail.
+    #[test]
+    fn scale_parts_into_is_two_products_a_pad_and_a_scan() {
+        fn check<E: Element + From<i16>>(isa: Isa, a: E, b: E) {
+            let (stride, pad) = (53, 45);
+            for lens in [vec![], vec![0, 3], vec![40, 45, 17, 1, 33]] {
+                let parts: Vec<Vec<E>> = lens
+                    .iter()
+                    .enumerate()
+                    .map(|(t, &len)| {
+                        (0..len)
+                            .map(|i| E::from(((i * 37 + t * 11) % 201) as i16 - 100))
+                            .collect()
+                    })
+                    .collect();
+                let sentinel = E::from(7777);
+                let mut dst = vec![sentinel; stride * parts.len()];
+                let finite = scale_parts_into(
+                    isa,
+                    parts.iter().map(|p| &p[..]),
+                    (a, b),
+                    &mut dst,
+                    (stride, pad),
+                );
+                assert!(finite, "{isa:?} {lens:?}");
+                for (t, part) in parts.iter().enumerate() {
+                    for i in 0..stride {
+                        let want = match i {
+                            _ if i < part.len() => {
+                                let w = part[i] * a;
+                                if b == E::ONE { w } else { w * b }
+                            }
+                            _ if i < pad => E::ZERO,
+                            _ => sentinel,
+                        };
+                        let got = dst[t * stride + i];
+                        assert!(
+                            got == want || (got != got && want != want),
+                            "{isa:?} ({t}, {i})"
+                        );
+                    }
+                }
+                // One non-finite entry anywhere (vector body or tail) is found.
+                for t in 0..parts.len() {
+                    for at in 0..parts[t].len() {
+                        let inf = E::ZERO - E::NEG_INF;
+                        for bad in [inf - inf, inf, E::NEG_INF] {
+                            let mut bent = parts.clone();
+                            bent[t][at] = bad;
+                            let f = scale_parts_into(
+                                isa,
+                                bent.iter().map(|p| &p[..]),
+                                (a, b),
+                                &mut dst,
+                                (stride, pad),
+                            );
+                            assert!(!f, "{isa:?} part {t} at {at}");
+                        }
+                    }
+                }
+            }
+        }
+        for isa in Isa::available() {
+            check::<f32>(isa, 0.180_336_88, 1.0);
+            check::<f32>(isa, 3.0e-3, 5.421_011e-20);
+            check::<f64>(isa, 0.180_336_880_111_120_4, 1.0);
+            check::<f64>(isa, 1.1e-300, 5.421_010_862_427_522e-20);
         }
     }
 
