@@ -354,16 +354,20 @@ fn query_tile<T: Float, const STATS: bool>(
         match block {
             Block::Empty => {}
             Block::Full => strip::<T, STATS>(p, kv, isa, q0, (0, rows, rows_pad), keys, block, scr),
-            // A partial block (the diagonal of a causal mask, the edges of a window) goes
-            // MR rows at a time, each strip of rows over the keys its own rows can see: the
-            // products, the softmax and P · V skip the rest (a causal diagonal block of 96
-            // rows computes 69% of its scores, not all).
+            // A partial block (the diagonal of a causal mask, the edges of a window) goes a
+            // register block of rows at a time (12 on AVX-512, 6 elsewhere), each strip of
+            // rows over the keys its own rows can see: the products, the softmax and P · V
+            // skip the rest (a causal diagonal block of 96 rows in strips of 6 computes 69%
+            // of its scores, not all). The keys a strip adds for its other rows are masked
+            // for this one: its result does not depend on the strip's height.
             Block::Partial => {
-                for i0 in (0..rows).step_by(mr) {
-                    let i1 = (i0 + mr).min(rows);
+                let step = strip_rows::<T>(isa);
+                for i0 in (0..rows).step_by(step) {
+                    let i1 = (i0 + step).min(rows);
                     let (class, cut) = trim(p.mask, q0 + i0..q0 + i1, keys.clone(), (n, m), nr);
                     if class != Block::Empty {
-                        strip::<T, STATS>(p, kv, isa, q0, (i0, i1, i0 + mr), cut, class, scr);
+                        let i_pad = i0 + round_up(i1 - i0, mr);
+                        strip::<T, STATS>(p, kv, isa, q0, (i0, i1, i_pad), cut, class, scr);
                     }
                 }
             }
@@ -424,6 +428,16 @@ fn query_tile<T: Float, const STATS: bool>(
         }
     }
     true
+}
+
+/// The height of a partial block's strips: the micro-kernel's register block
+/// ([`simd::block_rows`]); tests may set another multiple of MR (the results must not change).
+fn strip_rows<T: Float>(isa: Isa) -> usize {
+    #[cfg(test)]
+    if let Some(rows) = tests::STRIP_ROWS.with(|c| c.get()) {
+        return rows;
+    }
+    simd::block_rows::<T>(isa)
 }
 
 /// One online-softmax step of the tile's rows `i0 .. i1` (padded to `i_pad`, a multiple of
@@ -1109,6 +1123,51 @@ mod tests {
                 );
                 let opts = AttentionOptions::new().softcap(0.5_f32).scale(-1.0);
                 check::<f32>(isa, (n, m, d, dv), &Mask::none(), &opts, None, 2e-5);
+            }
+        }
+    }
+
+    std::thread_local! {
+        /// A strip height for [`strip_rows`] to return instead of the register block's.
+        pub(super) static STRIP_ROWS: core::cell::Cell<Option<usize>> =
+            const { core::cell::Cell::new(None) };
+    }
+
+    /// A partial block's strips may be any multiple of MR rows tall (12 on AVX-512, 6
+    /// elsewhere, by default) and give the same bits: the keys a strip adds for its other
+    /// rows are masked for a row that cannot see them, and its cuts stay on panel boundaries.
+    #[test]
+    fn strips_of_any_height_give_the_same_bits() {
+        let masks = [
+            Mask::causal(),
+            Mask::causal_bottom_right(),
+            Mask::sliding_window(9),
+            Mask::sliding_window(40).or(Mask::prefix_lm(7)),
+            Mask::documents((0..300).map(|i| i / 23).collect::<Vec<_>>()),
+        ];
+        fn runs<T: Float>(isa: Isa, shape: (usize, usize, usize, usize), mask: &Mask, tol: f64) {
+            let opts = AttentionOptions::<T>::new();
+            let heights = [T::MR, 2 * T::MR, 5 * T::MR];
+            let results: Vec<_> = heights
+                .iter()
+                .map(|&h| {
+                    STRIP_ROWS.with(|c| c.set(Some(h)));
+                    let r = check::<T>(isa, shape, mask, &opts, None, tol);
+                    STRIP_ROWS.with(|c| c.set(None));
+                    r
+                })
+                .collect();
+            for (h, r) in heights.iter().zip(&results).skip(1) {
+                assert!(*r == results[0], "{isa:?} {mask} {shape:?}: {h} rows");
+            }
+        }
+        for isa in Isa::available() {
+            for mask in &masks {
+                for shape in [(130, 130, 16, 9), (61, 45, 8, 40)] {
+                    runs::<f32>(isa, shape, mask, 2e-5);
+                    runs::<f64>(isa, shape, mask, 1e-12);
+                }
+                runs::<f32>(isa, (100, 300, 33, 17), mask, 2e-5);
             }
         }
     }

@@ -271,6 +271,26 @@ unsafe fn block_at<E: Element, S: Lanes<E>, const ROWS: usize, const NV: usize>(
     }
 }
 
+/// The rows of the micro-kernel's register block on `isa`: 2·MR where two vectors span a
+/// panel (AVX-512: 12), else MR (6). A caller that cuts a product into strips of rows (the
+/// forward pass's partial blocks) cuts them this tall, so that each strip runs the widest
+/// block; the results do not depend on it.
+pub fn block_rows<E: Element>(isa: Isa) -> usize {
+    struct BlockRows;
+    impl<E: Element> Kernel<E> for BlockRows {
+        type Output = usize;
+        #[inline(always)]
+        fn run<S: Lanes<E>>(self, _: S) -> usize {
+            if 2 * S::LANES == E::NR {
+                2 * E::MR
+            } else {
+                E::MR
+            }
+        }
+    }
+    dispatch::<E, _>(isa, BlockRows)
+}
+
 /// `C (+)= A · B` over a padded tile (see the module docs) on the instruction set `isa`.
 ///
 /// Panics if an operand is too short for the shape, or the shape is not padded to MR rows and

@@ -44,7 +44,7 @@ mod transpose;
 mod x86;
 
 pub use exp::exp_in_place;
-pub use gemm::{Out, Panels, Rows, Shape, gemm};
+pub use gemm::{Out, Panels, Rows, Shape, block_rows, gemm};
 pub use isa::{InstructionSet, Isa, instruction_set};
 pub use portable::Portable;
 pub use rows::{
