@@ -346,6 +346,7 @@ fn query_tile<T: Float, const STATS: bool>(
     // The tile's output segments are cold and n apart (see `simd::prefetch`): fetch them
     // while the last block that computes anything runs.
     let last = scr.blocks.iter().rposition(|(b, _)| *b != Block::Empty);
+    let step = strip_rows::<T>(isa);
     for at in 0..scr.blocks.len() {
         let (block, keys) = scr.blocks[at].clone();
         if Some(at) == last {
@@ -361,7 +362,6 @@ fn query_tile<T: Float, const STATS: bool>(
             // of its scores, not all). The keys a strip adds for its other rows are masked
             // for this one: its result does not depend on the strip's height.
             Block::Partial => {
-                let step = strip_rows::<T>(isa);
                 for i0 in (0..rows).step_by(step) {
                     let i1 = (i0 + step).min(rows);
                     let (class, cut) = trim(p.mask, q0 + i0..q0 + i1, keys.clone(), (n, m), nr);
