@@ -22,7 +22,7 @@
 //!   functions recompute lanes above those bounds with `std` (a rare slow path), so large
 //!   inputs overflow to `+inf` as usual. The attention kernel only ever feeds `s − max <= 0`.
 
-use super::{Element, Isa, Kernel, Lanes, dispatch};
+use super::{Element, Isa, Kernel, Lanes, MAX_LANES, dispatch};
 
 /// Coefficients of `q(r) = (eʳ − 1) / r` on `[−ln2/2, ln2/2]`, lowest degree first
 /// (interpolation error 5.1e-9 relative).
@@ -133,9 +133,6 @@ struct Slice<'a, E, const TWO: bool> {
 fn kern<E: Element, S: Lanes<E>, const TWO: bool>(s: S, x: S::V) -> S::V {
     if TWO { exp2(s, x) } else { exp(s, x) }
 }
-
-/// The widest vector of any instruction set (AVX-512 f32): the tail buffer's size.
-const MAX_LANES: usize = 16;
 
 impl<E: Element, const TWO: bool> Kernel<E> for Slice<'_, E, TWO> {
     type Output = ();

@@ -57,6 +57,10 @@ use transpose::transpose_by_blocks;
 pub use x86::{Avx2, Avx512};
 
 use core::fmt::Debug;
+
+/// The most lanes of any [`Lanes`] implementation (AVX-512's 16 f32 lanes): the size of the
+/// buffers on the stack that tails and blocks go through.
+const MAX_LANES: usize = 16;
 use core::ops::{Add, AddAssign, Mul, MulAssign, Sub, SubAssign};
 
 /// A scalar the vector code works on: `f32` or `f64`. Implemented for those two only, in this
@@ -232,6 +236,25 @@ pub trait Lanes<E: Element>: Copy + Send + Sync + 'static {
         assert!(x.len() >= Self::LANES);
         // SAFETY: `x` holds at least LANES writable elements.
         unsafe { self.store_ptr(x.as_mut_ptr(), v) }
+    }
+    /// The elements of `x` (at most `LANES`, else a panic) in the first lanes, `fill` in the
+    /// others: a vector loop's tail, loaded without reading past `x`. This default goes
+    /// through a buffer on the stack; AVX-512 uses a masked load.
+    #[inline(always)]
+    fn load_part(self, x: &[E], fill: E) -> Self::V {
+        assert!(x.len() <= Self::LANES && Self::LANES <= MAX_LANES);
+        let mut buf = [fill; MAX_LANES];
+        buf[..x.len()].copy_from_slice(x);
+        self.load(&buf)
+    }
+    /// The first `x.len()` lanes of `v` (at most `LANES`, else a panic) into `x`, nothing
+    /// past it: the store of a vector loop's tail (see [`Lanes::load_part`]).
+    #[inline(always)]
+    fn store_part(self, x: &mut [E], v: Self::V) {
+        assert!(x.len() <= Self::LANES && Self::LANES <= MAX_LANES);
+        let mut buf = [E::ZERO; MAX_LANES];
+        self.store(&mut buf, v);
+        x.copy_from_slice(&buf[..x.len()]);
     }
 }
 

@@ -244,7 +244,6 @@ impl<'a, E: Element, I: Iterator<Item = &'a [E]>> Kernel<E> for AllFinite<I> {
         let l = S::LANES;
         let zero = s.splat(E::ZERO);
         let mut acc = [zero; CHAINS];
-        let mut tail = E::ZERO;
         for x in self.parts {
             let mut groups = x.chunks_exact(CHAINS * l);
             for group in &mut groups {
@@ -256,12 +255,14 @@ impl<'a, E: Element, I: Iterator<Item = &'a [E]>> Kernel<E> for AllFinite<I> {
             for (a, v) in acc.iter_mut().zip(&mut vectors) {
                 *a = s.mul_add(s.load(v), zero, *a);
             }
-            for &x in vectors.remainder() {
-                tail = x.mul_add(E::ZERO, tail);
+            let rest = vectors.remainder();
+            if !rest.is_empty() {
+                // The tail as one vector, the missing lanes 0 (finite).
+                acc[CHAINS - 1] = s.mul_add(s.load_part(rest, E::ZERO), zero, acc[CHAINS - 1]);
             }
         }
         let all = acc.iter().fold(zero, |x, &a| s.add(x, a));
-        s.reduce_sum(all) + tail == E::ZERO
+        s.reduce_sum(all) == E::ZERO
     }
 }
 
@@ -310,7 +311,6 @@ impl<'a, 'b, E: Element, I: Iterator<Item = &'b [E]>> Kernel<E> for ScaleParts<'
         // The scan of [`AllFinite`] (acc + 0·x turns NaN at the first non-finite x), two
         // chains: the parts are short (a query tile's rows).
         let mut acc = [zero; 2];
-        let mut tail = E::ZERO;
         for (t, x) in parts.enumerate() {
             let row = &mut dst[t * stride..t * stride + pad];
             let (body, rest) = row.split_at_mut(x.len());
@@ -322,16 +322,18 @@ impl<'a, 'b, E: Element, I: Iterator<Item = &'b [E]>> Kernel<E> for ScaleParts<'
                 let w = s.mul(v, av);
                 s.store(o, if twice { s.mul(w, bv) } else { w });
             }
-            for (&v, o) in src.remainder().iter().zip(out.into_remainder()) {
-                tail = v.mul_add(E::ZERO, tail);
-                let w = v * a;
-                *o = if twice { w * b } else { w };
+            let (tail, o) = (src.remainder(), out.into_remainder());
+            if !tail.is_empty() {
+                // The tail as one vector (masked, where the instruction set can), the
+                // missing lanes 0: the same products lane by lane.
+                let v = s.load_part(tail, E::ZERO);
+                acc[1] = s.mul_add(v, zero, acc[1]);
+                let w = s.mul(v, av);
+                s.store_part(o, if twice { s.mul(w, bv) } else { w });
             }
-            for o in rest {
-                *o = E::ZERO;
-            }
+            rest.fill(E::ZERO);
         }
-        s.reduce_sum(s.add(acc[0], acc[1])) + tail == E::ZERO
+        s.reduce_sum(s.add(acc[0], acc[1])) == E::ZERO
     }
 }
 
@@ -392,15 +394,17 @@ impl<E: Element> Kernel<E> for FiniteMax<'_, E> {
             acc[0] = s.mul_add(v, zero, acc[0]);
             mx[0] = s.max(mx[0], v);
         }
-        let mut tail = s.reduce_sum(acc.iter().fold(zero, |x, &a| s.add(x, a)));
-        let mut max = s.reduce_max(mx.iter().fold(low, |x, &m| s.max(x, m)));
-        for &x in vectors.remainder() {
-            tail = x.mul_add(E::ZERO, tail);
-            if x > max {
-                max = x;
-            }
+        let rest = vectors.remainder();
+        if let Some(&first) = rest.first() {
+            // The tail as one vector, the missing lanes a copy of its first entry (which
+            // changes neither the maximum nor the scan).
+            let v = s.load_part(rest, first);
+            acc[1] = s.mul_add(v, zero, acc[1]);
+            mx[1] = s.max(mx[1], v);
         }
-        (tail == E::ZERO, max)
+        let scan = s.reduce_sum(acc.iter().fold(zero, |x, &a| s.add(x, a)));
+        let max = s.reduce_max(mx.iter().fold(low, |x, &m| s.max(x, m)));
+        (scan == E::ZERO, max)
     }
 }
 
@@ -519,6 +523,39 @@ mod tests {
     /// The fused scan against its two halves: the finiteness of `all_finite` and the exact
     /// maximum, every length (tails included); a known maximum gives `softmax_row` the same
     /// bits as its own pass.
+    /// `load_part` puts the slice in the first lanes and the fill in the others; `store_part`
+    /// writes the first lanes and nothing past the slice; for every length up to a vector,
+    /// every instruction set, both element types.
+    #[test]
+    fn partial_loads_and_stores_touch_only_the_slice() {
+        struct Check;
+        impl<E: Element + From<i8>> Kernel<E> for Check {
+            type Output = ();
+            fn run<S: Lanes<E>>(self, s: S) {
+                let l = S::LANES;
+                let x: Vec<E> = (0..l as i8).map(|i| E::from(i + 1)).collect();
+                for len in 0..=l {
+                    let mut lanes = vec![E::ZERO; l];
+                    s.store(&mut lanes, s.load_part(&x[..len], E::from(-7)));
+                    for (i, &v) in lanes.iter().enumerate() {
+                        let want = if i < len { x[i] } else { E::from(-7) };
+                        assert_eq!(v, want, "load_part: len {len} lane {i}");
+                    }
+                    // Canaries on either side of the slice.
+                    let mut out = vec![E::from(99); len + 2];
+                    s.store_part(&mut out[1..len + 1], s.load(&x));
+                    assert_eq!(out[0], E::from(99), "store_part: len {len}");
+                    assert_eq!(out[len + 1], E::from(99), "store_part: len {len}");
+                    assert_eq!(&out[1..len + 1], &x[..len], "store_part: len {len}");
+                }
+            }
+        }
+        for isa in Isa::available() {
+            dispatch::<f32, _>(isa, Check);
+            dispatch::<f64, _>(isa, Check);
+        }
+    }
+
     #[test]
     fn finite_max_is_all_finite_and_the_maximum() {
         for isa in Isa::available() {

@@ -7,11 +7,8 @@
 //! shuffled costs `2·LANES` vector memory operations and about `LANES · log₂ LANES`
 //! shuffles for `LANES²` entries. Bits are moved, never computed on.
 
-use super::{Element, Kernel, Lanes, dispatch};
+use super::{Element, Kernel, Lanes, MAX_LANES, dispatch};
 use crate::simd::Isa;
-
-/// The widest block of any [`Lanes`] implementation (AVX-512's 16 f32 lanes).
-const MAX_LANES: usize = 16;
 
 /// See [`transpose`].
 struct Transpose<'a, 'b, 'c, 'd, E> {
@@ -47,10 +44,35 @@ impl<E: Element> Kernel<E> for Transpose<'_, '_, '_, '_, E> {
                 unsafe { s.transpose_ptr(&sp[..l], &dp[..l]) };
             }
         }
-        for (i, row) in dst.iter_mut().enumerate() {
-            let from = if i < rows_full { cols_full } else { 0 };
-            for (k, x) in row[..cols].iter_mut().enumerate().skip(from) {
-                *x = src[k][i];
+        // The edge blocks (rows or columns short of a whole block) through two blocks on the
+        // stack: the short columns copied in (zeros around them), the block transposed in
+        // registers, its short rows copied out.
+        let edges = (0..rows_full)
+            .step_by(l)
+            .map(move |i0| (i0, cols_full))
+            .chain((0..cols).step_by(l).map(move |k0| (rows_full, k0)));
+        for (i0, k0) in edges {
+            let (ri, rk) = ((rows - i0).min(l), (cols - k0).min(l));
+            if ri == 0 || rk == 0 {
+                continue;
+            }
+            let mut from = [E::ZERO; MAX_LANES * MAX_LANES];
+            let mut to = [E::ZERO; MAX_LANES * MAX_LANES];
+            for (k, column) in src[k0..k0 + rk].iter().enumerate() {
+                from[k * l..k * l + ri].copy_from_slice(&column[i0..i0 + ri]);
+            }
+            for (k, p) in sp[..l].iter_mut().enumerate() {
+                *p = from[k * l..].as_ptr();
+            }
+            for (i, p) in dp[..l].iter_mut().enumerate() {
+                *p = to[i * l..].as_mut_ptr();
+            }
+            // SAFETY: `from` and `to` hold l·l <= MAX_LANES² elements, so each of the `l`
+            // pointers of either is valid for `l` elements (its row of the block); they are
+            // distinct arrays, and the rows of `to` do not overlap.
+            unsafe { s.transpose_ptr(&sp[..l], &dp[..l]) };
+            for (i, row) in dst[i0..i0 + ri].iter_mut().enumerate() {
+                row[k0..k0 + rk].copy_from_slice(&to[i * l..i * l + rk]);
             }
         }
     }

@@ -266,6 +266,23 @@ lanes!(Avx2, f32, __m256, 8, "avx2,fma",
             // SAFETY: the token proves AVX2.
             unsafe { _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(x, _mm256_set1_ps(hi))) != 0 }
         }
+        #[inline(always)]
+        fn load_part(self, x: &[f32], fill: f32) -> __m256 {
+            assert!(x.len() <= 8);
+            // SAFETY: the token proves AVX2. The mask enables lanes i < x.len() only, and a
+            // masked load reads (and can fault on) no disabled lane.
+            unsafe {
+                let on = avx2_mask32(self, x.len());
+                let v = _mm256_maskload_ps(x.as_ptr(), on);
+                _mm256_blendv_ps(_mm256_set1_ps(fill), v, _mm256_castsi256_ps(on))
+            }
+        }
+        #[inline(always)]
+        fn store_part(self, x: &mut [f32], v: __m256) {
+            assert!(x.len() <= 8);
+            // SAFETY: as in `load_part`, for writing: no disabled lane is written.
+            unsafe { _mm256_maskstore_ps(x.as_mut_ptr(), avx2_mask32(self, x.len()), v) }
+        }
     }
 );
 
@@ -344,6 +361,23 @@ lanes!(Avx2, f64, __m256d, 4, "avx2,fma",
             // SAFETY: the token proves AVX2.
             unsafe { _mm256_movemask_pd(_mm256_cmp_pd::<_CMP_GT_OQ>(x, _mm256_set1_pd(hi))) != 0 }
         }
+        #[inline(always)]
+        fn load_part(self, x: &[f64], fill: f64) -> __m256d {
+            assert!(x.len() <= 4);
+            // SAFETY: the token proves AVX2. The mask enables lanes i < x.len() only, and a
+            // masked load reads (and can fault on) no disabled lane.
+            unsafe {
+                let on = avx2_mask64(self, x.len());
+                let v = _mm256_maskload_pd(x.as_ptr(), on);
+                _mm256_blendv_pd(_mm256_set1_pd(fill), v, _mm256_castsi256_pd(on))
+            }
+        }
+        #[inline(always)]
+        fn store_part(self, x: &mut [f64], v: __m256d) {
+            assert!(x.len() <= 4);
+            // SAFETY: as in `load_part`, for writing: no disabled lane is written.
+            unsafe { _mm256_maskstore_pd(x.as_mut_ptr(), avx2_mask64(self, x.len()), v) }
+        }
     }
 );
 
@@ -419,6 +453,21 @@ lanes!(Avx512, f32, __m512, 16, "avx512f",
             // SAFETY: the token proves AVX-512F.
             unsafe { _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm512_set1_ps(hi)) != 0 }
         }
+        #[inline(always)]
+        fn load_part(self, x: &[f32], fill: f32) -> __m512 {
+            assert!(x.len() <= 16);
+            let on = ((1u32 << x.len()) - 1) as __mmask16;
+            // SAFETY: the token proves AVX-512F. The mask enables lanes i < x.len() only, and
+            // a masked load reads (and can fault on) no disabled lane.
+            unsafe { _mm512_mask_loadu_ps(_mm512_set1_ps(fill), on, x.as_ptr()) }
+        }
+        #[inline(always)]
+        fn store_part(self, x: &mut [f32], v: __m512) {
+            assert!(x.len() <= 16);
+            let on = ((1u32 << x.len()) - 1) as __mmask16;
+            // SAFETY: as in `load_part`, for writing: no disabled lane is written.
+            unsafe { _mm512_mask_storeu_ps(x.as_mut_ptr(), on, v) }
+        }
     }
 );
 
@@ -484,5 +533,40 @@ lanes!(Avx512, f64, __m512d, 8, "avx512f",
             // SAFETY: the token proves AVX-512F.
             unsafe { _mm512_cmp_pd_mask::<_CMP_GT_OQ>(x, _mm512_set1_pd(hi)) != 0 }
         }
+        #[inline(always)]
+        fn load_part(self, x: &[f64], fill: f64) -> __m512d {
+            assert!(x.len() <= 8);
+            let on = ((1u32 << x.len()) - 1) as __mmask8;
+            // SAFETY: the token proves AVX-512F. The mask enables lanes i < x.len() only, and
+            // a masked load reads (and can fault on) no disabled lane.
+            unsafe { _mm512_mask_loadu_pd(_mm512_set1_pd(fill), on, x.as_ptr()) }
+        }
+        #[inline(always)]
+        fn store_part(self, x: &mut [f64], v: __m512d) {
+            assert!(x.len() <= 8);
+            let on = ((1u32 << x.len()) - 1) as __mmask8;
+            // SAFETY: as in `load_part`, for writing: no disabled lane is written.
+            unsafe { _mm512_mask_storeu_pd(x.as_mut_ptr(), on, v) }
+        }
     }
 );
+
+/// The AVX2 mask of the first `len <= 8` 32-bit lanes (all bits set in lanes i < len).
+#[inline(always)]
+fn avx2_mask32(_proof: Avx2, len: usize) -> __m256i {
+    // SAFETY: the token proves AVX2.
+    unsafe {
+        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(len as i32), lane)
+    }
+}
+
+/// The AVX2 mask of the first `len <= 4` 64-bit lanes.
+#[inline(always)]
+fn avx2_mask64(_proof: Avx2, len: usize) -> __m256i {
+    // SAFETY: the token proves AVX2.
+    unsafe {
+        let lane = _mm256_setr_epi64x(0, 1, 2, 3);
+        _mm256_cmpgt_epi64(_mm256_set1_epi64x(len as i64), lane)
+    }
+}
