@@ -5,7 +5,7 @@ use super::softmax::softmax_vjp_from_probs;
 use crate::Float;
 use crate::attention::scaled_attention_reference;
 use crate::error::{Error, Result, check_finite, checked_len};
-use crate::kernel::{self, backward::backward, backward::tiles};
+use crate::kernel::{self, backward::backward, backward::row_corrections, backward::tiles};
 use crate::mask::Mask;
 use crate::multihead::{Heads, head_problems};
 use crate::prelude::*;
@@ -262,13 +262,6 @@ fn check_saved_lse<T: Float>(lse: &[T], n: usize) -> Result<()> {
     }
 }
 
-/// `D_i = ⟨dO_i, O_i⟩` for every row: the softmax VJP's row correction.
-fn row_corrections<T: Float>(d_out: &DMatrixView<'_, T>, o: &DMatrixView<'_, T>) -> Vec<T> {
-    (0..o.nrows())
-        .map(|i| (0..o.ncols()).fold(T::zero(), |acc, c| acc + d_out[(i, c)] * o[(i, c)]))
-        .collect()
-}
-
 /// The tiled backward pass with blocks of `tiles` = (queries, keys), on the kernel.
 #[allow(clippy::too_many_arguments)]
 fn backward_tiled<T: Float>(
@@ -285,7 +278,7 @@ fn backward_tiled<T: Float>(
     let (n, dv) = (problem.plan.n, problem.plan.dv);
     check_d_out(&d_out, n, dv)?;
     check_forward(forward, n, dv)?;
-    let delta = row_corrections(&d_out, &forward.output.as_view());
+    let delta = row_corrections(Isa::get(), &d_out, &forward.output.as_view());
     let g = kernel::with_threads(opts.threads, |exec| {
         backward(
             &problem,
@@ -391,7 +384,7 @@ pub fn multi_head_attention_backward<'q, 'k, 'v, 'g, T: Float>(
     let one_head = |hd: usize, exec| {
         let g = d_out.columns(hd * dv, dv);
         let o = fo.columns(hd * dv, dv);
-        let delta = row_corrections(&g, &o);
+        let delta = row_corrections(isa, &g, &o);
         let lse: Vec<T> = forward.lse.column(hd).iter().copied().collect();
         backward(&problems[hd], g, &lse, &delta, isa, exec, tiles::<T>())
     };

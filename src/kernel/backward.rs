@@ -473,17 +473,25 @@ pub(crate) fn backward<T: Float>(
     let (d_pad, dv_pad) = (round_up(d, T::NR), round_up(dv, T::NR));
     // Rows whose dot products could leave the range (max |q_i| · max |k| · d ≥ MAX / 4, a
     // cheap bound) go to the exact rows too: the tiled pass would meet inf (or scale · inf).
-    let kmax = p.k.iter().fold(0.0_f64, |a, v| a.max(v.as_f64().abs()));
+    // The row maxima of |Q| and |K|, a column at a time (both are column-major; the inputs
+    // are finite, checked before the kernel, and the maxima exact).
+    let row_max_abs = |x: &DMatrixView<'_, T>| {
+        let mut acc = vec![T::zero(); x.nrows()];
+        for c in 0..x.ncols() {
+            simd::max_abs_into(isa, &mut acc, pack::column(x, c));
+        }
+        acc
+    };
+    let kmax = simd::finite_max(isa, &row_max_abs(&p.k))
+        .1
+        .as_f64()
+        .max(0.0);
     let limit = 2f64.powi(T::MAX_EXP - 2);
     // max |q_i| · max |k| · d per row: a bound on |q_i · k_j| and on its rounding error / ε.
-    // (max |q_i| column by column: Q is column-major.)
-    let mut qmax = vec![0.0_f64; n];
-    for col in p.q.column_iter() {
-        for (a, v) in qmax.iter_mut().zip(col.iter()) {
-            *a = a.max(v.as_f64().abs());
-        }
-    }
-    let dots: Vec<f64> = qmax.iter().map(|&q| q * kmax * d.max(1) as f64).collect();
+    let dots: Vec<f64> = row_max_abs(&p.q)
+        .iter()
+        .map(|&q| q.as_f64() * kmax * d.max(1) as f64)
+        .collect();
     let exact: Vec<bool> = lse
         .iter()
         .zip(&dots)
@@ -604,6 +612,22 @@ pub(crate) fn backward<T: Float>(
         dv: unpack(&dvb, (dv_pad, dv), &key_row, m),
         dbias: dbias.map(|data| DMatrix::from_vec(n, m, data)),
     }
+}
+
+/// `D_i = ⟨dO_i, O_i⟩ = Σ_c dO_ic · O_ic` for every row (summed in column order, each product
+/// rounded before its sum): the softmax VJP's row correction. A column at a time, as both
+/// matrices are column-major.
+pub(crate) fn row_corrections<T: Float>(
+    isa: Isa,
+    d_out: &DMatrixView<'_, T>,
+    o: &DMatrixView<'_, T>,
+) -> Vec<T> {
+    assert_eq!(d_out.shape(), o.shape());
+    let mut acc = vec![T::zero(); o.nrows()];
+    for c in 0..o.ncols() {
+        simd::add_products(isa, &mut acc, pack::column(d_out, c), pack::column(o, c));
+    }
+    acc
 }
 
 /// The first row (with its sum) whose weights, recomputed from the saved log-sum-exp, do not

@@ -48,8 +48,8 @@ pub use gemm::{Out, Panels, Rows, Shape, block_rows, gemm};
 pub use isa::{InstructionSet, Isa, instruction_set};
 pub use portable::Portable;
 pub use rows::{
-    affine_row, all_finite, all_finite_parts, finite_max, scale_parts_into, scale_row,
-    softmax_grad_row, softmax_row,
+    add_products, affine_row, all_finite, all_finite_parts, finite_max, max_abs_into,
+    scale_parts_into, scale_row, softmax_grad_row, softmax_row,
 };
 pub use transpose::transpose;
 use transpose::transpose_by_blocks;

@@ -117,6 +117,77 @@ pub fn scale_row<E: Element>(isa: Isa, row: &mut [E], alpha: E) {
     dispatch(isa, ScaleRow { row, alpha });
 }
 
+/// See [`max_abs_into`].
+struct MaxAbsInto<'a, E> {
+    acc: &'a mut [E],
+    x: &'a [E],
+}
+
+impl<E: Element> Kernel<E> for MaxAbsInto<'_, E> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<S: Lanes<E>>(self, s: S) {
+        let MaxAbsInto { acc, x } = self;
+        assert_eq!(acc.len(), x.len());
+        let zero = s.splat(E::ZERO);
+        // |x| = max(x, 0 − x): exact, and +0 for either zero.
+        let step = |a: S::V, v: S::V| s.max(s.max(v, s.sub(zero, v)), a);
+        let mut xs = x.chunks_exact(S::LANES);
+        let mut accs = acc.chunks_exact_mut(S::LANES);
+        for (xc, ac) in (&mut xs).zip(&mut accs) {
+            s.store(ac, step(s.load(ac), s.load(xc)));
+        }
+        let (xt, at) = (xs.remainder(), accs.into_remainder());
+        if !xt.is_empty() {
+            s.store_part(at, step(s.load_part(at, E::ZERO), s.load_part(xt, E::ZERO)));
+        }
+    }
+}
+
+/// `acc[i] ← max(acc[i], |x[i]|)` for every `i` (`acc` and `x` of equal length): the
+/// running row maxima of a column-major matrix's magnitudes, a column at a time. Exact; with
+/// a NaN in `x` or `acc` the result is unspecified.
+pub fn max_abs_into<E: Element>(isa: Isa, acc: &mut [E], x: &[E]) {
+    dispatch(isa, MaxAbsInto { acc, x });
+}
+
+/// See [`add_products`].
+struct AddProducts<'a, E> {
+    acc: &'a mut [E],
+    a: &'a [E],
+    b: &'a [E],
+}
+
+impl<E: Element> Kernel<E> for AddProducts<'_, E> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<S: Lanes<E>>(self, s: S) {
+        let AddProducts { acc, a, b } = self;
+        assert!(acc.len() == a.len() && acc.len() == b.len());
+        let l = S::LANES;
+        let whole = acc.len() - acc.len() % l;
+        for j in (0..whole).step_by(l) {
+            let sum = s.add(s.load(&acc[j..]), s.mul(s.load(&a[j..]), s.load(&b[j..])));
+            s.store(&mut acc[j..], sum);
+        }
+        let (at, bt, ct) = (&a[whole..], &b[whole..], &mut acc[whole..]);
+        if !ct.is_empty() {
+            let product = s.mul(s.load_part(at, E::ZERO), s.load_part(bt, E::ZERO));
+            let sum = s.add(s.load_part(ct, E::ZERO), product);
+            s.store_part(ct, sum);
+        }
+    }
+}
+
+/// `acc[i] ← acc[i] + a[i] · b[i]` for every `i` (equal lengths), the product rounded and
+/// then the sum, as the scalar expression (no fused multiply-add): the same bits as a plain
+/// loop. Row dot products of two column-major matrices, accumulated a column at a time.
+pub fn add_products<E: Element>(isa: Isa, acc: &mut [E], a: &[E], b: &[E]) {
+    dispatch(isa, AddProducts { acc, a, b });
+}
+
 /// See [`affine_row`].
 struct AffineRow<'a, E> {
     x: &'a [E],
@@ -523,6 +594,37 @@ mod tests {
     /// The fused scan against its two halves: the finiteness of `all_finite` and the exact
     /// maximum, every length (tails included); a known maximum gives `softmax_row` the same
     /// bits as its own pass.
+    /// `max_abs_into` and `add_products` give a plain loop's bits, tails included, on every
+    /// instruction set.
+    #[test]
+    fn max_abs_and_products_match_plain_loops() {
+        for isa in Isa::available() {
+            for len in [0, 1, 5, 8, 15, 16, 17, 33, 100] {
+                let x: Vec<f32> = (0..len)
+                    .map(|i| {
+                        [-0.0, 3.5, -7.25, f32::MAX, -f32::INFINITY][i % 5] * (1.0 + i as f32 / 7.0)
+                    })
+                    .collect();
+                let acc0: Vec<f32> = (0..len).map(|i| (i % 4) as f32 * 1.5).collect();
+                let mut acc = acc0.clone();
+                max_abs_into(isa, &mut acc, &x);
+                for i in 0..len {
+                    let want = acc0[i].max(x[i].abs());
+                    assert_eq!(acc[i].to_bits(), want.to_bits(), "{isa:?} {len} {i}");
+                }
+                let a: Vec<f64> = (0..len).map(|i| 0.1 * i as f64 - 1.3).collect();
+                let b: Vec<f64> = (0..len).map(|i| 1.0 / (i as f64 + 0.7)).collect();
+                let start: Vec<f64> = (0..len).map(|i| (i as f64).sqrt()).collect();
+                let mut got = start.clone();
+                add_products(isa, &mut got, &a, &b);
+                for i in 0..len {
+                    let want = start[i] + a[i] * b[i];
+                    assert_eq!(got[i].to_bits(), want.to_bits(), "{isa:?} {len} {i}");
+                }
+            }
+        }
+    }
+
     /// `load_part` puts the slice in the first lanes and the fill in the others; `store_part`
     /// writes the first lanes and nothing past the slice; for every length up to a vector,
     /// every instruction set, both element types.
