@@ -225,9 +225,9 @@ impl<T: Float> Ctx<'_, T> {
             let i = i0 + r;
             let prob = &mut scr.row[..bc];
             self.exponent_args(i, j0, &x_row[..bc], class == Block::Partial, prob);
-            simd::exp_in_place(isa, prob);
             let dp_row = &mut scr.dp[r * c..(r + 1) * c];
             psum[i] += match (plan.softcap, dbias.as_deref_mut()) {
+                // The exp on the way (one pass over the row, not two).
                 (None, None) => simd::softmax_grad_row(
                     isa,
                     prob,
@@ -237,6 +237,7 @@ impl<T: Float> Ctx<'_, T> {
                     tiny,
                 ),
                 (_, mut db) => {
+                    simd::exp_in_place(isa, prob);
                     let mut sum = T::zero();
                     for (jj, &pij) in prob.iter().enumerate() {
                         sum += pij;

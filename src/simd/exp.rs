@@ -134,44 +134,47 @@ fn kern<E: Element, S: Lanes<E>, const TWO: bool>(s: S, x: S::V) -> S::V {
     if TWO { exp2(s, x) } else { exp(s, x) }
 }
 
+/// `eˣ` (`2ˣ` if `TWO`) of the first `LANES` elements of `x` as a vector: the vector kernel,
+/// and `std` for the rare lanes above its range.
+#[inline(always)]
+pub(super) fn exp_lanes<E: Element, S: Lanes<E>, const TWO: bool>(s: S, x: &[E]) -> S::V {
+    let (hi, exact): (E, fn(E) -> E) = if TWO {
+        (E::EXP2_HI, E::std_exp2)
+    } else {
+        (E::EXP_HI, E::std_exp)
+    };
+    let v = s.load(x);
+    let y = kern::<E, S, TWO>(s, v);
+    if !s.any_above(v, hi) {
+        return y;
+    }
+    let mut out = [E::ZERO; MAX_LANES];
+    s.store(&mut out, y);
+    for (o, &xi) in out.iter_mut().zip(&x[..S::LANES]) {
+        if xi > hi {
+            *o = exact(xi);
+        }
+    }
+    s.load(&out)
+}
+
 impl<E: Element, const TWO: bool> Kernel<E> for Slice<'_, E, TWO> {
     type Output = ();
 
     #[inline(always)]
     fn run<S: Lanes<E>>(self, s: S) {
-        let (hi, exact): (E, fn(E) -> E) = if TWO {
-            (E::EXP2_HI, E::std_exp2)
-        } else {
-            (E::EXP_HI, E::std_exp)
-        };
-        let kern = kern::<E, S, TWO>;
         let lanes = S::LANES;
         let mut chunks = self.xs.chunks_exact_mut(lanes);
         for c in &mut chunks {
-            let x = s.load(c);
-            let big = s.any_above(x, hi);
-            if big {
-                let mut before = [E::ZERO; MAX_LANES];
-                before[..lanes].copy_from_slice(c);
-                s.store(c, kern(s, x));
-                for (y, &xi) in c.iter_mut().zip(&before) {
-                    if xi > hi {
-                        *y = exact(xi);
-                    }
-                }
-            } else {
-                s.store(c, kern(s, x));
-            }
+            let y = exp_lanes::<E, S, TWO>(s, c);
+            s.store(c, y);
         }
         let rest = chunks.into_remainder();
         if !rest.is_empty() {
             let mut tmp = [E::ZERO; MAX_LANES];
             tmp[..rest.len()].copy_from_slice(rest);
-            let y = kern(s, s.load(&tmp));
-            s.store(&mut tmp, y);
-            for (r, &t) in rest.iter_mut().zip(&tmp) {
-                *r = if *r > hi { exact(*r) } else { t };
-            }
+            let y = exp_lanes::<E, S, TWO>(s, &tmp);
+            s.store_part(rest, y);
         }
     }
 }

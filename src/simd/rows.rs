@@ -1,8 +1,8 @@
 //! The two per-row steps of the online softmax, written once: exponentiate a score row
 //! against its running maximum, and rescale an accumulator row.
 
-use super::exp::exp2;
-use super::{Element, Isa, Kernel, Lanes, dispatch};
+use super::exp::{exp_lanes, exp2};
+use super::{Element, Isa, Kernel, Lanes, MAX_LANES, dispatch};
 
 /// See [`softmax_row`].
 struct SoftmaxRow<'a, E> {
@@ -223,7 +223,7 @@ pub fn affine_row<E: Element>(isa: Isa, x: &[E], a: E, b: E, out: &mut [E]) {
 
 /// See [`softmax_grad_row`].
 struct SoftmaxGradRow<'a, E> {
-    p: &'a [E],
+    args: &'a [E],
     dp: &'a mut [E],
     dx: &'a mut [E],
     delta: E,
@@ -237,20 +237,20 @@ impl<E: Element> Kernel<E> for SoftmaxGradRow<'_, E> {
     #[inline(always)]
     fn run<S: Lanes<E>>(self, s: S) -> E {
         let SoftmaxGradRow {
-            p,
+            args,
             dp,
             dx,
             delta,
             g,
             tiny,
         } = self;
-        assert!(p.len() == dp.len() && p.len() == dx.len());
+        assert!(args.len() == dp.len() && args.len() == dx.len());
         let (dv, gv) = (s.splat(delta), s.splat(g));
         let l = S::LANES;
-        let whole = p.len() - p.len() % l;
+        let whole = args.len() - args.len() % l;
         let mut sum = s.splat(E::ZERO);
         for j in (0..whole).step_by(l) {
-            let pv = s.load(&p[j..]);
+            let pv = exp_lanes::<E, S, false>(s, &args[j..]);
             sum = s.add(sum, pv);
             // A pair without weight gives exactly 0, even where dP − D is not finite.
             let ds = s.zero_below(pv, tiny, s.mul(pv, s.sub(s.load(&dp[j..]), dv)));
@@ -258,27 +258,37 @@ impl<E: Element> Kernel<E> for SoftmaxGradRow<'_, E> {
             s.store(&mut dx[j..], s.mul(ds, gv));
         }
         let mut total = s.reduce_sum(sum);
-        for j in whole..p.len() {
-            total += p[j];
-            let ds = if p[j] < tiny {
+        // The tail's weights as one vector (zeros after them), its sums one by one.
+        let rest = &args[whole..];
+        let mut p = [E::ZERO; MAX_LANES];
+        if !rest.is_empty() {
+            p[..rest.len()].copy_from_slice(rest);
+            let y = exp_lanes::<E, S, false>(s, &p);
+            s.store(&mut p, y);
+        }
+        for (j, &pj) in (whole..args.len()).zip(&p) {
+            total += pj;
+            let ds = if pj < tiny {
                 E::ZERO
             } else {
-                p[j] * (dp[j] - delta)
+                pj * (dp[j] - delta)
             };
-            dp[j] = p[j];
+            dp[j] = pj;
             dx[j] = ds * g;
         }
         total
     }
 }
 
-/// One row of the backward pass's softmax step, for a constant score derivative `g`:
-/// with `P` the row's weights (`p`, non-negative), `dS = P ⊙ (dP − D)` (0 where `P < tiny`,
-/// which callers set to the smallest normal number: the vector exp flushes smaller weights
-/// to 0), then `dp ← P` and `dx ← g · dS` (all of equal length). Returns `Σ P`.
+/// One row of the backward pass's softmax step, for a constant score derivative `g`, from
+/// the weights' exponent arguments `args` (`S − lse`, −inf where a pair has no weight): the
+/// weights `P = eˣ` ([`exp_in_place`](super::exp_in_place)'s values), `dS = P ⊙ (dP − D)`
+/// (0 where `P < tiny`, which callers set to the smallest normal number: the vector exp
+/// flushes smaller weights to 0), then `dp ← P` and `dx ← g · dS` (all of equal length), in
+/// one pass. Returns `Σ P`.
 pub fn softmax_grad_row<E: Element>(
     isa: Isa,
-    p: &[E],
+    args: &[E],
     (dp, dx): (&mut [E], &mut [E]),
     delta: E,
     g: E,
@@ -287,7 +297,7 @@ pub fn softmax_grad_row<E: Element>(
     dispatch(
         isa,
         SoftmaxGradRow {
-            p,
+            args,
             dp,
             dx,
             delta,
@@ -724,12 +734,28 @@ mod tests {
                         }
                     })
                     .collect();
+                // The weights' exponent arguments (−inf for a zero weight; one above the
+                // vector exp's range, whose weight is +inf), and the weights exp_in_place
+                // makes of them: what the row must use.
+                let args: Vec<f32> = p
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &pj)| if j == 4 { 90.0 } else { pj.ln() })
+                    .collect();
+                let mut p = args.clone();
+                crate::simd::exp_in_place(isa, &mut p);
                 let (mut dp, mut dx) = (dp0.clone(), vec![7.0; len]);
-                let sum =
-                    softmax_grad_row(isa, &p, (&mut dp, &mut dx), 0.75, 0.25, f32::MIN_POSITIVE);
+                let sum = softmax_grad_row(
+                    isa,
+                    &args,
+                    (&mut dp, &mut dx),
+                    0.75,
+                    0.25,
+                    f32::MIN_POSITIVE,
+                );
                 let want: f32 = p.iter().sum();
                 assert!(
-                    (sum - want).abs() <= 1e-5 * want.max(1.0),
+                    sum == want || (sum - want).abs() <= 1e-5 * want.max(1.0),
                     "{isa:?} {sum} {want}"
                 );
                 for j in 0..len {
@@ -738,8 +764,8 @@ mod tests {
                     } else {
                         p[j] * (dp0[j] - 0.75)
                     };
-                    assert_eq!(dp[j], p[j], "{isa:?} {j}");
-                    assert_eq!(dx[j], ds * 0.25, "{isa:?} {j}");
+                    assert_eq!(dp[j].to_bits(), p[j].to_bits(), "{isa:?} {j}");
+                    assert_eq!(dx[j].to_bits(), (ds * 0.25).to_bits(), "{isa:?} {j}");
                 }
             }
         }
