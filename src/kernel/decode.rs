@@ -17,7 +17,7 @@
 //! merged in chunk order, flash-decoding style: the same bits for any thread count.
 
 use super::Exec;
-use super::forward::{RowEnd, finish_scores, online_step, q_factor, row_end};
+use super::forward::{RowEnd, finish_scores, q_factor, row_end};
 use super::pack::column;
 use super::threads::par::*;
 use crate::Float;
@@ -472,7 +472,7 @@ fn chunk<T: Float, X: Stored<T> + nalgebra::Scalar>(
             part.seen[r] |= seen.seen;
             part.overflow[r] |= seen.overflow;
             scores[bc..].fill(T::NEG_INFINITY);
-            online_step(
+            simd::online_step(
                 isa,
                 (scores, seen.max),
                 &mut part.max[r],

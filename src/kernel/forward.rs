@@ -83,6 +83,8 @@ struct Scratch<T: Float> {
     support: Vec<usize>,
     /// The tile's key blocks: their class and the keys worth computing ([`trim`]).
     blocks: Vec<(Block, core::ops::Range<usize>)>,
+    /// One strip's allowed columns per row ([`runs`]).
+    runs: Vec<(usize, usize)>,
 }
 
 impl<T: Float> Scratch<T> {
@@ -104,6 +106,7 @@ impl<T: Float> Scratch<T> {
             seen: vec![false; br],
             overflow: vec![false; br],
             blocks: Vec::new(),
+            runs: Vec::new(),
         }
     }
 }
@@ -472,7 +475,33 @@ fn strip<T: Float, const STATS: bool>(
         Panels::new(&kv.kt[(k0 / nr) * d * nr..], d * nr),
         Out::new(&mut scr.s[i0 * bc..], bc),
     );
-    for r in i0..i1 {
+    // The common case in one dispatch: scores that need nothing but the mask, allowed keys
+    // in one run per row (every mask but a closure's), no statistics.
+    #[cfg(test)]
+    let by_row = tests::ROW_BY_ROW.with(|c| c.get());
+    #[cfg(not(test))]
+    let by_row = false;
+    let simple = !STATS && !by_row && p.plan.softcap.is_none() && !p.biased();
+    let fused = simple && runs(p, (q0 + i0, q0 + i1), k0, cols, block, &mut scr.runs);
+    if fused {
+        simd::online_rows(
+            isa,
+            simd::ScoreRows {
+                s: &mut scr.s[i0 * bc..],
+                stride: bc,
+                cols,
+                pad: cols_pad,
+                runs: &scr.runs,
+                max: &mut scr.max[i0..i1],
+                sum: &mut scr.sum[i0..i1],
+                seen: &mut scr.seen[i0..i1],
+                overflow: &mut scr.overflow[i0..i1],
+                o: &mut scr.o[i0 * dv_pad..],
+                o_stride: dv_pad,
+            },
+        );
+    }
+    for r in (i0..i1).filter(|_| !fused) {
         let row = &mut scr.s[r * bc..r * bc + cols_pad];
         let seen = finish_scores(
             p,
@@ -489,7 +518,7 @@ fn strip<T: Float, const STATS: bool>(
         if STATS {
             scr.scores[..cols].copy_from_slice(&row[..cols]);
         }
-        online_step(
+        simd::online_step(
             isa,
             (row, seen.max),
             &mut scr.max[r],
@@ -523,6 +552,35 @@ fn strip<T: Float, const STATS: bool>(
             Out::new(&mut scr.o[i0 * dv_pad..], dv_pad),
         );
     }
+}
+
+/// Each row's allowed columns `a .. b` of the block (keys `k0 .. k0 + cols`, class `block`)
+/// into `out`, one per row of `rows`; `false` (and `out` cleared) if some row's allowed keys
+/// are not one run (a closure mask), which [`finish_scores`] handles key by key.
+fn runs(
+    p: &Problem<'_, impl Float>,
+    rows: (usize, usize),
+    k0: usize,
+    cols: usize,
+    block: Block,
+    out: &mut Vec<(usize, usize)>,
+) -> bool {
+    out.clear();
+    if block != Block::Partial {
+        out.extend((rows.0..rows.1).map(|_| (0, cols)));
+        return true;
+    }
+    let (n, m) = (p.plan.n, p.plan.m);
+    for i in rows.0..rows.1 {
+        match p.mask.row_run(i, k0..k0 + cols, n, m) {
+            Some(run) => out.push((run.start - k0, run.end - k0)),
+            None => {
+                out.clear();
+                return false;
+            }
+        }
+    }
+    true
 }
 
 /// The class of the block `rows` x `keys` and the keys worth computing: a partial block
@@ -679,37 +737,6 @@ impl<T: Float> QFactor<T> {
         (stride, pad): (usize, usize),
     ) -> bool {
         simd::scale_parts_into(isa, q, (self.factor, self.post), dst, (stride, pad))
-    }
-}
-
-/// One online-softmax step for one row: `row` (scores in log₂ units, padded with −inf to a
-/// multiple of the vector width) becomes `P = 2^(row − max')` with `max' = max(max, row)`;
-/// the running `sum` and the accumulator row `o` are rescaled by `α = 2^(max − max')` when
-/// the maximum moves, and `Σ P` is added to the sum. The caller then adds `P · V` to `o`.
-/// `row_max` is the row's maximum if [`finish_scores`] found it.
-pub(super) fn online_step<T: Float>(
-    isa: Isa,
-    (row, row_max): (&mut [T], Option<T>),
-    max: &mut T,
-    sum: &mut T,
-    o: &mut [T],
-) {
-    let m_old = *max;
-    let (m_new, row_sum) = simd::softmax_row(isa, row, m_old, row_max);
-    if m_new == T::NEG_INFINITY {
-        return; // nothing allowed so far: P = 0, O and the sum stay 0
-    }
-    if m_new > m_old {
-        // O ← α·O, ℓ ← α·ℓ with α = 2^(m_old − m_new) (0 while m_old = −inf, when O is
-        // still 0 and needs no rescaling).
-        let alpha = (m_old - m_new).exp2();
-        *sum = *sum * alpha + row_sum;
-        if m_old != T::NEG_INFINITY {
-            simd::scale_row(isa, o, alpha);
-        }
-        *max = m_new;
-    } else {
-        *sum += row_sum;
     }
 }
 
@@ -1131,6 +1158,38 @@ mod tests {
         /// A strip height for [`strip_rows`] to return instead of the register block's.
         pub(super) static STRIP_ROWS: core::cell::Cell<Option<usize>> =
             const { core::cell::Cell::new(None) };
+        /// Set: [`strip`] takes its rows one by one, never through `simd::online_rows`.
+        pub(super) static ROW_BY_ROW: core::cell::Cell<bool> = const { core::cell::Cell::new(false) };
+    }
+
+    /// The fused row step (`simd::online_rows`, every mask whose rows are runs) gives the
+    /// bits of the row-by-row path, for full and partial blocks, f32 and f64, every ISA.
+    #[test]
+    fn fused_row_steps_give_the_row_by_row_bits() {
+        let masks = [
+            Mask::none(),
+            Mask::causal(),
+            Mask::causal_bottom_right(),
+            Mask::sliding_window(9),
+            Mask::sliding_window(40).or(Mask::prefix_lm(7)),
+            Mask::documents((0..300).map(|i| i / 23).collect::<Vec<_>>()),
+        ];
+        fn runs<T: Float>(isa: Isa, shape: (usize, usize, usize, usize), mask: &Mask, tol: f64) {
+            let opts = AttentionOptions::<T>::new();
+            let fused = check::<T>(isa, shape, mask, &opts, None, tol);
+            ROW_BY_ROW.with(|c| c.set(true));
+            let by_row = check::<T>(isa, shape, mask, &opts, None, tol);
+            ROW_BY_ROW.with(|c| c.set(false));
+            assert!(fused == by_row, "{isa:?} {mask} {shape:?}");
+        }
+        for isa in Isa::available() {
+            for mask in &masks {
+                for shape in [(130, 300, 16, 9), (61, 45, 8, 40)] {
+                    runs::<f32>(isa, shape, mask, 2e-5);
+                    runs::<f64>(isa, shape, mask, 1e-12);
+                }
+            }
+        }
     }
 
     /// A partial block's strips may be any multiple of MR rows tall (12 on AVX-512, 6

@@ -4,7 +4,8 @@
 use super::exp::{exp_lanes, exp2};
 use super::{Element, Isa, Kernel, Lanes, MAX_LANES, dispatch};
 
-/// See [`softmax_row`].
+/// The exponentiation of one score row against its running maximum (see `softmax_row`, the
+/// tests' entry point, and [`online_step`]).
 struct SoftmaxRow<'a, E> {
     row: &'a mut [E],
     m_old: E,
@@ -79,6 +80,7 @@ impl<E: Element> Kernel<E> for SoftmaxRow<'_, E> {
 ///
 /// `row_max`, if given, is the row's maximum (from [`finite_max`] on the same scores): the
 /// pass that finds it is skipped. Without NaN the result is the same bits either way.
+#[cfg(test)]
 pub fn softmax_row<E: Element>(isa: Isa, row: &mut [E], m_old: E, row_max: Option<E>) -> (E, E) {
     dispatch(
         isa,
@@ -88,6 +90,156 @@ pub fn softmax_row<E: Element>(isa: Isa, row: &mut [E], m_old: E, row_max: Optio
             row_max,
         },
     )
+}
+
+/// One online-softmax step of one row inside a kernel (see [`online_step`]).
+#[inline(always)]
+fn online_row<E: Element, S: Lanes<E>>(
+    s: S,
+    (row, row_max): (&mut [E], Option<E>),
+    max: &mut E,
+    sum: &mut E,
+    o: &mut [E],
+) {
+    let m_old = *max;
+    let (m_new, row_sum) = SoftmaxRow {
+        row,
+        m_old,
+        row_max,
+    }
+    .run(s);
+    if m_new == E::NEG_INF {
+        return; // nothing allowed so far: P = 0, O and the sum stay 0
+    }
+    if m_new > m_old {
+        // O ← α·O, ℓ ← α·ℓ with α = 2^(m_old − m_new) (0 while m_old = −inf, when O is
+        // still 0 and needs no rescaling).
+        let alpha = (m_old - m_new).std_exp2();
+        *sum = *sum * alpha + row_sum;
+        if m_old != E::NEG_INF {
+            ScaleRow { row: o, alpha }.run(s);
+        }
+        *max = m_new;
+    } else {
+        *sum += row_sum;
+    }
+}
+
+/// See [`online_step`].
+struct OnlineStep<'a, E> {
+    row: &'a mut [E],
+    row_max: Option<E>,
+    max: &'a mut E,
+    sum: &'a mut E,
+    o: &'a mut [E],
+}
+
+impl<E: Element> Kernel<E> for OnlineStep<'_, E> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<S: Lanes<E>>(self, s: S) {
+        online_row(s, (self.row, self.row_max), self.max, self.sum, self.o);
+    }
+}
+
+/// One online-softmax step for one row: `row` (scores in log₂ units, padded with −inf to a
+/// multiple of the vector width) becomes `P = 2^(row − max')` with `max' = max(max, row)`
+/// (what `softmax_row` computes); the running `sum` and the accumulator row `o` are rescaled by
+/// `α = 2^(max − max')` when the maximum moves, and `Σ P` is added to the sum. The caller
+/// then adds `P · V` to `o`. `row_max` is the row's maximum if the caller found it.
+pub fn online_step<E: Element>(
+    isa: Isa,
+    (row, row_max): (&mut [E], Option<E>),
+    max: &mut E,
+    sum: &mut E,
+    o: &mut [E],
+) {
+    dispatch(
+        isa,
+        OnlineStep {
+            row,
+            row_max,
+            max,
+            sum,
+            o,
+        },
+    );
+}
+
+/// The rows of a block of scores and the tile's running state for them, for
+/// [`online_rows`].
+pub struct ScoreRows<'a, E> {
+    /// The score rows (raw products in log₂ units), `stride` apart, each `pad` long (a
+    /// multiple of the vector width): `cols` scores, then padding.
+    pub s: &'a mut [E],
+    /// See [`ScoreRows::s`].
+    pub stride: usize,
+    /// See [`ScoreRows::s`].
+    pub cols: usize,
+    /// See [`ScoreRows::s`].
+    pub pad: usize,
+    /// Per row, the columns `a .. b <= cols` its mask allows (`0 .. cols` in a full block).
+    pub runs: &'a [(usize, usize)],
+    /// Per row: the running maximum and sum, whether any key was allowed, whether a raw
+    /// product was not finite.
+    pub max: &'a mut [E],
+    /// See [`ScoreRows::max`].
+    pub sum: &'a mut [E],
+    /// See [`ScoreRows::max`].
+    pub seen: &'a mut [bool],
+    /// See [`ScoreRows::max`].
+    pub overflow: &'a mut [bool],
+    /// The accumulator rows, `o_stride` apart.
+    pub o: &'a mut [E],
+    /// See [`ScoreRows::o`].
+    pub o_stride: usize,
+}
+
+impl<E: Element> Kernel<E> for ScoreRows<'_, E> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<S: Lanes<E>>(self, s: S) {
+        let ScoreRows {
+            s: scores,
+            stride,
+            cols,
+            pad,
+            runs,
+            max,
+            sum,
+            seen,
+            overflow,
+            o,
+            o_stride,
+        } = self;
+        for (r, &(a, b)) in runs.iter().enumerate() {
+            let row = &mut scores[r * stride..r * stride + pad];
+            assert!(a <= b && b <= cols && cols <= pad);
+            row[..a].fill(E::NEG_INF);
+            row[b..].fill(E::NEG_INF);
+            let row_max = if a == b {
+                E::NEG_INF
+            } else {
+                let (finite, mx) = FiniteMax { x: &row[a..b] }.run(s);
+                seen[r] = true;
+                overflow[r] |= !finite;
+                mx
+            };
+            let o_row = &mut o[r * o_stride..(r + 1) * o_stride];
+            online_row(s, (row, Some(row_max)), &mut max[r], &mut sum[r], o_row);
+        }
+    }
+}
+
+/// The whole softmax row step of a block's rows in one dispatch, where the scores need
+/// nothing but the mask (no softcap, no bias) and each row's allowed keys are one run: per
+/// row, everything outside its run set to −inf, one scan of the run for its maximum and
+/// finiteness ([`finite_max`]: `seen` and `overflow` are updated), then [`online_step`]
+/// with that maximum. The same bits as those calls one by one.
+pub fn online_rows<E: Element>(isa: Isa, rows: ScoreRows<'_, E>) {
+    dispatch(isa, rows);
 }
 
 /// See [`scale_row`].
