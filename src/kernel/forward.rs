@@ -1162,18 +1162,23 @@ mod tests {
         pub(super) static ROW_BY_ROW: core::cell::Cell<bool> = const { core::cell::Cell::new(false) };
     }
 
-    /// The fused row step (`simd::online_rows`, every mask whose rows are runs) gives the
-    /// bits of the row-by-row path, for full and partial blocks, f32 and f64, every ISA.
-    #[test]
-    fn fused_row_steps_give_the_row_by_row_bits() {
-        let masks = [
-            Mask::none(),
+    /// Masks with partial blocks whose rows allow one run of keys each (in 300 positions).
+    fn run_masks() -> Vec<Mask> {
+        vec![
             Mask::causal(),
             Mask::causal_bottom_right(),
             Mask::sliding_window(9),
             Mask::sliding_window(40).or(Mask::prefix_lm(7)),
             Mask::documents((0..300).map(|i| i / 23).collect::<Vec<_>>()),
-        ];
+        ]
+    }
+
+    /// The fused row step (`simd::online_rows`, every mask whose rows are runs) gives the
+    /// bits of the row-by-row path, for full and partial blocks, f32 and f64, every ISA.
+    #[test]
+    fn fused_row_steps_give_the_row_by_row_bits() {
+        let mut masks = run_masks();
+        masks.push(Mask::none());
         fn runs<T: Float>(isa: Isa, shape: (usize, usize, usize, usize), mask: &Mask, tol: f64) {
             let opts = AttentionOptions::<T>::new();
             let fused = check::<T>(isa, shape, mask, &opts, None, tol);
@@ -1197,13 +1202,7 @@ mod tests {
     /// rows are masked for a row that cannot see them, and its cuts stay on panel boundaries.
     #[test]
     fn strips_of_any_height_give_the_same_bits() {
-        let masks = [
-            Mask::causal(),
-            Mask::causal_bottom_right(),
-            Mask::sliding_window(9),
-            Mask::sliding_window(40).or(Mask::prefix_lm(7)),
-            Mask::documents((0..300).map(|i| i / 23).collect::<Vec<_>>()),
-        ];
+        let masks = run_masks();
         fn runs<T: Float>(isa: Isa, shape: (usize, usize, usize, usize), mask: &Mask, tol: f64) {
             let opts = AttentionOptions::<T>::new();
             let heights = [T::MR, 2 * T::MR, 5 * T::MR];
