@@ -500,41 +500,42 @@ fn strip<T: Float, const STATS: bool>(
                 o_stride: dv_pad,
             },
         );
-    }
-    for r in (i0..i1).filter(|_| !fused) {
-        let row = &mut scr.s[r * bc..r * bc + cols_pad];
-        let seen = finish_scores(
-            p,
-            isa,
-            q0 + r,
-            k0,
-            &mut row[..cols],
-            block == Block::Partial,
-        );
-        scr.seen[r] |= seen.seen;
-        scr.overflow[r] |= seen.overflow;
-        row[cols..].fill(T::NEG_INFINITY);
-        let m_old = scr.max[r];
-        if STATS {
-            scr.scores[..cols].copy_from_slice(&row[..cols]);
-        }
-        simd::online_step(
-            isa,
-            (row, seen.max),
-            &mut scr.max[r],
-            &mut scr.sum[r],
-            &mut scr.o[r * dv_pad..(r + 1) * dv_pad],
-        );
-        if STATS {
-            stats_step(
-                &scr.scores[..cols],
-                &row[..cols],
-                m_old,
-                scr.max[r],
-                &mut scr.u[r],
-                &mut scr.excess[r],
-                &mut scr.support[r],
+    } else {
+        for r in i0..i1 {
+            let row = &mut scr.s[r * bc..r * bc + cols_pad];
+            let seen = finish_scores(
+                p,
+                isa,
+                q0 + r,
+                k0,
+                &mut row[..cols],
+                block == Block::Partial,
             );
+            scr.seen[r] |= seen.seen;
+            scr.overflow[r] |= seen.overflow;
+            row[cols..].fill(T::NEG_INFINITY);
+            let m_old = scr.max[r];
+            if STATS {
+                scr.scores[..cols].copy_from_slice(&row[..cols]);
+            }
+            simd::online_step(
+                isa,
+                (row, seen.max),
+                &mut scr.max[r],
+                &mut scr.sum[r],
+                &mut scr.o[r * dv_pad..(r + 1) * dv_pad],
+            );
+            if STATS {
+                stats_step(
+                    &scr.scores[..cols],
+                    &row[..cols],
+                    m_old,
+                    scr.max[r],
+                    &mut scr.u[r],
+                    &mut scr.excess[r],
+                    &mut scr.support[r],
+                );
+            }
         }
     }
     if dv > 0 {

@@ -158,6 +158,15 @@ pub(super) fn exp_lanes<E: Element, S: Lanes<E>, const TWO: bool>(s: S, x: &[E])
     s.load(&out)
 }
 
+/// [`exp_lanes`] of a vector loop's tail (`x.len() < LANES`), zeros after it: the first
+/// `x.len()` lanes are its values.
+#[inline(always)]
+pub(super) fn exp_lanes_part<E: Element, S: Lanes<E>, const TWO: bool>(s: S, x: &[E]) -> S::V {
+    let mut tmp = [E::ZERO; MAX_LANES];
+    tmp[..x.len()].copy_from_slice(x);
+    exp_lanes::<E, S, TWO>(s, &tmp)
+}
+
 impl<E: Element, const TWO: bool> Kernel<E> for Slice<'_, E, TWO> {
     type Output = ();
 
@@ -171,9 +180,7 @@ impl<E: Element, const TWO: bool> Kernel<E> for Slice<'_, E, TWO> {
         }
         let rest = chunks.into_remainder();
         if !rest.is_empty() {
-            let mut tmp = [E::ZERO; MAX_LANES];
-            tmp[..rest.len()].copy_from_slice(rest);
-            let y = exp_lanes::<E, S, TWO>(s, &tmp);
+            let y = exp_lanes_part::<E, S, TWO>(s, rest);
             s.store_part(rest, y);
         }
     }

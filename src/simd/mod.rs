@@ -57,11 +57,11 @@ use transpose::transpose_by_blocks;
 pub use x86::{Avx2, Avx512};
 
 use core::fmt::Debug;
+use core::ops::{Add, AddAssign, Mul, MulAssign, Sub, SubAssign};
 
 /// The most lanes of any [`Lanes`] implementation (AVX-512's 16 f32 lanes): the size of the
 /// buffers on the stack that tails and blocks go through.
 const MAX_LANES: usize = 16;
-use core::ops::{Add, AddAssign, Mul, MulAssign, Sub, SubAssign};
 
 /// A scalar the vector code works on: `f32` or `f64`. Implemented for those two only, in this
 /// private module, so the trait is sealed.

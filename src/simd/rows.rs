@@ -1,7 +1,7 @@
 //! The two per-row steps of the online softmax, written once: exponentiate a score row
 //! against its running maximum, and rescale an accumulator row.
 
-use super::exp::{exp_lanes, exp2};
+use super::exp::{exp_lanes, exp_lanes_part, exp2};
 use super::{Element, Isa, Kernel, Lanes, MAX_LANES, dispatch};
 
 /// The exponentiation of one score row against its running maximum (see `softmax_row`, the
@@ -410,13 +410,11 @@ impl<E: Element> Kernel<E> for SoftmaxGradRow<'_, E> {
             s.store(&mut dx[j..], s.mul(ds, gv));
         }
         let mut total = s.reduce_sum(sum);
-        // The tail's weights as one vector (zeros after them), its sums one by one.
-        let rest = &args[whole..];
+        // The tail's weights as one vector, its sums one by one.
         let mut p = [E::ZERO; MAX_LANES];
+        let rest = &args[whole..];
         if !rest.is_empty() {
-            p[..rest.len()].copy_from_slice(rest);
-            let y = exp_lanes::<E, S, false>(s, &p);
-            s.store(&mut p, y);
+            s.store(&mut p, exp_lanes_part::<E, S, false>(s, rest));
         }
         for (j, &pj) in (whole..args.len()).zip(&p) {
             total += pj;
@@ -753,9 +751,6 @@ mod tests {
         }
     }
 
-    /// The fused scan against its two halves: the finiteness of `all_finite` and the exact
-    /// maximum, every length (tails included); a known maximum gives `softmax_row` the same
-    /// bits as its own pass.
     /// `max_abs_into` and `add_products` give a plain loop's bits, tails included, on every
     /// instruction set.
     #[test]
@@ -820,6 +815,9 @@ mod tests {
         }
     }
 
+    /// The fused scan against its two halves: the finiteness of `all_finite` and the exact
+    /// maximum, every length (tails included); a known maximum gives `softmax_row` the same
+    /// bits as its own pass.
     #[test]
     fn finite_max_is_all_finite_and_the_maximum() {
         for isa in Isa::available() {
