@@ -433,6 +433,33 @@ fn errors_match_the_reference() {
     );
 }
 
+/// A non-finite entry of K or of V, alone, fails a call large enough for the tiled pass on
+/// a pool (K and V are packed and scanned side by side there), one head and GQA heads, on
+/// one thread and two: the error names the entry, as the reference's validation does.
+#[test]
+fn non_finite_keys_or_values_fail_on_any_thread_count() {
+    let c = seeded(600, 500, 16, 8, 5);
+    for (arg, row, col) in [("k", 417, 3), ("v", 9, 7), ("k", 0, 0), ("v", 499, 0)] {
+        let (mut k, mut v) = (c.k.clone(), c.v.clone());
+        let x = if arg == "k" { &mut k } else { &mut v };
+        x[(row, col)] = if row % 2 == 0 {
+            f64::INFINITY
+        } else {
+            f64::NAN
+        };
+        let want = Error::NonFinite { arg, row, col };
+        for threads in [1, 2] {
+            let opts = AttentionOptions::new().threads(threads);
+            let got = scaled_attention_with(&c.q, &k, &v, &Mask::causal(), &opts);
+            assert_eq!(got.unwrap_err(), want, "threads {threads}");
+            let heads = Heads::grouped(2, 1);
+            let q2 = DMatrix::from_fn(600, 32, |i, j| c.q[(i, j % 16)]);
+            let got = multi_head_attention(&q2, &k, &v, heads, &Mask::causal(), &opts);
+            assert_eq!(got.unwrap_err(), want, "multi-head, threads {threads}");
+        }
+    }
+}
+
 /// The public exp: accurate, and the documented special values.
 #[test]
 fn exp_in_place_is_accurate() {

@@ -34,18 +34,36 @@ pub(crate) struct PackedKv<T: Float> {
 
 impl<T: Float> PackedKv<T> {
     /// Packs the K and V of `p` (every problem of a group has the same), scanning them for
-    /// non-finite entries on the way.
-    pub(crate) fn new(isa: Isa, p: &Problem<'_, T>) -> Self {
+    /// non-finite entries on the way; K and V side by side on a pool's threads (one head's
+    /// packing would otherwise run on one thread while the other waits: 0.2 ms of a
+    /// two-thread n = 2048, d = 64 call that takes 8.4, on an Intel Xeon model 167).
+    pub(crate) fn new(isa: Isa, p: &Problem<'_, T>, exec: Exec) -> Self {
         let m_pad = round_up(p.plan.m, T::NR);
-        let mut finite = true;
-        let kt = pack::panels_of_transpose(isa, &p.k, T::NR, Some(&mut finite));
-        let v = pack::panels(isa, &p.v, T::NR, m_pad, Some(&mut finite));
+        let pack_k = || {
+            let mut finite = true;
+            (
+                pack::panels_of_transpose(isa, &p.k, T::NR, Some(&mut finite)),
+                finite,
+            )
+        };
+        let pack_v = || {
+            let mut finite = true;
+            (
+                pack::panels(isa, &p.v, T::NR, m_pad, Some(&mut finite)),
+                finite,
+            )
+        };
+        let ((kt, k_finite), (v, v_finite)) = if exec.parallel() {
+            join(pack_k, pack_v)
+        } else {
+            (pack_k(), pack_v())
+        };
         PackedKv {
             kt,
             v,
             m_pad,
             dv_pad: round_up(p.plan.dv, T::NR),
-            finite,
+            finite: k_finite && v_finite,
         }
     }
 }
@@ -1072,7 +1090,12 @@ mod tests {
             bias: bias.map(|b| b.as_view()),
             plan: plan(&qv, &kv, &vv, opts).unwrap(),
         };
-        let (out, lse) = forward(&problem, &PackedKv::new(isa, &problem), isa, Exec::Inline);
+        let (out, lse) = forward(
+            &problem,
+            &PackedKv::new(isa, &problem, Exec::Inline),
+            isa,
+            Exec::Inline,
+        );
         let want = scaled_attention_reference(&q, &k, &v, mask, opts).unwrap();
         for (a, b) in out.iter().zip(want.output.iter()) {
             let (a, b) = (a.as_f64(), b.as_f64());
@@ -1276,7 +1299,12 @@ mod tests {
         );
         assert_eq!(want.lse[0], f32::INFINITY);
         for isa in Isa::available() {
-            let (out, lse) = forward(&problem, &PackedKv::new(isa, &problem), isa, Exec::Inline);
+            let (out, lse) = forward(
+                &problem,
+                &PackedKv::new(isa, &problem, Exec::Inline),
+                isa,
+                Exec::Inline,
+            );
             assert_eq!(out.row(0), want.output.row(0));
             assert_eq!(lse[0], f32::INFINITY);
             assert!((out.row(1) - want.output.row(1)).amax() < 1e-6);

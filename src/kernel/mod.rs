@@ -134,7 +134,7 @@ pub(crate) fn attend<T: Float>(
     // K and V are packed once per key-value head and shared by its group's query heads; the
     // query tiles of all heads then run in one loop.
     with_threads(threads, |exec| {
-        let pack = |g: &[Problem<'_, T>]| forward::PackedKv::new(isa, &g[0]);
+        let pack = |g: &[Problem<'_, T>]| forward::PackedKv::new(isa, &g[0], exec);
         let kvs: Vec<forward::PackedKv<T>> = if exec.parallel() {
             problems.par_chunks(group).map(pack).collect()
         } else {
@@ -164,7 +164,7 @@ pub(crate) fn attend_stats<T: Float>(
         threads
     };
     let (output, lse, stats) = with_threads(threads, |exec| {
-        let kv = forward::PackedKv::new(isa, p);
+        let kv = forward::PackedKv::new(isa, p, exec);
         forward::forward_with_stats(p, &kv, isa, exec)
     });
     let out = AttentionOutput {

@@ -44,12 +44,18 @@ impl Exec {
 /// rayon's prelude, or (without the `rayon` feature) sequential stand-ins with its names.
 #[cfg(feature = "rayon")]
 pub(crate) mod par {
+    pub(crate) use rayon::join;
     pub(crate) use rayon::prelude::*;
 }
 
 /// Sequential stand-ins for the parts of rayon's prelude the kernels use.
 #[cfg(not(feature = "rayon"))]
 pub(crate) mod par {
+    /// Both closures, one after the other (rayon's `join` runs them in parallel).
+    pub(crate) fn join<A, B>(a: impl FnOnce() -> A, b: impl FnOnce() -> B) -> (A, B) {
+        (a(), b())
+    }
+
     /// `into_par_iter`: the plain iterator.
     pub(crate) trait IntoParallelIterator: IntoIterator + Sized {
         fn into_par_iter(self) -> Self::IntoIter {
