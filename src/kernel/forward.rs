@@ -4,6 +4,7 @@
 
 use super::buffers::Buf;
 use super::pack::{self, round_up};
+use super::threads::queued;
 use super::{Exec, tile};
 use crate::Float;
 use crate::float::pow2;
@@ -257,20 +258,29 @@ fn run<T: Float, const STATS: bool>(
             finite.store(false, Ordering::Relaxed);
         }
     };
-    match exec {
-        Exec::Inline => {
-            let mut scratch = Scratch::new(d, dv_pad, STATS);
-            for t in tiles {
-                one(&mut scratch, t);
-            }
-        }
-        Exec::Pool => {
-            tiles
-                .into_par_iter()
-                .for_each_init(|| Scratch::new(d, dv_pad, STATS), one);
-        }
-    }
+    // Head by head (the threads share its K and V while they are in cache), each head's
+    // largest tiles first: the threads end together.
+    let order = |t: &TileJob<'_, T>| {
+        let cost = tile_cost(jobs[t.head].0, t.q0, t.lse.len());
+        (t.head, core::cmp::Reverse(cost))
+    };
+    queued(exec, tiles, order, || Scratch::new(d, dv_pad, STATS), one);
     (layer, stats, finite.into_inner())
+}
+
+/// The work of the query tile of `rows` rows from `q0` of `p`, in query-key pairs of the
+/// key blocks it computes (half of a partial block's).
+fn tile_cost<T: Float>(p: &Problem<'_, T>, q0: usize, rows: usize) -> usize {
+    let (Plan { n, m, .. }, bc) = (p.plan, tile::<T>().1);
+    let pairs = |k0: usize| {
+        let keys = bc.min(m - k0);
+        match p.mask.classify(q0..q0 + rows, k0..k0 + keys, n, m) {
+            Block::Empty => 0,
+            Block::Partial => rows * keys / 2,
+            Block::Full => rows * keys,
+        }
+    };
+    (0..m).step_by(bc).map(pairs).sum()
 }
 
 /// The row counts of each head's query tiles (n rows in all): BR each, the last one fewer;
