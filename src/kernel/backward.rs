@@ -26,10 +26,11 @@
 //! own partial dQ, and the partials are summed in lane order at the end. One thread runs the
 //! lanes one after another (one partial buffer, reused); several run them in parallel.
 
-use super::Exec;
 use super::buffers::Buf;
 use super::pack::{self, round_up};
 use super::threads::par::*;
+use super::threads::{all, queued};
+use super::{Exec, block_work};
 use crate::Float;
 use crate::float::pow2;
 use crate::mask::Block;
@@ -95,12 +96,7 @@ impl<T: Float> Packed<T> {
             &|| pack::panels(isa, &d_out, T::NR, n_pad, None),
             &|| pack::panels(isa, &p.k, T::NR, m, None),
         ];
-        let packs: Vec<Buf<T>> = if exec.parallel() {
-            jobs.par_iter().map(|f| f()).collect()
-        } else {
-            jobs.iter().map(|f| f()).collect()
-        };
-        let mut packs = packs.into_iter();
+        let mut packs = all(exec, &jobs).into_iter();
         let mut next = || packs.next().unwrap_or_else(|| Buf::zeroed(0));
         Packed {
             q_rows: next(),
@@ -404,30 +400,6 @@ pub(crate) fn dq_lanes(key_blocks: usize, len: usize, size: usize) -> usize {
     key_blocks.min(budget.clamp(2, 8)).max(1)
 }
 
-/// `jobs` reordered so that every half, every quarter, ... of the list carries about the
-/// same work (`size`): the largest first, dealt in snake order to the two halves, recursively.
-/// A pool that splits the list in halves then finishes its threads together. (Only the order
-/// the lanes run in changes, never what a lane sums.)
-fn balanced<J>(mut jobs: Vec<J>, size: impl Fn(&J) -> usize + Copy) -> Vec<J> {
-    if jobs.len() <= 2 {
-        return jobs;
-    }
-    jobs.sort_by_key(|j| core::cmp::Reverse(size(j)));
-    let (mut a, mut b) = (Vec::new(), Vec::new());
-    // Snake order, A B B A A B B A ...: every two rounds give each half one larger and one
-    // smaller job.
-    for (i, j) in jobs.into_iter().enumerate() {
-        if i.div_ceil(2) % 2 == 0 {
-            a.push(j);
-        } else {
-            b.push(j);
-        }
-    }
-    let mut out = balanced(a, size);
-    out.extend(balanced(b, size));
-    out
-}
-
 /// The half-open ranges `[start, end)` of `len` positions cut into tiles of `tile`.
 fn ranges(len: usize, tile: usize) -> Vec<(usize, usize)> {
     (0..len)
@@ -552,11 +524,20 @@ pub(crate) fn backward<T: Float>(
     if exec.parallel() {
         let mut partials: Vec<Buf<T>> = (1..lanes).map(|_| Buf::zeroed(dq.len())).collect();
         let bufs = core::iter::once(&mut dq[..]).chain(partials.iter_mut().map(|b| &mut b[..]));
-        let jobs = balanced(work.into_iter().zip(bufs).collect(), |(b, _)| b.len());
-        jobs.into_par_iter().for_each_init(
-            || Scratch::new(tq, c),
-            |scr, (blocks, buf)| ctx.lane(&queries, &q_blocks, blocks, buf, scr),
-        );
+        // The largest lanes first (see `queued`): a causal mask's first key blocks carry
+        // the most queries.
+        let block = |&((j0, j1), _): &KeyWork<'_, T>| {
+            let q = |&(i0, i1): &(usize, usize)| block_work(p.mask, i0..i1, j0..j1, (n, m));
+            queries.iter().map(q).sum::<usize>()
+        };
+        let order = |(blocks, _): &(Vec<KeyWork<'_, T>>, &mut [T])| {
+            core::cmp::Reverse(blocks.iter().map(block).sum::<usize>())
+        };
+        let jobs: Vec<_> = work.into_iter().zip(bufs).collect();
+        let lane = |scr: &mut Scratch<T>, (blocks, buf): (Vec<KeyWork<'_, T>>, &mut [T])| {
+            ctx.lane(&queries, &q_blocks, blocks, buf, scr);
+        };
+        queued(exec, jobs, order, || Scratch::new(tq, c), lane);
         // Element by element in lane order (the same sums as one thread makes), cut into
         // pieces across the threads.
         const PIECE: usize = 1 << 14;
@@ -606,11 +587,19 @@ pub(crate) fn backward<T: Float>(
             .collect();
         pack::matrix_of_rows(isa, &r, cols)
     };
+    // Side by side on a pool: each is a fresh matrix, faulted in page by page.
+    let jobs: [&(dyn Fn() -> DMatrix<T> + Sync); 3] = [
+        &|| unpack(&dq, (d_pad, d), &|i| i, n),
+        &|| unpack(&dk, (d_pad, d), &key_row, m),
+        &|| unpack(&dvb, (dv_pad, dv), &key_row, m),
+    ];
+    let mut grads = all(exec, &jobs).into_iter();
+    let mut next = || grads.next().unwrap_or_else(|| DMatrix::zeros(0, 0));
     Gradients {
         mismatch,
-        dq: unpack(&dq, (d_pad, d), &|i| i, n),
-        dk: unpack(&dk, (d_pad, d), &key_row, m),
-        dv: unpack(&dvb, (dv_pad, dv), &key_row, m),
+        dq: next(),
+        dk: next(),
+        dv: next(),
         dbias: dbias.map(|data| DMatrix::from_vec(n, m, data)),
     }
 }
@@ -741,33 +730,5 @@ fn exact_rows<T: Float>(
                 out.dv[kr * out.dv_pad + c] += pj * d_out[(i, c)];
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::balanced;
-    use crate::prelude::*;
-
-    /// A permutation whose halves (and quarters) carry equal work where the sizes allow it:
-    /// 22 key blocks in 8 lanes split 11 / 11, where the lane order gives 12 / 10.
-    #[test]
-    fn balanced_halves() {
-        let sizes = vec![3, 3, 3, 3, 3, 3, 2, 2];
-        let out = balanced(sizes.clone(), |&s| s);
-        let mut sorted = out.clone();
-        sorted.sort_unstable();
-        assert_eq!(sorted, [2, 2, 3, 3, 3, 3, 3, 3]);
-        assert_eq!(out[..4].iter().sum::<usize>(), 11);
-        assert_eq!(out[4..].iter().sum::<usize>(), 11);
-        assert_eq!(sizes[..4].iter().sum::<usize>(), 12);
-        let out = balanced((1..=8).collect(), |&s| s);
-        assert_eq!(out[..4].iter().sum::<usize>(), 18);
-        assert_eq!(
-            [&out[..2], &out[2..4], &out[4..6], &out[6..]].map(|q| q.iter().sum::<usize>()),
-            [9, 9, 9, 9]
-        );
-        assert_eq!(balanced(vec![5, 1], |&s| s), [5, 1]);
-        assert!(balanced(Vec::<usize>::new(), |&s| s).is_empty());
     }
 }

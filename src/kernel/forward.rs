@@ -5,7 +5,7 @@
 use super::buffers::Buf;
 use super::pack::{self, round_up};
 use super::threads::queued;
-use super::{Exec, tile};
+use super::{Exec, block_work, tile};
 use crate::Float;
 use crate::float::pow2;
 use crate::mask::Block;
@@ -268,19 +268,11 @@ fn run<T: Float, const STATS: bool>(
     (layer, stats, finite.into_inner())
 }
 
-/// The work of the query tile of `rows` rows from `q0` of `p`, in query-key pairs of the
-/// key blocks it computes (half of a partial block's).
+/// The work of the query tile of `rows` rows from `q0` of `p` (see [`block_work`]).
 fn tile_cost<T: Float>(p: &Problem<'_, T>, q0: usize, rows: usize) -> usize {
     let (Plan { n, m, .. }, bc) = (p.plan, tile::<T>().1);
-    let pairs = |k0: usize| {
-        let keys = bc.min(m - k0);
-        match p.mask.classify(q0..q0 + rows, k0..k0 + keys, n, m) {
-            Block::Empty => 0,
-            Block::Partial => rows * keys / 2,
-            Block::Full => rows * keys,
-        }
-    };
-    (0..m).step_by(bc).map(pairs).sum()
+    let block = |k0: usize| block_work(p.mask, q0..q0 + rows, k0..(k0 + bc).min(m), (n, m));
+    (0..m).step_by(bc).map(block).sum()
 }
 
 /// The row counts of each head's query tiles (n rows in all): BR each, the last one fewer;

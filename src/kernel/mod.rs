@@ -28,6 +28,23 @@ pub(crate) fn tile<T: Float>() -> (usize, usize) {
     }
 }
 
+/// The work of the block `rows` x `cols` of an n x m attention under `mask`, in query-key
+/// pairs computed: all of a full block, half of a partial one, none of an empty one (what
+/// [`threads::queued`] orders the forward's query tiles and the backward's lanes by).
+pub(crate) fn block_work(
+    mask: &crate::Mask,
+    rows: core::ops::Range<usize>,
+    cols: core::ops::Range<usize>,
+    (n, m): (usize, usize),
+) -> usize {
+    let pairs = rows.len() * cols.len();
+    match mask.classify(rows, cols, n, m) {
+        crate::mask::Block::Empty => 0,
+        crate::mask::Block::Partial => pairs / 2,
+        crate::mask::Block::Full => pairs,
+    }
+}
+
 /// Whether `rows` query rows per GQA group against `m` keys take the decode path.
 #[cfg(feature = "half")]
 pub(crate) fn decodes(rows: usize, m: usize) -> bool {
@@ -173,4 +190,21 @@ pub(crate) fn attend_stats<T: Float>(
         weights: None,
     };
     (out, stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::block_work;
+    use crate::Mask;
+
+    /// All pairs of a full block, half of a partial one, none of an empty one.
+    #[test]
+    fn block_work_counts_the_pairs_a_block_computes() {
+        let (causal, dims) = (Mask::causal(), (8, 8));
+        assert_eq!(block_work(&causal, 4..8, 0..4, dims), 16);
+        assert_eq!(block_work(&causal, 0..4, 0..4, dims), 8);
+        assert_eq!(block_work(&causal, 0..4, 4..8, dims), 0);
+        assert_eq!(block_work(&Mask::none(), 0..3, 0..5, dims), 15);
+        assert_eq!(block_work(&causal, 2..2, 0..8, dims), 0);
+    }
 }

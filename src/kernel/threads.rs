@@ -88,17 +88,16 @@ pub(crate) mod par {
             self.chunks_mut(size)
         }
     }
+}
 
-    /// `for_each_init`: one state for the whole (sequential) loop.
-    pub(crate) trait ForEachInit: Iterator + Sized {
-        fn for_each_init<S>(self, init: impl Fn() -> S, op: impl Fn(&mut S, Self::Item)) {
-            let mut state = init();
-            for x in self {
-                op(&mut state, x);
-            }
-        }
+/// The results of `jobs`, in order: run side by side on a pool, else one after another.
+pub(crate) fn all<R: Send>(exec: Exec, jobs: &[&(dyn Fn() -> R + Sync)]) -> Vec<R> {
+    use par::*;
+    if exec.parallel() {
+        jobs.par_iter().map(|f| f()).collect()
+    } else {
+        jobs.iter().map(|f| f()).collect()
     }
-    impl<I: Iterator> ForEachInit for I {}
 }
 
 /// Runs `op` on every job, with one state per thread made by `init` (only by threads that
@@ -245,7 +244,10 @@ mod tests {
             seen.sort_unstable();
             assert_eq!(seen, (0..50).collect::<Vec<_>>(), "{threads} threads");
             let states = states.into_inner();
-            assert!((1..=threads).contains(&states), "{states} states on {threads} threads");
+            assert!(
+                (1..=threads).contains(&states),
+                "{states} states on {threads} threads"
+            );
         }
     }
 }
