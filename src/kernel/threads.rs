@@ -142,9 +142,11 @@ pub(crate) fn queued<J: Send, K: Ord, S>(
         return;
     }
     let _ = (exec, &order);
-    let mut state = init();
-    for job in jobs {
-        op(&mut state, job);
+    let mut jobs = jobs.into_iter();
+    if let Some(first) = jobs.next() {
+        let mut state = init();
+        op(&mut state, first);
+        jobs.for_each(|job| op(&mut state, job));
     }
 }
 
@@ -248,6 +250,13 @@ mod tests {
                 (1..=threads).contains(&states),
                 "{states} states on {threads} threads"
             );
+            // No job, no state.
+            let made = core::sync::atomic::AtomicUsize::new(0);
+            with_threads(Some(threads), |exec| {
+                let init = || made.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+                queued(exec, Vec::<usize>::new(), |&j| j, init, |_, _| ());
+            });
+            assert_eq!(made.into_inner(), 0);
         }
     }
 }
