@@ -544,10 +544,10 @@ mod tests {
 
     /// Every head of a 4-query-head / 2-KV-head layer, n = 1 and 2 new tokens against
     /// m = 5000 cached keys (three chunks, a ragged last block), against the reference head by
-    /// head.
+    /// head; d_v = 5 takes the value tile's wide and one-column passes for four rows.
     #[test]
     fn grouped_decode_matches_the_reference() {
-        let (m, d, dv) = (5000, 8, 3);
+        let (m, d, dv) = (5000, 8, 5);
         let heads = Heads::grouped(4, 2);
         let k = matrix(m, 2 * d, 0.2);
         let v = matrix(m, 2 * dv, 0.4);
