@@ -5,7 +5,7 @@
 use super::buffers::Buf;
 use super::pack::{self, round_up};
 use super::threads::queued;
-use super::{Exec, block_work, tile};
+use super::{Exec, block_work, tile, tile_capacity, tile_count};
 use crate::Float;
 use crate::float::pow2;
 use crate::mask::Block;
@@ -108,7 +108,8 @@ struct Scratch<T: Float> {
 
 impl<T: Float> Scratch<T> {
     fn new(d: usize, dv_pad: usize, stats: bool) -> Self {
-        let (br, bc) = tile::<T>();
+        // Room for a tile's most rows (see `tile_capacity`).
+        let (br, bc) = (tile_capacity::<T>(), tile::<T>().1);
         let (sr, sc) = if stats { (br, bc) } else { (0, 0) };
         Scratch {
             // At least one column, so that a strip can slice its rows when d = 0.
@@ -275,15 +276,15 @@ fn tile_cost<T: Float>(p: &Problem<'_, T>, q0: usize, rows: usize) -> usize {
     (0..m).step_by(bc).map(block).sum()
 }
 
-/// The row counts of each head's query tiles (n rows in all): BR each, the last one fewer;
-/// unless the call's tiles, `heads` times as many, do not split evenly over `threads`
+/// The row counts of each head's query tiles (n rows in all): [`tile_count`] tiles of about
+/// BR rows each, the MR-row strips dealt out as evenly as they go; unless the call's tiles, `heads` times as many, do not split evenly over `threads`
 /// threads: then a few more tiles, as many as make the count a multiple of the threads, with
 /// the MR-row strips dealt out as evenly as they go (a dense n = 1024 in f32 on two threads:
 /// 12 tiles of 84-90 rows, not 11 of 96, one thread's sixth while the other idles). The
 /// result does not depend on the tiles (see the kernel guide), only the time.
 fn tile_rows<T: Float>(n: usize, heads: usize, threads: usize) -> Vec<usize> {
-    let (br, mr) = (tile::<T>().0, T::MR);
-    let mut count = n.div_ceil(br);
+    let (cap, mr) = (tile_capacity::<T>(), T::MR);
+    let mut count = tile_count::<T>(n);
     if threads > 1 && heads * count < 8 * threads {
         while !(heads * count).is_multiple_of(threads) {
             count += 1;
@@ -296,7 +297,7 @@ fn tile_rows<T: Float>(n: usize, heads: usize, threads: usize) -> Vec<usize> {
     (0..count)
         .map(|t| {
             let r = ((each + usize::from(t < extra)) * mr).min(left);
-            debug_assert!(r <= br);
+            debug_assert!(r <= cap);
             left -= r;
             r
         })
@@ -330,7 +331,7 @@ fn query_tile<T: Float, const STATS: bool>(
     scr: &mut Scratch<T>,
 ) -> bool {
     let Plan { n, m, d, dv, .. } = p.plan;
-    let ((br, bc), mr, nr) = (tile::<T>(), T::MR, T::NR);
+    let ((cap, bc), mr, nr) = ((tile_capacity::<T>(), tile::<T>().1), T::MR, T::NR);
     let rows = lse.len();
     let rows_pad = round_up(rows, mr);
     let dv_pad = kv.dv_pad;
@@ -345,7 +346,7 @@ fn query_tile<T: Float, const STATS: bool>(
     // takes the same there, and on 16 heads of n = 128 this setup costs 0.12-0.15 ms a call
     // against 0.15-0.17 for the scan and the per-column copies (one dispatch, not 3·d).
     (0..d).for_each(|t| simd::prefetch(segment(t)));
-    let finite = factor.apply_into(isa, (0..d).map(segment), &mut scr.q, (br, rows_pad));
+    let finite = factor.apply_into(isa, (0..d).map(segment), &mut scr.q, (cap, rows_pad));
     if !finite {
         return false; // the caller reports the error; nothing of this tile is used
     }
@@ -359,7 +360,7 @@ fn query_tile<T: Float, const STATS: bool>(
         scr.excess[..rows].fill(T::zero());
         scr.support[..rows].fill(0);
     }
-    debug_assert!(rows <= br);
+    debug_assert!(rows <= cap);
 
     let blocks = (0..m)
         .step_by(bc)
@@ -479,7 +480,7 @@ fn strip<T: Float, const STATS: bool>(
     block: Block,
     scr: &mut Scratch<T>,
 ) {
-    let (Plan { d, dv, .. }, (br, bc), nr) = (p.plan, tile::<T>(), T::NR);
+    let (Plan { d, dv, .. }, cap, bc, nr) = (p.plan, tile_capacity::<T>(), tile::<T>().1, T::NR);
     let dv_pad = kv.dv_pad;
     let (k0, cols) = (keys.start, keys.len());
     let cols_pad = round_up(cols, nr);
@@ -491,7 +492,7 @@ fn strip<T: Float, const STATS: bool>(
             k: d,
             accumulate: false,
         },
-        Rows::transposed(&scr.q[i0..], br),
+        Rows::transposed(&scr.q[i0..], cap),
         Panels::new(&kv.kt[(k0 / nr) * d * nr..], d * nr),
         Out::new(&mut scr.s[i0 * bc..], bc),
     );
@@ -980,21 +981,21 @@ mod tests {
     use crate::spec::{AttentionOptions, plan};
     use rand::{RngExt, SeedableRng};
 
-    /// Tiles cover the rows in order, each at most BR rows and a whole number of MR-row
+    /// Tiles cover the rows in order, each at most `tile_capacity` rows and a whole number of MR-row
     /// strips (but the last), and with few tiles their count is a multiple of the threads.
     #[test]
     fn tile_rows_cover_the_queries_evenly() {
         fn check<T: Float>() {
-            let (br, mr) = (tile::<T>().0, T::MR);
+            let (cap, mr) = (tile_capacity::<T>(), T::MR);
             for n in [1, 5, 6, 7, 95, 96, 97, 128, 500, 1024, 2048, 5000] {
                 for heads in [1, 2, 3, 16] {
                     for threads in [1, 2, 3, 4] {
                         let rows = tile_rows::<T>(n, heads, threads);
                         assert_eq!(rows.iter().sum::<usize>(), n);
-                        assert!(rows.iter().all(|&r| r > 0 && r <= br));
+                        assert!(rows.iter().all(|&r| r > 0 && r <= cap));
                         let last = rows.len() - 1;
                         assert!(rows[..last].iter().all(|r| r % mr == 0));
-                        let plain = n.div_ceil(br);
+                        let plain = tile_count::<T>(n);
                         if threads == 1 {
                             assert_eq!(rows.len(), plain);
                         } else if heads * plain < 8 * threads && rows.len() < n.div_ceil(mr) {
@@ -1009,7 +1010,7 @@ mod tests {
             }
             assert_eq!(
                 tile_rows::<T>(1024, 1, 2).len(),
-                1024usize.div_ceil(br).next_multiple_of(2)
+                tile_count::<T>(1024).next_multiple_of(2)
             );
         }
         check::<f32>();
