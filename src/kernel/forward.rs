@@ -276,12 +276,13 @@ fn tile_cost<T: Float>(p: &Problem<'_, T>, q0: usize, rows: usize) -> usize {
     (0..m).step_by(bc).map(block).sum()
 }
 
-/// The row counts of each head's query tiles (n rows in all): [`tile_count`] tiles of about
-/// BR rows each, the MR-row strips dealt out as evenly as they go; unless the call's tiles, `heads` times as many, do not split evenly over `threads`
-/// threads: then a few more tiles, as many as make the count a multiple of the threads, with
-/// the MR-row strips dealt out as evenly as they go (a dense n = 1024 in f32 on two threads:
-/// 12 tiles of 84-90 rows, not 11 of 96, one thread's sixth while the other idles). The
-/// result does not depend on the tiles (see the kernel guide), only the time.
+/// The row counts of each head's query tiles (n rows in all): [`tile_count`] tiles, or, where
+/// the call's tiles, `heads` times as many, are few (under 8 a thread) and do not split
+/// evenly over `threads` threads, a few more, as many as make the count a multiple of the
+/// threads; the MR-row strips dealt out among them as evenly as they go (a dense n = 1024 in
+/// f32 on two threads: 12 tiles of 84-90 rows, not 11 of 96, one thread's sixth while the
+/// other idles). The result does not depend on the tiles (see the kernel guide), only the
+/// time.
 fn tile_rows<T: Float>(n: usize, heads: usize, threads: usize) -> Vec<usize> {
     let (cap, mr) = (tile_capacity::<T>(), T::MR);
     let mut count = tile_count::<T>(n);
