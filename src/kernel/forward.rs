@@ -4,7 +4,7 @@
 
 use super::buffers::Buf;
 use super::pack::{self, round_up};
-use super::threads::queued;
+use super::threads::{all, queued};
 use super::{Exec, block_work, tile, tile_capacity, tile_count};
 use crate::Float;
 use crate::float::pow2;
@@ -13,7 +13,6 @@ use crate::prelude::*;
 use crate::simd::{self, Isa, Out, Panels, Rows, Shape};
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use super::threads::par::*;
 use crate::spec::{
     AttentionStats, MultiHeadOutput, Plan, Problem, clamp_entropy, convex_combination, raw_dot_row,
     row_stats, softmax_exact_row,
@@ -40,25 +39,16 @@ impl<T: Float> PackedKv<T> {
     /// two-thread n = 2048, d = 64 call that takes 8.4, on an Intel Xeon model 167).
     pub(crate) fn new(isa: Isa, p: &Problem<'_, T>, exec: Exec) -> Self {
         let m_pad = round_up(p.plan.m, T::NR);
-        let pack_k = || {
+        // Each layout with its own finiteness flag, so that the two can pack side by side.
+        let scanned = |pack: &dyn Fn(Option<&mut bool>) -> Buf<T>| {
             let mut finite = true;
-            (
-                pack::panels_of_transpose(isa, &p.k, T::NR, Some(&mut finite)),
-                finite,
-            )
+            (pack(Some(&mut finite)), finite)
         };
-        let pack_v = || {
-            let mut finite = true;
-            (
-                pack::panels(isa, &p.v, T::NR, m_pad, Some(&mut finite)),
-                finite,
-            )
-        };
-        let ((kt, k_finite), (v, v_finite)) = if exec.parallel() {
-            join(pack_k, pack_v)
-        } else {
-            (pack_k(), pack_v())
-        };
+        let pack_k = || scanned(&|f| pack::panels_of_transpose(isa, &p.k, T::NR, f));
+        let pack_v = || scanned(&|f| pack::panels(isa, &p.v, T::NR, m_pad, f));
+        let mut packs = all(exec, &[&pack_k, &pack_v]).into_iter();
+        let mut next = || packs.next().unwrap_or_else(|| (Buf::zeroed(0), false));
+        let ((kt, k_finite), (v, v_finite)) = (next(), next());
         PackedKv {
             kt,
             v,
@@ -332,7 +322,7 @@ fn query_tile<T: Float, const STATS: bool>(
     scr: &mut Scratch<T>,
 ) -> bool {
     let Plan { n, m, d, dv, .. } = p.plan;
-    let ((cap, bc), mr, nr) = ((tile_capacity::<T>(), tile::<T>().1), T::MR, T::NR);
+    let (cap, bc, mr, nr) = (tile_capacity::<T>(), tile::<T>().1, T::MR, T::NR);
     let rows = lse.len();
     let rows_pad = round_up(rows, mr);
     let dv_pad = kv.dv_pad;
@@ -982,8 +972,9 @@ mod tests {
     use crate::spec::{AttentionOptions, plan};
     use rand::{RngExt, SeedableRng};
 
-    /// Tiles cover the rows in order, each at most `tile_capacity` rows and a whole number of MR-row
-    /// strips (but the last), and with few tiles their count is a multiple of the threads.
+    /// Tiles cover the rows in order, each at most `tile_capacity` rows and a whole number of
+    /// MR-row strips (but the last), and with few tiles their count is a multiple of the
+    /// threads.
     #[test]
     fn tile_rows_cover_the_queries_evenly() {
         fn check<T: Float>() {

@@ -45,18 +45,12 @@ impl Exec {
 /// rayon's prelude, or (without the `rayon` feature) sequential stand-ins with its names.
 #[cfg(feature = "rayon")]
 pub(crate) mod par {
-    pub(crate) use rayon::join;
     pub(crate) use rayon::prelude::*;
 }
 
 /// Sequential stand-ins for the parts of rayon's prelude the kernels use.
 #[cfg(not(feature = "rayon"))]
 pub(crate) mod par {
-    /// Both closures, one after the other (rayon's `join` runs them in parallel).
-    pub(crate) fn join<A, B>(a: impl FnOnce() -> A, b: impl FnOnce() -> B) -> (A, B) {
-        (a(), b())
-    }
-
     /// `into_par_iter`: the plain iterator.
     pub(crate) trait IntoParallelIterator: IntoIterator + Sized {
         fn into_par_iter(self) -> Self::IntoIter {
@@ -130,23 +124,25 @@ pub(crate) fn queued<J: Send, K: Ord, S>(
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .take()
         };
-        (0..exec.threads()).into_par_iter().for_each(|_| {
-            if let Some(first) = next() {
-                let mut state = init();
-                op(&mut state, first);
-                while let Some(job) = next() {
-                    op(&mut state, job);
-                }
-            }
-        });
+        (0..exec.threads())
+            .into_par_iter()
+            .for_each(|_| drain(next, &init, &op));
         return;
     }
     let _ = (exec, &order);
     let mut jobs = jobs.into_iter();
-    if let Some(first) = jobs.next() {
+    drain(|| jobs.next(), &init, &op);
+}
+
+/// `op` on every job `next` gives until it gives none, with one state from `init`, made only
+/// if there is a job.
+fn drain<J, S>(mut next: impl FnMut() -> Option<J>, init: impl Fn() -> S, op: impl Fn(&mut S, J)) {
+    if let Some(first) = next() {
         let mut state = init();
         op(&mut state, first);
-        jobs.for_each(|job| op(&mut state, job));
+        while let Some(job) = next() {
+            op(&mut state, job);
+        }
     }
 }
 
