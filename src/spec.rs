@@ -212,10 +212,13 @@ impl<'a, T: Float> AttentionOptions<'a, T> {
         self
     }
 
-    /// Runs the call on a private pool of `threads` worker threads (1 = on the calling
-    /// thread), without touching rayon's global pool. The crate builds one such pool per
-    /// thread count, on first use, and reuses it. By default the call uses the current rayon
-    /// pool. The result is bit-identical for every thread count; 0 is treated as 1, and a count
+    /// Runs the call on `threads` threads: the calling thread and `threads − 1` workers of a
+    /// private rayon pool (1 = the calling thread alone), without touching rayon's global
+    /// pool. The crate builds one such pool per thread count, on first use, and reuses it. By
+    /// default the call uses as many threads as the current rayon pool has (the global one
+    /// outside any pool), the calling thread among them. The calling thread always works: a
+    /// worker that is slow to wake up finds less left to do, and the call never waits for it
+    /// to start. The result is bit-identical for every thread count; 0 is treated as 1, and a count
     /// above four threads per logical CPU is capped there (a larger pool only adds OS threads
     /// that wait: `threads(usize::MAX)` must not try to spawn them). The reference
     /// implementation is always single-threaded, and so is everything when the crate is

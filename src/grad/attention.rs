@@ -389,15 +389,7 @@ pub fn multi_head_attention_backward<'q, 'k, 'v, 'g, T: Float>(
         backward(&problems[hd], g, &lse, &delta, isa, exec, tiles::<T>())
     };
     let per_head: Vec<_> = kernel::with_threads(opts.threads, |exec| {
-        use crate::kernel::par::*;
-        if exec.parallel() {
-            (0..h)
-                .into_par_iter()
-                .map(|hd| one_head(hd, exec))
-                .collect()
-        } else {
-            (0..h).map(|hd| one_head(hd, exec)).collect()
-        }
+        kernel::map(exec, (0..h).collect(), |hd| one_head(hd, exec))
     });
     if let Some((hd, (row, sum))) = per_head
         .iter()

@@ -28,7 +28,6 @@
 
 use super::buffers::Buf;
 use super::pack::{self, round_up};
-use super::threads::par::*;
 use super::threads::{all, queued};
 use super::{Exec, block_work};
 use crate::Float;
@@ -541,11 +540,13 @@ pub(crate) fn backward<T: Float>(
         // Element by element in lane order (the same sums as one thread makes), cut into
         // pieces across the threads.
         const PIECE: usize = 1 << 14;
-        dq.par_chunks_mut(PIECE).enumerate().for_each(|(i, piece)| {
+        let pieces: Vec<(usize, &mut [T])> = dq.chunks_mut(PIECE).enumerate().collect();
+        let sum = |_: &mut (), (i, piece): (usize, &mut [T])| {
             for part in &partials {
                 add_into(piece, &part[i * PIECE..]);
             }
-        });
+        };
+        queued(exec, pieces, |&(i, _)| i, || (), sum);
     } else {
         let mut scr = Scratch::new(tq, c);
         let mut lanes_work = work.into_iter();

@@ -19,7 +19,7 @@
 use super::Exec;
 use super::forward::{RowEnd, finish_scores, q_factor, row_end};
 use super::pack::column;
-use super::threads::par::*;
+use super::threads::map;
 use crate::Float;
 use crate::mask::Block;
 use crate::prelude::*;
@@ -377,11 +377,7 @@ pub(crate) fn decode<T: Float, X: Stored<T> + nalgebra::Scalar>(
             isa,
         )
     };
-    let partials: Vec<Partial<T>> = if exec.parallel() && chunks.len() > 1 {
-        chunks.par_iter().map(run).collect()
-    } else {
-        chunks.iter().map(run).collect()
-    };
+    let partials: Vec<Partial<T>> = map(exec, chunks.iter().collect(), run);
     // Merge the chunks in order: M = max of the maxima, every sum and accumulator rescaled
     // by 2^(max_k − M).
     let mut results: Vec<(DMatrix<T>, DVector<T>)> = problems

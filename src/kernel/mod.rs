@@ -10,13 +10,12 @@ pub(crate) mod forward;
 mod pack;
 mod threads;
 
-pub(crate) use threads::{Exec, par, with_threads};
+pub(crate) use threads::{Exec, map, with_threads};
 
 use crate::Float;
 use crate::prelude::*;
 use crate::simd::Isa;
 use crate::spec::{AttentionOutput, AttentionStats, MultiHeadOutput, Problem};
-use threads::par::*;
 
 /// Query rows per tile (a multiple of MR) and keys per tile (a multiple of NR): f32 96 x 256,
 /// f64 48 x 128, so that one tile's scores and accumulator stay in L2.
@@ -99,15 +98,7 @@ pub(crate) fn attend_stored<T: Float, X: crate::simd::Stored<T> + nalgebra::Scal
     };
     let results: Vec<Vec<(nalgebra::DMatrix<T>, nalgebra::DVector<T>)>> =
         with_threads(threads, |exec| {
-            if exec.parallel() {
-                groups
-                    .par_iter()
-                    .enumerate()
-                    .map(|x| one(x, exec))
-                    .collect()
-            } else {
-                groups.iter().enumerate().map(|x| one(x, exec)).collect()
-            }
+            map(exec, groups.iter().enumerate().collect(), |x| one(x, exec))
         });
     MultiHeadOutput::from_heads(results, n, dv)
 }
@@ -148,18 +139,16 @@ pub(crate) fn attend<T: Float>(
                     let exact = |h: usize, i: usize| forward::exact_row(g[h], i);
                     decode::decode(g, (g[0].k, g[0].v), &exact, isa, exec)
                 };
-                if exec.parallel() {
-                    groups.par_iter().map(one).collect()
-                } else {
-                    groups.iter().map(one).collect()
-                }
+                map(exec, groups.iter().collect(), one)
             });
         return (MultiHeadOutput::from_heads(results, n, dv), true);
     }
-    // With fewer than four query tiles in all, handing them to a pool costs more (moving the
-    // call to a worker, a scratch tile per thread) than the split saves: measured 0.89-0.91x
-    // of one thread at n = 256 in f32. The calling thread computes the same bits.
-    let threads = if problems.len() * tile_count::<T>(n) < 4 {
+    // One query tile in all runs on the calling thread alone: a helper could only pack V
+    // while the caller packs K, less work than waking it costs. From two tiles on the split
+    // pays now that the caller works too: n = 256 in f32 (three tiles) ran 1.28-1.32x faster
+    // on two threads than on one (Zen 4), where moving the call onto a pool worker had made
+    // it 0.89-0.91x. The calling thread computes the same bits.
+    let threads = if problems.len() * tile_count::<T>(n) < 2 {
         Some(1)
     } else {
         threads
@@ -167,12 +156,15 @@ pub(crate) fn attend<T: Float>(
     // K and V are packed once per key-value head and shared by its group's query heads; the
     // query tiles of all heads then run in one loop.
     with_threads(threads, |exec| {
-        let pack = |g: &[Problem<'_, T>]| forward::PackedKv::new(isa, &g[0], exec);
-        let kvs: Vec<forward::PackedKv<T>> = if exec.parallel() {
-            problems.par_chunks(group).map(pack).collect()
+        // Packing K and V side by side inside a head pays only with fewer heads than threads.
+        let groups = problems.len().div_ceil(group.max(1));
+        let inner = if groups >= exec.threads() {
+            Exec::Inline
         } else {
-            problems.chunks(group).map(pack).collect()
+            exec
         };
+        let pack = |g: &[Problem<'_, T>]| forward::PackedKv::new(isa, &g[0], inner);
+        let kvs: Vec<forward::PackedKv<T>> = map(exec, problems.chunks(group).collect(), pack);
         let jobs: Vec<(&Problem<'_, T>, &forward::PackedKv<T>)> = problems
             .iter()
             .enumerate()
@@ -190,8 +182,8 @@ pub(crate) fn attend_stats<T: Float>(
     threads: Option<usize>,
 ) -> (AttentionOutput<T>, AttentionStats<T>) {
     let isa = Isa::get();
-    // As in `attend`: fewer than four query tiles run on the calling thread.
-    let threads = if tile_count::<T>(p.plan.n) < 4 {
+    // As in `attend`: one query tile runs on the calling thread.
+    let threads = if tile_count::<T>(p.plan.n) < 2 {
         Some(1)
     } else {
         threads
