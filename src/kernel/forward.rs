@@ -197,8 +197,8 @@ fn run<T: Float, const STATS: bool>(
     // of its lse column): the tiles write their rows in place, in parallel.
     let heads = jobs.len();
     let mut layer = MultiHeadOutput {
-        output: DMatrix::zeros(n, heads * dv),
-        lse: DMatrix::zeros(n, heads),
+        output: pack::zeros(n, heads * dv),
+        lse: pack::zeros(n, heads),
     };
     let sn = if STATS { n } else { 0 };
     let mut stats: Vec<[Vec<T>; 3]> = (0..heads)

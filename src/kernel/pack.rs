@@ -66,12 +66,19 @@ fn transpose_into<T: Float>(
 /// [`simd::transpose`].
 pub(crate) fn matrix_of_rows<T: Float>(isa: Isa, rows: &[&[T]], cols: usize) -> DMatrix<T> {
     let r = rows.len();
-    let mut out = DMatrix::zeros(r, cols);
+    let mut out = zeros(r, cols);
     if r > 0 && cols > 0 {
         let mut dst: Vec<&mut [T]> = out.as_mut_slice().chunks_mut(r).collect();
         simd::transpose(isa, rows, &mut dst);
     }
     out
+}
+
+/// An `r x c` matrix of zeros from zeroed memory: a large one comes from the system already
+/// cleared, so that it is not cleared a second time (nalgebra's `zeros` writes every element,
+/// `vec!` of the zero bit pattern asks the allocator for zeroed memory instead).
+pub(crate) fn zeros<T: Float>(r: usize, c: usize) -> DMatrix<T> {
+    DMatrix::from_vec(r, c, vec![T::zero(); r * c])
 }
 
 /// Clears `*finite` unless every entry of columns `cols` of `x` is finite (nothing to do
