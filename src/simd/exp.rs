@@ -138,18 +138,24 @@ fn kern<E: Element, S: Lanes<E>, const TWO: bool>(s: S, x: S::V) -> S::V {
 /// and `std` for the rare lanes above its range.
 #[inline(always)]
 pub(super) fn exp_lanes<E: Element, S: Lanes<E>, const TWO: bool>(s: S, x: &[E]) -> S::V {
+    exp_vector::<E, S, TWO>(s, s.load(x))
+}
+
+/// [`exp_lanes`] of a vector already in registers.
+#[inline(always)]
+pub(super) fn exp_vector<E: Element, S: Lanes<E>, const TWO: bool>(s: S, v: S::V) -> S::V {
     let (hi, exact): (E, fn(E) -> E) = if TWO {
         (E::EXP2_HI, E::std_exp2)
     } else {
         (E::EXP_HI, E::std_exp)
     };
-    let v = s.load(x);
     let y = kern::<E, S, TWO>(s, v);
     if !s.any_above(v, hi) {
         return y;
     }
-    let mut out = [E::ZERO; MAX_LANES];
+    let (mut out, mut x) = ([E::ZERO; MAX_LANES], [E::ZERO; MAX_LANES]);
     s.store(&mut out, y);
+    s.store(&mut x, v);
     for (o, &xi) in out.iter_mut().zip(&x[..S::LANES]) {
         if xi > hi {
             *o = exact(xi);

@@ -48,8 +48,9 @@ pub use gemm::{Out, Panels, Rows, Shape, block_rows, gemm};
 pub use isa::{InstructionSet, Isa, instruction_set};
 pub use portable::Portable;
 pub use rows::{
-    ScoreRows, add_products, affine_row, all_finite, all_finite_parts, finite_max, max_abs_into,
-    online_rows, online_step, scale_parts_into, scale_row, softmax_grad_row,
+    GradRows, ScoreRows, add_products, affine_row, all_finite, all_finite_parts, finite_max,
+    max_abs_into, online_rows, online_step, scale_parts_into, scale_row, softmax_grad_row,
+    softmax_grad_rows,
 };
 pub use transpose::transpose;
 use transpose::transpose_by_blocks;

@@ -1,7 +1,7 @@
 //! The two per-row steps of the online softmax, written once: exponentiate a score row
 //! against its running maximum, and rescale an accumulator row.
 
-use super::exp::{exp_lanes, exp_lanes_part, exp2};
+use super::exp::{exp_lanes, exp_lanes_part, exp_vector, exp2};
 use super::{Element, Isa, Kernel, Lanes, MAX_LANES, dispatch};
 
 /// The exponentiation of one score row against its running maximum (see `softmax_row`, the
@@ -397,37 +397,181 @@ impl<E: Element> Kernel<E> for SoftmaxGradRow<'_, E> {
             tiny,
         } = self;
         assert!(args.len() == dp.len() && args.len() == dx.len());
-        let (dv, gv) = (s.splat(delta), s.splat(g));
         let l = S::LANES;
         let whole = args.len() - args.len() % l;
-        let mut sum = s.splat(E::ZERO);
+        let mut grad = GradLanes::new(s, delta, g, tiny);
         for j in (0..whole).step_by(l) {
-            let pv = exp_lanes::<E, S, false>(s, &args[j..]);
-            sum = s.add(sum, pv);
-            // A pair without weight gives exactly 0, even where dP − D is not finite.
-            let ds = s.zero_below(pv, tiny, s.mul(pv, s.sub(s.load(&dp[j..]), dv)));
-            s.store(&mut dp[j..], pv);
-            s.store(&mut dx[j..], s.mul(ds, gv));
+            grad.step(
+                exp_lanes::<E, S, false>(s, &args[j..]),
+                &mut dp[j..],
+                &mut dx[j..],
+            );
         }
-        let mut total = s.reduce_sum(sum);
-        // The tail's weights as one vector, its sums one by one.
-        let mut p = [E::ZERO; MAX_LANES];
         let rest = &args[whole..];
-        if !rest.is_empty() {
+        let p = if rest.is_empty() {
+            [E::ZERO; MAX_LANES]
+        } else {
+            let mut p = [E::ZERO; MAX_LANES];
             s.store(&mut p, exp_lanes_part::<E, S, false>(s, rest));
+            p
+        };
+        grad.finish(&p, &mut dp[whole..], &mut dx[whole..])
+    }
+}
+
+/// The softmax-gradient arithmetic of [`softmax_grad_row`] after the weights: `Σ P` in one
+/// vector, then `dS = P ⊙ (dP − D)` (0 where `P < tiny`), `dp ← P`, `dx ← g · dS`.
+struct GradLanes<E: Element, S: Lanes<E>> {
+    s: S,
+    sum: S::V,
+    delta: E,
+    g: E,
+    tiny: E,
+    /// `delta` and `g` in every lane.
+    dv: S::V,
+    gv: S::V,
+}
+
+impl<E: Element, S: Lanes<E>> GradLanes<E, S> {
+    #[inline(always)]
+    fn new(s: S, delta: E, g: E, tiny: E) -> Self {
+        let (sum, dv, gv) = (s.splat(E::ZERO), s.splat(delta), s.splat(g));
+        GradLanes {
+            s,
+            sum,
+            delta,
+            g,
+            tiny,
+            dv,
+            gv,
         }
-        for (j, &pj) in (whole..args.len()).zip(&p) {
+    }
+
+    /// One vector of weights `pv` for the first `LANES` entries of `dp` and `dx`.
+    #[inline(always)]
+    fn step(&mut self, pv: S::V, dp: &mut [E], dx: &mut [E]) {
+        let s = self.s;
+        self.sum = s.add(self.sum, pv);
+        // A pair without weight gives exactly 0, even where dP − D is not finite.
+        let ds = s.zero_below(pv, self.tiny, s.mul(pv, s.sub(s.load(dp), self.dv)));
+        s.store(dp, pv);
+        s.store(dx, s.mul(ds, self.gv));
+    }
+
+    /// The tail (`dp.len() < LANES` entries, weights `p`) one by one; returns `Σ P`.
+    #[inline(always)]
+    fn finish(self, p: &[E], dp: &mut [E], dx: &mut [E]) -> E {
+        let mut total = self.s.reduce_sum(self.sum);
+        for ((&pj, dpj), dxj) in p.iter().zip(dp).zip(dx) {
             total += pj;
-            let ds = if pj < tiny {
+            let ds = if pj < self.tiny {
                 E::ZERO
             } else {
-                pj * (dp[j] - delta)
+                pj * (*dpj - self.delta)
             };
-            dp[j] = pj;
-            dx[j] = ds * g;
+            *dpj = pj;
+            *dxj = ds * self.g;
         }
         total
     }
+}
+
+/// The rows of a backward block whose weights need nothing but `scale` and the saved
+/// log-sum-exp (no mask inside the block, no softcap, no bias), for [`softmax_grad_rows`].
+pub struct GradRows<'a, E> {
+    /// The raw products `X = Q_I K_Jᵀ`, rows `stride` apart, `cols` of each used: they become
+    /// `dX = scale · dS`, and the rest of each row 0.
+    pub x: &'a mut [E],
+    /// `dP = dO_I V_Jᵀ`, laid out as `x`: it becomes `P`, and the rest of each row 0.
+    pub dp: &'a mut [E],
+    /// See [`GradRows::x`].
+    pub stride: usize,
+    /// See [`GradRows::x`].
+    pub cols: usize,
+    /// Per row: the log-sum-exp (`−inf`: the row has no weight), whether the row has no
+    /// weight here anyway (left to the exact pass), the correction `D`, and the running sum
+    /// of its weights, to which the row's `Σ P` is added.
+    pub lse: &'a [E],
+    /// See [`GradRows::lse`].
+    pub skip: &'a [bool],
+    /// See [`GradRows::lse`].
+    pub delta: &'a [E],
+    /// See [`GradRows::lse`].
+    pub sum: &'a mut [E],
+    /// The score scale (also the score's derivative).
+    pub scale: E,
+    /// See [`softmax_grad_row`].
+    pub tiny: E,
+}
+
+impl<E: Element> Kernel<E> for GradRows<'_, E> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<S: Lanes<E>>(self, s: S) {
+        let GradRows {
+            x,
+            dp,
+            stride,
+            cols,
+            lse,
+            skip,
+            delta,
+            sum,
+            scale,
+            tiny,
+        } = self;
+        let rows = lse.len();
+        assert!(skip.len() == rows && delta.len() == rows && sum.len() == rows);
+        assert!(cols <= stride && x.len() >= rows * stride && dp.len() >= rows * stride);
+        let (l, av) = (S::LANES, s.splat(scale));
+        let whole = cols - cols % l;
+        for r in 0..rows {
+            let (x_row, dp_row) = (
+                &mut x[r * stride..][..stride],
+                &mut dp[r * stride..][..stride],
+            );
+            // `affine_row` and `exponent_args`' arguments: `scale · x − lse`, or −inf.
+            let none = lse[r] == E::NEG_INF || skip[r];
+            let bv = s.splat(lse[r]);
+            let arg = |v: S::V| {
+                if none {
+                    s.splat(E::NEG_INF)
+                } else {
+                    s.sub(s.mul(av, v), bv)
+                }
+            };
+            let mut grad = GradLanes::new(s, delta[r], scale, tiny);
+            for j in (0..whole).step_by(l) {
+                let pv = exp_vector::<E, S, false>(s, arg(s.load(&x_row[j..])));
+                grad.step(pv, &mut dp_row[j..], &mut x_row[j..]);
+            }
+            let mut p = [E::ZERO; MAX_LANES];
+            if whole < cols {
+                let mut args = [E::ZERO; MAX_LANES];
+                for (a, &xj) in args.iter_mut().zip(&x_row[whole..cols]) {
+                    *a = if none {
+                        E::NEG_INF
+                    } else {
+                        scale * xj - lse[r]
+                    };
+                }
+                let rest = &args[..cols - whole];
+                s.store(&mut p, exp_lanes_part::<E, S, false>(s, rest));
+            }
+            sum[r] += grad.finish(&p, &mut dp_row[whole..cols], &mut x_row[whole..cols]);
+            x_row[cols..].fill(E::ZERO);
+            dp_row[cols..].fill(E::ZERO);
+        }
+    }
+}
+
+/// The backward pass's softmax step over a whole block in one dispatch, where every weight is
+/// `P_ij = exp(scale · X_ij − lse_i)` (see [`GradRows`]): per row, what
+/// [`affine_row`] then [`softmax_grad_row`] (with `g = scale`) make, the same bits, without
+/// the arguments' round trip through memory.
+pub fn softmax_grad_rows<E: Element>(isa: Isa, rows: GradRows<'_, E>) {
+    dispatch(isa, rows);
 }
 
 /// One row of the backward pass's softmax step, for a constant score derivative `g`, from
@@ -916,6 +1060,78 @@ mod tests {
                     };
                     assert_eq!(dp[j].to_bits(), p[j].to_bits(), "{isa:?} {j}");
                     assert_eq!(dx[j].to_bits(), (ds * 0.25).to_bits(), "{isa:?} {j}");
+                }
+            }
+        }
+    }
+
+    /// A block in one dispatch: the same bits as `affine_row` then `softmax_grad_row` row by
+    /// row, with rows of no weight (lse −inf, or left to the exact pass), an argument above
+    /// the vector exp's range, tails on every width and padding columns cleared.
+    #[test]
+    fn softmax_grad_rows_match_the_row_functions() {
+        for isa in Isa::available() {
+            for (cols, stride) in [(0, 8), (1, 8), (7, 16), (16, 16), (37, 48), (96, 96)] {
+                let rows = 5;
+                let mut x0: Vec<f64> = (0..rows * stride)
+                    .map(|i| (i as f64 * 0.61).sin() * 4.0)
+                    .collect();
+                // Row 3 (lse 2): an argument of about 709.5, above the vector exp's range.
+                x0[3 * stride + 2] = (709.5 + 2.0) / 0.375;
+                let dp0: Vec<f64> = (0..rows * stride)
+                    .map(|i| {
+                        if i % 11 == 0 {
+                            f64::INFINITY
+                        } else {
+                            (i as f64 * 0.3).cos()
+                        }
+                    })
+                    .collect();
+                let lse = [0.5, f64::NEG_INFINITY, -1.25, 2.0, -800.0];
+                let skip = [false, false, true, false, false];
+                let delta = [0.25, 1.0, -0.5, 0.0, 3.0];
+                let (scale, tiny) = (0.375, f64::MIN_POSITIVE);
+                let (mut x, mut dp, mut sum) = (x0.clone(), dp0.clone(), vec![1.0; rows]);
+                let g = GradRows {
+                    x: &mut x,
+                    dp: &mut dp,
+                    stride,
+                    cols,
+                    lse: &lse,
+                    skip: &skip,
+                    delta: &delta,
+                    sum: &mut sum,
+                    scale,
+                    tiny,
+                };
+                softmax_grad_rows(isa, g);
+                for r in 0..rows {
+                    let span = r * stride..r * stride + cols;
+                    let (mut wx, mut wdp) = (x0[span.clone()].to_vec(), dp0[span].to_vec());
+                    if r == 3 && cols > 2 {
+                        assert!(scale * wx[2] - lse[r] > 709.0);
+                    }
+                    let mut args = vec![f64::NEG_INFINITY; cols];
+                    if lse[r] != f64::NEG_INFINITY && !skip[r] {
+                        affine_row(isa, &wx, scale, lse[r], &mut args);
+                    }
+                    let want = 1.0
+                        + softmax_grad_row(isa, &args, (&mut wdp, &mut wx), delta[r], scale, tiny);
+                    let row = r * stride..(r + 1) * stride;
+                    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&x[row.clone()][..cols]),
+                        bits(&wx),
+                        "{isa:?} {cols} {r}"
+                    );
+                    assert_eq!(
+                        bits(&dp[row.clone()][..cols]),
+                        bits(&wdp),
+                        "{isa:?} {cols} {r}"
+                    );
+                    assert!(x[row.clone()][cols..].iter().all(|&v| v.to_bits() == 0));
+                    assert!(dp[row][cols..].iter().all(|&v| v.to_bits() == 0));
+                    assert_eq!(sum[r].to_bits(), want.to_bits(), "{isa:?} {cols} {r}");
                 }
             }
         }
