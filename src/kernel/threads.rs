@@ -418,6 +418,28 @@ mod tests {
         }
     }
 
+    /// Many short regions back to back, nested and not, on 2 and 3 threads: helpers that
+    /// arrive after a region closed must leave the next one's jobs alone, and every result
+    /// lands in its slot once.
+    #[test]
+    fn short_regions_back_to_back_keep_their_results() {
+        for threads in [2, 3] {
+            with_threads(Some(threads), |exec| {
+                for round in 0..500usize {
+                    let jobs = 1 + round % 5;
+                    let out = map(exec, (0..jobs).collect(), |i: usize| {
+                        let inner = map(exec, (0..round % 3).collect(), |j: usize| j + i);
+                        (i * round, inner.iter().sum::<usize>())
+                    });
+                    let want: Vec<(usize, usize)> = (0..jobs)
+                        .map(|i| (i * round, (0..round % 3).map(|j| j + i).sum()))
+                        .collect();
+                    assert_eq!(out, want, "{threads} threads, round {round}");
+                }
+            });
+        }
+    }
+
     /// A job's panic reaches the caller, after every helper has left the region, whichever
     /// thread ran the job.
     #[test]
