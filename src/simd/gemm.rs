@@ -164,9 +164,54 @@ unsafe fn block<E: Element, S: Lanes<E>, const MR: usize, const NV: usize>(
     c_rs: usize,
     accumulate: bool,
 ) {
-    let mut acc = [[s.splat(E::ZERO); NV]; MR];
     // SAFETY: every offset stays within the extents the caller guarantees: rows i < MR of A
     // at columns t < k, rows t < k of B at lanes < NV·LANES, C's MR x NV·LANES block.
+    // Where the block is one vector pair of a wider panel (AVX2, portable), a unit row stride
+    // of A is passed as the constant 1, so that the loop reads the rows' elements at fixed
+    // offsets from one pointer instead of computing each row's address every step (AVX2 on a
+    // Zen 4: the Q Kᵀ block alone 104 -> 112 GFLOP/s in its fast processes; dense n = 2048
+    // 1.03-1.10x at d = 64, 1.00-1.05x at d = 128, two noisy runs). Where two vectors span
+    // the panel (AVX-512) the FMAs bound the loop; there it stays as it was.
+    let narrow = NV * S::LANES < E::NR;
+    let acc = unsafe {
+        if narrow && a_rs == 1 {
+            products::<E, S, MR, NV>(s, k, a, (1, a_cs), b)
+        } else {
+            products::<E, S, MR, NV>(s, k, a, (a_rs, a_cs), b)
+        }
+    };
+    // SAFETY: as above.
+    unsafe {
+        for (i, acc_i) in acc.iter().enumerate() {
+            for (v, &x) in acc_i.iter().enumerate() {
+                let cp = c.add(i * c_rs + v * S::LANES);
+                let r = if accumulate {
+                    s.add(s.load_ptr(cp), x)
+                } else {
+                    x
+                };
+                s.store_ptr(cp, r);
+            }
+        }
+    }
+}
+
+/// The accumulators of [`block`]: `Σ_t A[i, t] · B[t, ..]` in order of `t`.
+///
+/// # Safety
+///
+/// As [`block`] for `a` and `b`.
+#[inline(always)]
+unsafe fn products<E: Element, S: Lanes<E>, const MR: usize, const NV: usize>(
+    s: S,
+    k: usize,
+    a: *const E,
+    (a_rs, a_cs): (usize, usize),
+    b: *const E,
+) -> [[S::V; NV]; MR] {
+    let mut acc = [[s.splat(E::ZERO); NV]; MR];
+    // SAFETY: the caller's contract: rows i < MR of A at columns t < k, rows t < k of B at
+    // lanes < NV·LANES.
     unsafe {
         for t in 0..k {
             let bp = b.add(t * E::NR);
@@ -181,18 +226,8 @@ unsafe fn block<E: Element, S: Lanes<E>, const MR: usize, const NV: usize>(
                 }
             }
         }
-        for (i, acc_i) in acc.iter().enumerate() {
-            for (v, &x) in acc_i.iter().enumerate() {
-                let cp = c.add(i * c_rs + v * S::LANES);
-                let r = if accumulate {
-                    s.add(s.load_ptr(cp), x)
-                } else {
-                    x
-                };
-                s.store_ptr(cp, r);
-            }
-        }
     }
+    acc
 }
 
 /// The whole padded product as a [`Kernel`].
