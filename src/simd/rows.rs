@@ -407,14 +407,11 @@ impl<E: Element> Kernel<E> for SoftmaxGradRow<'_, E> {
                 &mut dx[j..],
             );
         }
-        let rest = &args[whole..];
-        let p = if rest.is_empty() {
-            [E::ZERO; MAX_LANES]
-        } else {
-            let mut p = [E::ZERO; MAX_LANES];
+        // The tail's weights as one vector, its sums one by one.
+        let (rest, mut p) = (&args[whole..], [E::ZERO; MAX_LANES]);
+        if !rest.is_empty() {
             s.store(&mut p, exp_lanes_part::<E, S, false>(s, rest));
-            p
-        };
+        }
         grad.finish(&p, &mut dp[whole..], &mut dx[whole..])
     }
 }
