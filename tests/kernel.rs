@@ -321,7 +321,7 @@ fn fully_masked_rows_are_exact_zeros() {
 #[test]
 fn threads_give_identical_bits() {
     // n = 333 is 4 query tiles in f32 (7 in f64): enough that the pool really is used
-    // (calls with fewer than 4 tiles run on the calling thread).
+    // (a call of one tile runs on the calling thread alone).
     let c = seeded(333, 290, 40, 24, 6);
     let conv32 = |x: &DMatrix<f64>| x.map(|v| v as f32);
     let (q32, k32, v32) = (conv32(&c.q), conv32(&c.k), conv32(&c.v));
@@ -348,6 +348,41 @@ fn threads_give_identical_bits() {
             one.output,
             scaled_attention(&q32, &k32, &v32, &mask).unwrap()
         );
+    }
+}
+
+/// Calls made from inside a user's rayon pool, several at once (the default threads, the
+/// user's pool, and private pools of 2 and 3): the same bits as on one thread, forward and
+/// backward, and no call waits on a worker that is busy with another call.
+#[test]
+fn calls_from_inside_a_rayon_pool_give_the_same_bits() {
+    use rayon::prelude::*;
+    let c = seeded(300, 260, 32, 16, 9);
+    let g = DMatrix::<f64>::from_fn(300, 16, |i, j| ((i * 16 + j) as f64 * 0.37).sin());
+    let mask = Mask::causal();
+    let run = |threads: Option<usize>| {
+        let mut opts = AttentionOptions::new();
+        if let Some(t) = threads {
+            opts = opts.threads(t);
+        }
+        let fwd = scaled_attention_with(&c.q, &c.k, &c.v, &mask, &opts).unwrap();
+        let grads =
+            attention_math::attention_backward(&c.q, &c.k, &c.v, &mask, &opts, &fwd, &g).unwrap();
+        (fwd, grads.dq, grads.dk, grads.dv)
+    };
+    let want = run(Some(1));
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    let got: Vec<_> = pool.install(|| {
+        [None, Some(2), Some(3), None, Some(2), None]
+            .into_par_iter()
+            .map(run)
+            .collect()
+    });
+    for (i, r) in got.iter().enumerate() {
+        assert!(r == &want, "call {i}");
     }
 }
 
