@@ -157,14 +157,14 @@ pub(crate) fn attend<T: Float>(
     // query tiles of all heads then run in one loop.
     with_threads(threads, |exec| {
         // Packing K and V side by side inside a head pays only with fewer heads than threads.
-        let groups = problems.len().div_ceil(group.max(1));
-        let inner = if groups >= exec.threads() {
+        let groups: Vec<&[Problem<'_, T>]> = problems.chunks(group).collect();
+        let inner = if groups.len() >= exec.threads() {
             Exec::Inline
         } else {
             exec
         };
         let pack = |g: &[Problem<'_, T>]| forward::PackedKv::new(isa, &g[0], inner);
-        let kvs: Vec<forward::PackedKv<T>> = map(exec, problems.chunks(group).collect(), pack);
+        let kvs: Vec<forward::PackedKv<T>> = map(exec, groups, pack);
         let jobs: Vec<(&Problem<'_, T>, &forward::PackedKv<T>)> = problems
             .iter()
             .enumerate()

@@ -164,8 +164,6 @@ unsafe fn block<E: Element, S: Lanes<E>, const MR: usize, const NV: usize>(
     c_rs: usize,
     accumulate: bool,
 ) {
-    // SAFETY: every offset stays within the extents the caller guarantees: rows i < MR of A
-    // at columns t < k, rows t < k of B at lanes < NV·LANES, C's MR x NV·LANES block.
     // Where the block is one vector pair of a wider panel (AVX2, portable), a unit row stride
     // of A is passed as the constant 1, so that the loop reads the rows' elements at fixed
     // offsets from one pointer instead of computing each row's address every step (AVX2 on a
@@ -173,6 +171,8 @@ unsafe fn block<E: Element, S: Lanes<E>, const MR: usize, const NV: usize>(
     // 1.03-1.10x at d = 64, 1.00-1.05x at d = 128, two noisy runs). Where two vectors span
     // the panel (AVX-512) the FMAs bound the loop; there it stays as it was.
     let narrow = NV * S::LANES < E::NR;
+    // SAFETY: every offset stays within the extents the caller guarantees: rows i < MR of A
+    // at columns t < k, rows t < k of B at lanes < NV·LANES, C's MR x NV·LANES block.
     let acc = unsafe {
         if narrow && a_rs == 1 {
             products::<E, S, MR, NV>(s, k, a, (1, a_cs), b)

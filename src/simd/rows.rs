@@ -543,18 +543,14 @@ impl<E: Element> Kernel<E> for GradRows<'_, E> {
                 let pv = exp_vector::<E, S, false>(s, arg(s.load(&x_row[j..])));
                 grad.step(pv, &mut dp_row[j..], &mut x_row[j..]);
             }
+            // The tail as one vector, zero-padded: the same rule, lane by lane the same
+            // roundings as the scalar expression; the padding lanes' weights are not read.
             let mut p = [E::ZERO; MAX_LANES];
             if whole < cols {
-                let mut args = [E::ZERO; MAX_LANES];
-                for (a, &xj) in args.iter_mut().zip(&x_row[whole..cols]) {
-                    *a = if none {
-                        E::NEG_INF
-                    } else {
-                        scale * xj - lse[r]
-                    };
-                }
-                let rest = &args[..cols - whole];
-                s.store(&mut p, exp_lanes_part::<E, S, false>(s, rest));
+                let mut tail = [E::ZERO; MAX_LANES];
+                tail[..cols - whole].copy_from_slice(&x_row[whole..cols]);
+                let pv = exp_vector::<E, S, false>(s, arg(s.load(&tail)));
+                s.store(&mut p, pv);
             }
             sum[r] += grad.finish(&p, &mut dp_row[whole..cols], &mut x_row[whole..cols]);
             x_row[cols..].fill(E::ZERO);
